@@ -1,0 +1,415 @@
+//! Settings: one TOML section per component, every key with a default, and
+//! `DDBCACHED_<SECTION>_<KEY>` environment variables that override the file.
+//!
+//! Errors name the key and the value (`server.max_frame_bytes = 10 is not valid: ...`),
+//! so an operator can fix a bad setting without reading code. The binary exits with code
+//! 64 (EX_USAGE) on any [`ConfigError`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// DynamoDB's item size limit; a frame must be able to carry one whole item.
+const MIN_FRAME_BYTES: usize = 512 * 1024;
+
+/// Environment variables that are not `DDBCACHED_<SECTION>_<KEY>` but name a key directly.
+const ENV_ALIASES: [(&str, &str, &str); 1] = [("DDBCACHED_SOCKET", "server", "socket_path")];
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub dynamodb: DynamoConfig,
+    pub log: LogConfig,
+}
+
+/// The Unix-socket server.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where the daemon listens; its parent directory is created if missing.
+    pub socket_path: PathBuf,
+    /// File mode of the socket: who may connect (owner and group by default).
+    pub socket_mode: u32,
+    /// Largest frame accepted from a client; a larger one is answered with an error and the
+    /// connection is closed. Also bounds the frames the daemon sends.
+    pub max_frame_bytes: usize,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Requests of one connection processed at once; past this the daemon stops reading
+    /// that connection until one finishes (back-pressure instead of unbounded buffering).
+    pub max_in_flight_per_connection: usize,
+    /// On shutdown, how long requests in progress get to finish.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            socket_path: PathBuf::from("/run/ddbcached/ddbcached.sock"),
+            socket_mode: 0o660,
+            max_frame_bytes: 1024 * 1024,
+            max_connections: 1024,
+            max_in_flight_per_connection: 128,
+            shutdown_grace_ms: 5000,
+        }
+    }
+}
+
+/// DynamoDB access.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamoConfig {
+    /// Endpoint URL; empty means the AWS default for the region.
+    pub endpoint: String,
+    /// Region; empty means the standard AWS chain (`AWS_REGION`, profile, instance metadata).
+    pub region: String,
+    /// Sign requests with a fixed dummy key instead of the AWS credential chain. Only for
+    /// DynamoDB Local, which accepts any key.
+    pub use_dummy_credentials: bool,
+    /// Table of the key-value store.
+    pub kv_table: String,
+    /// Table of the indexed store.
+    pub log_table: String,
+    /// Time to open a connection to DynamoDB.
+    pub connect_timeout_ms: u64,
+    /// Time for one attempt of a call.
+    pub attempt_timeout_ms: u64,
+    /// Time for a whole call, retries included: the longest a client waits on DynamoDB.
+    pub operation_timeout_ms: u64,
+    /// Attempts per call (throttling and 5xx are retried with backoff by the SDK).
+    pub max_attempts: u32,
+    /// `standard` or `adaptive` (adaptive also rate-limits the client when throttled).
+    pub retry_mode: String,
+    /// Attempts to write a batch whose items DynamoDB left unprocessed.
+    pub batch_max_attempts: u32,
+    /// Attempts to allocate a log index when other writers keep winning the race.
+    pub index_allocation_max_attempts: u32,
+}
+
+impl Default for DynamoConfig {
+    fn default() -> Self {
+        DynamoConfig {
+            endpoint: String::new(),
+            region: String::new(),
+            use_dummy_credentials: false,
+            kv_table: "_zflow_key_value_store".into(),
+            log_table: "_zflow_indexed_store".into(),
+            connect_timeout_ms: 1000,
+            attempt_timeout_ms: 2000,
+            operation_timeout_ms: 5000,
+            max_attempts: 3,
+            retry_mode: "standard".into(),
+            batch_max_attempts: 10,
+            index_allocation_max_attempts: 64,
+        }
+    }
+}
+
+impl DynamoConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.attempt_timeout_ms)
+    }
+    pub fn operation_timeout(&self) -> Duration {
+        Duration::from_millis(self.operation_timeout_ms)
+    }
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Filter in `tracing` syntax (`info`, `ddbcached=debug`); `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` for people, `json` for log collectors.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("{name}={value} is not valid: {reason}")]
+    Env {
+        name: String,
+        value: String,
+        reason: String,
+    },
+    #[error("{key} = {value} is not valid: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Loads the file (if any), applies `DDBCACHED_*` variables from the process
+    /// environment, and checks the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "(defaults)".to_owned()),
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: origin.clone(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: origin,
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let d = &self.dynamodb;
+        check(
+            "server.socket_path",
+            s.socket_path.display(),
+            !s.socket_path.as_os_str().is_empty(),
+            "must not be empty",
+        )?;
+        check(
+            "server.socket_mode",
+            format!("{:#o}", s.socket_mode),
+            s.socket_mode <= 0o777,
+            "must be a file mode between 0o000 and 0o777",
+        )?;
+        check(
+            "server.max_frame_bytes",
+            s.max_frame_bytes,
+            (MIN_FRAME_BYTES..=u32::MAX as usize).contains(&s.max_frame_bytes),
+            "must be between 524288 (one whole DynamoDB item) and 4294967295",
+        )?;
+        check("server.max_connections", s.max_connections, s.max_connections > 0, "must be at least 1")?;
+        check(
+            "server.max_in_flight_per_connection",
+            s.max_in_flight_per_connection,
+            s.max_in_flight_per_connection > 0,
+            "must be at least 1",
+        )?;
+        check("dynamodb.kv_table", &d.kv_table, !d.kv_table.is_empty(), "must not be empty")?;
+        check("dynamodb.log_table", &d.log_table, !d.log_table.is_empty(), "must not be empty")?;
+        check(
+            "dynamodb.log_table",
+            &d.log_table,
+            d.log_table != d.kv_table,
+            "must differ from dynamodb.kv_table",
+        )?;
+        for (key, v) in [
+            ("dynamodb.connect_timeout_ms", d.connect_timeout_ms),
+            ("dynamodb.attempt_timeout_ms", d.attempt_timeout_ms),
+            ("dynamodb.operation_timeout_ms", d.operation_timeout_ms),
+        ] {
+            check(key, v, v > 0, "must be at least 1")?;
+        }
+        for (key, v) in [
+            ("dynamodb.max_attempts", d.max_attempts),
+            ("dynamodb.batch_max_attempts", d.batch_max_attempts),
+            ("dynamodb.index_allocation_max_attempts", d.index_allocation_max_attempts),
+        ] {
+            check(key, v, v > 0, "must be at least 1")?;
+        }
+        check(
+            "dynamodb.retry_mode",
+            &d.retry_mode,
+            matches!(d.retry_mode.as_str(), "standard" | "adaptive"),
+            "must be `standard` or `adaptive`",
+        )?;
+        check(
+            "log.format",
+            &self.log.format,
+            matches!(self.log.format.as_str(), "text" | "json"),
+            "must be `text` or `json`",
+        )?;
+        Ok(())
+    }
+}
+
+fn check(
+    key: &'static str,
+    value: impl std::fmt::Display,
+    ok: bool,
+    reason: &str,
+) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            reason: reason.into(),
+        })
+    }
+}
+
+/// Writes every `DDBCACHED_<SECTION>_<KEY>` (and alias) variable into `table`, typed like
+/// the key's default so that `DDBCACHED_SERVER_MAX_FRAME_BYTES=2097152` is an integer.
+/// Variables that name no key are left alone: other tools share the prefix.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default())
+        .expect("the default configuration serializes to TOML");
+    for (name, value) in env {
+        if !name.starts_with("DDBCACHED_") {
+            continue;
+        }
+        let target = ENV_ALIASES
+            .iter()
+            .find(|(alias, _, _)| *alias == name)
+            .map(|(_, s, k)| (s.to_string(), k.to_string()))
+            .or_else(|| {
+                defaults.iter().find_map(|(section, keys)| {
+                    let keys = keys.as_table()?;
+                    keys.keys()
+                        .find(|k| {
+                            name == format!("DDBCACHED_{}_{}", section, k).to_ascii_uppercase()
+                        })
+                        .map(|k| (section.clone(), k.clone()))
+                })
+            });
+        let Some((section, key)) = target else {
+            continue;
+        };
+        let invalid = |reason: &str| ConfigError::Env {
+            name: name.clone(),
+            value: value.clone(),
+            reason: reason.into(),
+        };
+        let typed = match &defaults[&section][&key] {
+            toml::Value::Integer(_) => toml::Value::Integer(
+                parse_int(&value).ok_or_else(|| invalid("expected an integer"))?,
+            ),
+            toml::Value::Boolean(_) => toml::Value::Boolean(
+                value.parse().map_err(|_| invalid("expected true or false"))?,
+            ),
+            _ => toml::Value::String(value.clone()),
+        };
+        table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| invalid("the config file's section of that name is not a table"))?
+            .insert(key, typed);
+    }
+    Ok(())
+}
+
+/// Integers in decimal, or octal with `0o` (file modes).
+fn parse_int(s: &str) -> Option<i64> {
+    match s.strip_prefix("0o") {
+        Some(oct) => i64::from_str_radix(oct, 8).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn shipped_configs_load_and_document_every_key() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let full = Config::load_with_env(Some(&root.join("config/ddbcached.toml")), []).unwrap();
+        assert_eq!(full, Config::default(), "config/ddbcached.toml must show the defaults");
+        let text = std::fs::read_to_string(root.join("config/ddbcached.toml")).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (section, keys) in &defaults {
+            assert!(text.contains(&format!("[{section}]")), "section {section} undocumented");
+            for key in keys.as_table().unwrap().keys() {
+                assert!(text.contains(&format!("\n{key} = ")), "{section}.{key} undocumented");
+            }
+        }
+        let local = Config::load_with_env(Some(&root.join("config/local.toml")), []).unwrap();
+        assert!(local.dynamodb.endpoint.starts_with("http://127.0.0.1:"));
+    }
+
+    #[test]
+    fn env_overrides_file_and_defaults() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("DDBCACHED_SOCKET", "/tmp/x.sock"),
+                ("DDBCACHED_DYNAMODB_ENDPOINT", "http://127.0.0.1:9"),
+                ("DDBCACHED_SERVER_SOCKET_MODE", "0o600"),
+                ("DDBCACHED_DYNAMODB_USE_DUMMY_CREDENTIALS", "true"),
+                ("DDBCACHED_TEST_ENDPOINT", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.socket_path, Path::new("/tmp/x.sock"));
+        assert_eq!(c.dynamodb.endpoint, "http://127.0.0.1:9");
+        assert_eq!(c.server.socket_mode, 0o600);
+        assert!(c.dynamodb.use_dummy_credentials);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::load_with_env(None, env(&[("DDBCACHED_SERVER_MAX_FRAME_BYTES", "big")]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "DDBCACHED_SERVER_MAX_FRAME_BYTES=big is not valid: expected an integer"
+        );
+        let e = Config::load_with_env(None, env(&[("DDBCACHED_SERVER_MAX_FRAME_BYTES", "10")]))
+            .unwrap_err();
+        assert!(e.to_string().starts_with("server.max_frame_bytes = 10 is not valid"), "{e}");
+        let e = Config::load_with_env(None, env(&[("DDBCACHED_LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(e.to_string().starts_with("log.format = xml is not valid"), "{e}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[server]\nsocket_pth = \"/x\"\n").unwrap();
+        let e = Config::load_with_env(Some(&p), []).unwrap_err();
+        assert!(e.to_string().contains("socket_pth"), "{e}");
+    }
+}

@@ -1,0 +1,19 @@
+//! ddbcached: a sidecar daemon that serves zio-flow's key-value and indexed stores from
+//! DynamoDB to local executors over a Unix socket.
+//!
+//! Layout:
+//! - [`config`]: settings and their environment overrides.
+//! - [`aws`]: the AWS SDK configuration (endpoint, credentials, timeouts, retries).
+//! - [`tables`]: creating and checking the two tables.
+//! - [`store`]: the stores' semantics on DynamoDB.
+//! - [`service`]: one request in, its replies out: the single read path and write path.
+//! - [`connection`]: one client connection: handshake, pipelining, streamed replies.
+//! - [`server`]: the socket, the accept loop and shutdown.
+
+pub mod aws;
+pub mod config;
+pub mod connection;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tables;
