@@ -191,10 +191,12 @@ impl Config {
             message: e.to_string(),
         })?;
         apply_env(&mut table, env)?;
-        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: origin,
-            message: e.to_string(),
-        })?;
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: origin,
+                message: e.to_string(),
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -221,15 +223,30 @@ impl Config {
             (MIN_FRAME_BYTES..=u32::MAX as usize).contains(&s.max_frame_bytes),
             "must be between 524288 (one whole DynamoDB item) and 4294967295",
         )?;
-        check("server.max_connections", s.max_connections, s.max_connections > 0, "must be at least 1")?;
+        check(
+            "server.max_connections",
+            s.max_connections,
+            s.max_connections > 0,
+            "must be at least 1",
+        )?;
         check(
             "server.max_in_flight_per_connection",
             s.max_in_flight_per_connection,
             s.max_in_flight_per_connection > 0,
             "must be at least 1",
         )?;
-        check("dynamodb.kv_table", &d.kv_table, !d.kv_table.is_empty(), "must not be empty")?;
-        check("dynamodb.log_table", &d.log_table, !d.log_table.is_empty(), "must not be empty")?;
+        check(
+            "dynamodb.kv_table",
+            &d.kv_table,
+            !d.kv_table.is_empty(),
+            "must not be empty",
+        )?;
+        check(
+            "dynamodb.log_table",
+            &d.log_table,
+            !d.log_table.is_empty(),
+            "must not be empty",
+        )?;
         check(
             "dynamodb.log_table",
             &d.log_table,
@@ -246,7 +263,10 @@ impl Config {
         for (key, v) in [
             ("dynamodb.max_attempts", d.max_attempts),
             ("dynamodb.batch_max_attempts", d.batch_max_attempts),
-            ("dynamodb.index_allocation_max_attempts", d.index_allocation_max_attempts),
+            (
+                "dynamodb.index_allocation_max_attempts",
+                d.index_allocation_max_attempts,
+            ),
         ] {
             check(key, v, v > 0, "must be at least 1")?;
         }
@@ -323,7 +343,9 @@ fn apply_env(
                 parse_int(&value).ok_or_else(|| invalid("expected an integer"))?,
             ),
             toml::Value::Boolean(_) => toml::Value::Boolean(
-                value.parse().map_err(|_| invalid("expected true or false"))?,
+                value
+                    .parse()
+                    .map_err(|_| invalid("expected true or false"))?,
             ),
             _ => toml::Value::String(value.clone()),
         };
@@ -350,20 +372,33 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn shipped_configs_load_and_document_every_key() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let full = Config::load_with_env(Some(&root.join("config/ddbcached.toml")), []).unwrap();
-        assert_eq!(full, Config::default(), "config/ddbcached.toml must show the defaults");
+        assert_eq!(
+            full,
+            Config::default(),
+            "config/ddbcached.toml must show the defaults"
+        );
         let text = std::fs::read_to_string(root.join("config/ddbcached.toml")).unwrap();
         let defaults = toml::Table::try_from(Config::default()).unwrap();
         for (section, keys) in &defaults {
-            assert!(text.contains(&format!("[{section}]")), "section {section} undocumented");
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "section {section} undocumented"
+            );
             for key in keys.as_table().unwrap().keys() {
-                assert!(text.contains(&format!("\n{key} = ")), "{section}.{key} undocumented");
+                assert!(
+                    text.contains(&format!("\n{key} = ")),
+                    "{section}.{key} undocumented"
+                );
             }
         }
         let local = Config::load_with_env(Some(&root.join("config/local.toml")), []).unwrap();
@@ -399,9 +434,16 @@ mod tests {
         );
         let e = Config::load_with_env(None, env(&[("DDBCACHED_SERVER_MAX_FRAME_BYTES", "10")]))
             .unwrap_err();
-        assert!(e.to_string().starts_with("server.max_frame_bytes = 10 is not valid"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("server.max_frame_bytes = 10 is not valid"),
+            "{e}"
+        );
         let e = Config::load_with_env(None, env(&[("DDBCACHED_LOG_FORMAT", "xml")])).unwrap_err();
-        assert!(e.to_string().starts_with("log.format = xml is not valid"), "{e}");
+        assert!(
+            e.to_string().starts_with("log.format = xml is not valid"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,0 +1,211 @@
+//! One client connection: the handshake, then requests read in order and served
+//! concurrently, with replies written as they finish.
+//!
+//! The reader takes a permit from a per-connection semaphore before each request, so at
+//! most `max_in_flight_per_connection` run at once and a client that floods the socket is
+//! slowed down (it is simply not read) instead of buffered without bound. Each request runs
+//! in its own task, so a slow DynamoDB call does not hold up the answers behind it;
+//! replies carry the request id and may leave in any order. One writer task owns the
+//! socket's write half and batches frames into few system calls.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ddbcached_protocol::codec::{decode_request, encode_reply, frame_codec, is_frame_too_large};
+use ddbcached_protocol::message::PROTOCOL_VERSION;
+use ddbcached_protocol::{ErrorCode, Items, Reply, Request};
+use futures::{SinkExt, StreamExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerConfig;
+use crate::service::{error_reply, Outcome, Service};
+
+/// Frames queued for the writer; a bound keeps a client that does not read from making the
+/// daemon buffer its replies without limit.
+const OUTBOX_FRAMES: usize = 256;
+
+/// Serves one connection until the client closes it, a protocol error ends it, or
+/// `shutdown` fires (then requests already read still complete).
+pub async fn serve(
+    stream: UnixStream,
+    service: Arc<Service>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) {
+    let (rd, wr) = stream.into_split();
+    let mut frames = FramedRead::new(rd, frame_codec(config.max_frame_bytes));
+    let (outbox, queued) = mpsc::channel::<Bytes>(OUTBOX_FRAMES);
+    let writer = tokio::spawn(write_frames(
+        FramedWrite::new(wr, frame_codec(config.max_frame_bytes)),
+        queued,
+    ));
+
+    if handshake(&mut frames, &outbox, &config).await {
+        let requests = TaskTracker::new();
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight_per_connection));
+        loop {
+            let next = tokio::select! {
+                next = frames.next() => next,
+                _ = shutdown.cancelled() => break,
+            };
+            let body = match next {
+                None => break,
+                Some(Ok(body)) => body,
+                Some(Err(e)) => {
+                    refuse_frame(&e, &outbox, &config).await;
+                    break;
+                }
+            };
+            let (id, request) = match decode_request(&body) {
+                Ok(ok) => ok,
+                Err(e) => {
+                    // The frame boundary is intact, so the connection stays usable.
+                    let reply = Reply::error(e.code, e.message);
+                    let _ = outbox.send(encode_reply(e.id, &reply)).await;
+                    continue;
+                }
+            };
+            let permit = tokio::select! {
+                permit = in_flight.clone().acquire_owned() => permit.expect("never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let service = service.clone();
+            let outbox = outbox.clone();
+            requests.spawn(async move {
+                respond(id, request, &service, &outbox).await;
+                drop(permit);
+            });
+        }
+        requests.close();
+        requests.wait().await;
+    }
+    drop(outbox);
+    // The writer ends once every queued reply is written (or the client has gone).
+    let _ = writer.await;
+}
+
+/// Reads the first frame, which must be `hello` with a version this server speaks.
+/// Answers it; returns whether the connection may go on.
+async fn handshake(
+    frames: &mut FramedRead<tokio::net::unix::OwnedReadHalf, LengthDelimitedCodec>,
+    outbox: &mpsc::Sender<Bytes>,
+    config: &ServerConfig,
+) -> bool {
+    let body = match frames.next().await {
+        None => return false,
+        Some(Ok(body)) => body,
+        Some(Err(e)) => {
+            refuse_frame(&e, outbox, config).await;
+            return false;
+        }
+    };
+    let (id, reply, ok) = match decode_request(&body) {
+        Ok((id, Request::Hello { version, .. })) if version == PROTOCOL_VERSION => (
+            Some(id),
+            Reply::Hello {
+                version: PROTOCOL_VERSION,
+                server: concat!("ddbcached ", env!("CARGO_PKG_VERSION")).into(),
+                max_frame_bytes: config.max_frame_bytes as u64,
+            },
+            true,
+        ),
+        Ok((id, Request::Hello { version, .. })) => (
+            Some(id),
+            Reply::error(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {version} is not supported; this server speaks version {PROTOCOL_VERSION}"),
+            ),
+            false,
+        ),
+        Ok((id, _)) => (Some(id), handshake_required(), false),
+        Err(e) => (e.id, handshake_required(), false),
+    };
+    let _ = outbox.send(encode_reply(id, &reply)).await;
+    ok
+}
+
+fn handshake_required() -> Reply {
+    Reply::error(
+        ErrorCode::HandshakeRequired,
+        "the first frame of a connection must be a `hello` request",
+    )
+}
+
+/// Answers a frame the codec refused. Only an oversized frame gets an answer (addressed to
+/// no id: its body was never read); for other I/O errors there is no one to answer.
+async fn refuse_frame(e: &std::io::Error, outbox: &mpsc::Sender<Bytes>, config: &ServerConfig) {
+    if is_frame_too_large(e) {
+        let reply = Reply::error(
+            ErrorCode::FrameTooLarge,
+            format!(
+                "frame exceeds this server's limit of {} bytes; closing the connection",
+                config.max_frame_bytes
+            ),
+        );
+        let _ = outbox.send(encode_reply(None, &reply)).await;
+    } else {
+        tracing::debug!(error = %e, "connection read failed");
+    }
+}
+
+/// Runs one request and queues its reply frames.
+async fn respond(id: u64, request: Request, service: &Service, outbox: &mpsc::Sender<Bytes>) {
+    match service.handle(request).await {
+        Outcome::Reply(reply) => {
+            let _ = outbox.send(encode_reply(Some(id), &reply)).await;
+        }
+        Outcome::Stream(mut pieces) => {
+            // Hold one piece back so the last one can be marked `more: false`.
+            let mut held: Option<Items> = None;
+            while let Some(piece) = pieces.next().await {
+                let piece = match piece {
+                    Ok(p) if p.is_empty() => continue,
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = outbox.send(encode_reply(Some(id), &error_reply(e))).await;
+                        return;
+                    }
+                };
+                if let Some(prev) = held.replace(piece) {
+                    let reply = Reply::Items {
+                        items: prev,
+                        more: true,
+                    };
+                    if outbox.send(encode_reply(Some(id), &reply)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let last = Reply::Items {
+                items: held.unwrap_or(Items::Values(Vec::new())),
+                more: false,
+            };
+            let _ = outbox.send(encode_reply(Some(id), &last)).await;
+        }
+    }
+}
+
+/// Writes queued frames, flushing only when the queue is momentarily empty.
+async fn write_frames(
+    mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    mut queued: mpsc::Receiver<Bytes>,
+) {
+    while let Some(frame) = queued.recv().await {
+        if sink.feed(frame).await.is_err() {
+            return;
+        }
+        while let Ok(frame) = queued.try_recv() {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,1 +1,142 @@
-fn main(){}
+//! The `ddbcached` binary: parses the command line, loads the configuration, sets up
+//! logging and wires the library together. Exit codes: 0 success, 1 not found (client
+//! lookups), 2 error, 64 bad configuration.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ddbcached::config::Config;
+use ddbcached::{aws, server, service::Service, tables};
+use tokio_util::sync::CancellationToken;
+
+/// EX_USAGE from sysexits.h: the configuration is bad.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "ddbcached",
+    version,
+    about = "A DynamoDB cache for workflow executors, served over a Unix socket"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the stores on the Unix socket until SIGINT or SIGTERM.
+    Serve {
+        /// Configuration file (TOML); defaults apply when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Create both tables (idempotent) and wait until they are ACTIVE.
+    InitTables {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Talk to a running daemon.
+    Client(cli::ClientArgs),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config_path = match &args.command {
+        Command::Serve { config } | Command::InitTables { config } => config.clone(),
+        Command::Client(c) => c.config.clone(),
+    };
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ddbcached: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ddbcached: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match args.command {
+        Command::Client(c) => runtime.block_on(cli::run(c, &config)),
+        Command::Serve { .. } => report(runtime.block_on(serve(config))),
+        Command::InitTables { .. } => report(runtime.block_on(init_tables(config))),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ddbcached: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn init_tables(config: Config) -> anyhow::Result<()> {
+    init_logging(&config);
+    let client = aws::dynamodb_client(&config.dynamodb).await;
+    tables::init_tables(&client, &config.dynamodb).await?;
+    println!(
+        "tables {} and {} are ready",
+        config.dynamodb.kv_table, config.dynamodb.log_table
+    );
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    init_logging(&config);
+    let client = aws::dynamodb_client(&config.dynamodb).await;
+    tables::check_tables(&client, &config.dynamodb)
+        .await
+        .context("checking the tables")?;
+    let listener = server::bind(&config.server)?;
+    let service = Service::new(client, &config);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    server::run(listener, service, config.server, shutdown).await;
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+    shutdown.cancel();
+}

@@ -81,7 +81,11 @@ impl Client {
             client: Some(name.to_owned()),
         };
         wr.send(encode_request(0, &hello)).await.map_err(io_err)?;
-        let frame = rd.next().await.ok_or(ClientError::Closed)?.map_err(io_err)?;
+        let frame = rd
+            .next()
+            .await
+            .ok_or(ClientError::Closed)?
+            .map_err(io_err)?;
         let frame = decode_response(&frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if let Some(e) = frame.error() {
             return Err(e.into());
@@ -402,20 +406,26 @@ async fn route_responses(
 
 fn reply_of(request: &Request, frame: ResponseFrame) -> Result<Reply, ClientError> {
     Ok(match request {
-        Request::KvGet { .. } => {
-            Reply::Value(match (frame.found, frame.ts, frame.value) {
-                (Some(true), Some(ts), Some(value)) => Some(Versioned {
-                    ts,
-                    value: value.into_vec().into(),
-                }),
-                (Some(false), _, _) => None,
-                _ => return Err(ClientError::Protocol("kv.get answer lacks found/ts/value".into())),
-            })
-        }
+        Request::KvGet { .. } => Reply::Value(match (frame.found, frame.ts, frame.value) {
+            (Some(true), Some(ts), Some(value)) => Some(Versioned {
+                ts,
+                value: value.into_vec().into(),
+            }),
+            (Some(false), _, _) => None,
+            _ => {
+                return Err(ClientError::Protocol(
+                    "kv.get answer lacks found/ts/value".into(),
+                ))
+            }
+        }),
         Request::KvLatestTs { .. } => Reply::Timestamp(match (frame.found, frame.ts) {
             (Some(true), Some(ts)) => Some(ts),
             (Some(false), _) => None,
-            _ => return Err(ClientError::Protocol("kv.latest_ts answer lacks found/ts".into())),
+            _ => {
+                return Err(ClientError::Protocol(
+                    "kv.latest_ts answer lacks found/ts".into(),
+                ))
+            }
         }),
         Request::LogPut { .. } | Request::LogPosition { .. } => Reply::Index(
             frame
@@ -427,7 +437,12 @@ fn reply_of(request: &Request, frame: ResponseFrame) -> Result<Reply, ClientErro
 }
 
 fn items_of(request: &Request, items: Vec<Item>) -> Result<Items, ClientError> {
-    let bad = || ClientError::Protocol(format!("{} answer has items of the wrong kind", request.op()));
+    let bad = || {
+        ClientError::Protocol(format!(
+            "{} answer has items of the wrong kind",
+            request.op()
+        ))
+    };
     Ok(match request {
         Request::KvTimestamps { .. } => Items::Timestamps(
             items
@@ -438,7 +453,9 @@ fn items_of(request: &Request, items: Vec<Item>) -> Result<Items, ClientError> {
                 })
                 .collect::<Result<_, _>>()?,
         ),
-        Request::KvScan { keys_only: false, .. } => Items::Entries(
+        Request::KvScan {
+            keys_only: false, ..
+        } => Items::Entries(
             items
                 .into_iter()
                 .map(|i| match i {

@@ -125,7 +125,11 @@ struct Fields {
 
 impl Fields {
     fn request(&mut self) -> Result<Request, RequestError> {
-        let op = self.w.op.take().ok_or_else(|| self.malformed("request has no `op` field"))?;
+        let op = self
+            .w
+            .op
+            .take()
+            .ok_or_else(|| self.malformed("request has no `op` field"))?;
         Ok(match op.as_str() {
             "hello" => Request::Hello {
                 version: self.need("hello", "version", |w| w.version.take())?,
@@ -135,7 +139,10 @@ impl Fields {
             "kv.put" => Request::KvPut {
                 ns: self.name("kv.put", "ns")?,
                 key: self.key("kv.put")?,
-                value: self.need("kv.put", "value", |w| w.value.take())?.into_vec().into(),
+                value: self
+                    .need("kv.put", "value", |w| w.value.take())?
+                    .into_vec()
+                    .into(),
                 ts: self.need("kv.put", "ts", |w| w.ts.take())?,
             },
             "kv.get" => Request::KvGet {
@@ -163,7 +170,10 @@ impl Fields {
             },
             "log.put" => Request::LogPut {
                 topic: self.name("log.put", "topic")?,
-                value: self.need("log.put", "value", |w| w.value.take())?.into_vec().into(),
+                value: self
+                    .need("log.put", "value", |w| w.value.take())?
+                    .into_vec()
+                    .into(),
             },
             "log.position" => Request::LogPosition {
                 topic: self.name("log.position", "topic")?,
@@ -303,18 +313,56 @@ mod tests {
     fn every_request_roundtrips() {
         let key = Bytes::from_static(b"\x00k\xff");
         for req in [
-            Request::Hello { version: 1, client: Some("t".into()) },
+            Request::Hello {
+                version: 1,
+                client: Some("t".into()),
+            },
             Request::Ping,
-            Request::KvPut { ns: "n".into(), key: key.clone(), value: Bytes::new(), ts: -5 },
-            Request::KvGet { ns: "n".into(), key: key.clone(), before: Some(i64::MIN), consistent: true },
-            Request::KvGet { ns: "n".into(), key: key.clone(), before: None, consistent: false },
-            Request::KvLatestTs { ns: "n".into(), key: key.clone() },
-            Request::KvTimestamps { ns: "n".into(), key: key.clone() },
-            Request::KvScan { ns: "n".into(), keys_only: true },
-            Request::KvDelete { ns: "n".into(), key: key.clone(), marker: Some(3) },
-            Request::LogPut { topic: "t".into(), value: key.clone() },
+            Request::KvPut {
+                ns: "n".into(),
+                key: key.clone(),
+                value: Bytes::new(),
+                ts: -5,
+            },
+            Request::KvGet {
+                ns: "n".into(),
+                key: key.clone(),
+                before: Some(i64::MIN),
+                consistent: true,
+            },
+            Request::KvGet {
+                ns: "n".into(),
+                key: key.clone(),
+                before: None,
+                consistent: false,
+            },
+            Request::KvLatestTs {
+                ns: "n".into(),
+                key: key.clone(),
+            },
+            Request::KvTimestamps {
+                ns: "n".into(),
+                key: key.clone(),
+            },
+            Request::KvScan {
+                ns: "n".into(),
+                keys_only: true,
+            },
+            Request::KvDelete {
+                ns: "n".into(),
+                key: key.clone(),
+                marker: Some(3),
+            },
+            Request::LogPut {
+                topic: "t".into(),
+                value: key.clone(),
+            },
             Request::LogPosition { topic: "t".into() },
-            Request::LogScan { topic: "t".into(), from: 1, until: i64::MAX },
+            Request::LogScan {
+                topic: "t".into(),
+                from: 1,
+                until: i64::MAX,
+            },
             Request::LogDelete { topic: "t".into() },
         ] {
             roundtrip(req);
@@ -330,7 +378,10 @@ mod tests {
         };
         let f = decode(&Reply::Done);
         assert_eq!((f.code, f.found), (0, None));
-        let value = Versioned { ts: 7, value: Bytes::from_static(b"v") };
+        let value = Versioned {
+            ts: 7,
+            value: Bytes::from_static(b"v"),
+        };
         let f = decode(&Reply::Value(Some(value)));
         assert_eq!((f.found, f.ts), (Some(true), Some(7)));
         assert_eq!(f.value.as_deref().map(|v| &v[..]), Some(&b"v"[..]));
@@ -345,11 +396,18 @@ mod tests {
     fn items_decode_by_shape() {
         let b = |s: &'static [u8]| Bytes::from_static(s);
         for (items, want) in [
-            (Items::Timestamps(vec![-1, 2]), vec![Item::Int(-1), Item::Int(2)]),
+            (
+                Items::Timestamps(vec![-1, 2]),
+                vec![Item::Int(-1), Item::Int(2)],
+            ),
             (Items::Keys(vec![b(b"a")]), vec![Item::Bin(b(b"a"))]),
-            (Items::Entries(vec![(b(b"k"), b(b""))]), vec![Item::Pair(b(b"k"), b(b""))]),
+            (
+                Items::Entries(vec![(b(b"k"), b(b""))]),
+                vec![Item::Pair(b(b"k"), b(b""))],
+            ),
         ] {
-            let f = decode_response(&encode_reply(Some(1), &Reply::Items { items, more: true })).unwrap();
+            let f = decode_response(&encode_reply(Some(1), &Reply::Items { items, more: true }))
+                .unwrap();
             assert_eq!(f.items, Some(want));
             assert_eq!(f.more, Some(true));
         }
@@ -365,7 +423,11 @@ mod tests {
         let e = decode_request(&body).unwrap_err();
         assert_eq!((e.id, e.code), (Some(5), ErrorCode::Malformed));
         // Unknown operation.
-        let body = rmp_serde::to_vec_named(&serde_json_like::Op { id: 6, op: "kv.frobnicate" }).unwrap();
+        let body = rmp_serde::to_vec_named(&serde_json_like::Op {
+            id: 6,
+            op: "kv.frobnicate",
+        })
+        .unwrap();
         let e = decode_request(&body).unwrap_err();
         assert_eq!((e.id, e.code), (Some(6), ErrorCode::UnknownOperation));
     }
@@ -373,10 +435,37 @@ mod tests {
     #[test]
     fn invalid_arguments_are_named() {
         let cases: [(Request, &str); 4] = [
-            (Request::KvGet { ns: String::new(), key: Bytes::from_static(b"k"), before: None, consistent: false }, "`ns` must not be empty"),
-            (Request::KvGet { ns: "n".into(), key: Bytes::new(), before: None, consistent: false }, "`key` must not be empty"),
-            (Request::LogPosition { topic: String::new() }, "`topic` must not be empty"),
-            (Request::LogPut { topic: "t".into(), value: Bytes::new() }, ""),
+            (
+                Request::KvGet {
+                    ns: String::new(),
+                    key: Bytes::from_static(b"k"),
+                    before: None,
+                    consistent: false,
+                },
+                "`ns` must not be empty",
+            ),
+            (
+                Request::KvGet {
+                    ns: "n".into(),
+                    key: Bytes::new(),
+                    before: None,
+                    consistent: false,
+                },
+                "`key` must not be empty",
+            ),
+            (
+                Request::LogPosition {
+                    topic: String::new(),
+                },
+                "`topic` must not be empty",
+            ),
+            (
+                Request::LogPut {
+                    topic: "t".into(),
+                    value: Bytes::new(),
+                },
+                "",
+            ),
         ];
         for (req, msg) in cases {
             let got = decode_request(&encode_request(1, &req));
@@ -384,7 +473,10 @@ mod tests {
                 assert!(got.is_ok(), "{req:?}: {got:?}");
             } else {
                 let e = got.unwrap_err();
-                assert_eq!((e.code, e.message.as_str()), (ErrorCode::InvalidArgument, msg));
+                assert_eq!(
+                    (e.code, e.message.as_str()),
+                    (ErrorCode::InvalidArgument, msg)
+                );
             }
         }
     }

@@ -19,14 +19,27 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     /// First frame of every connection: the client's protocol version.
-    Hello { version: u32, client: Option<String> },
+    Hello {
+        version: u32,
+        client: Option<String>,
+    },
     /// Liveness check; answered with an empty success.
     Ping,
     /// Store `value` as the version `ts` of `key` in namespace `ns`.
-    KvPut { ns: String, key: Bytes, value: Bytes, ts: i64 },
+    KvPut {
+        ns: String,
+        key: Bytes,
+        value: Bytes,
+        ts: i64,
+    },
     /// The newest version of `key` (with `ts <= before` when given). `consistent` asks to
     /// bypass any cache and read DynamoDB directly.
-    KvGet { ns: String, key: Bytes, before: Option<i64>, consistent: bool },
+    KvGet {
+        ns: String,
+        key: Bytes,
+        before: Option<i64>,
+        consistent: bool,
+    },
     /// The largest timestamp of `key`.
     KvLatestTs { ns: String, key: Bytes },
     /// Every timestamp of `key`, ascending (streamed).
@@ -35,13 +48,21 @@ pub enum Request {
     KvScan { ns: String, keys_only: bool },
     /// Delete all versions of `key`, or with a marker all but the newest `<= marker` and
     /// those `> marker`.
-    KvDelete { ns: String, key: Bytes, marker: Option<i64> },
+    KvDelete {
+        ns: String,
+        key: Bytes,
+        marker: Option<i64>,
+    },
     /// Append `value` to `topic`; answers the new 1-based index.
     LogPut { topic: String, value: Bytes },
     /// The last allocated index of `topic` (0 when none).
     LogPosition { topic: String },
     /// The values at indices `from..=until` of `topic` (streamed).
-    LogScan { topic: String, from: i64, until: i64 },
+    LogScan {
+        topic: String,
+        from: i64,
+        until: i64,
+    },
     /// Remove `topic` and all its entries.
     LogDelete { topic: String },
 }
@@ -114,7 +135,11 @@ impl Items {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     /// Answer to `hello`.
-    Hello { version: u32, server: String, max_frame_bytes: u64 },
+    Hello {
+        version: u32,
+        server: String,
+        max_frame_bytes: u64,
+    },
     /// Success with no data (`ping`, `kv.put`, `kv.delete`, `log.delete`).
     Done,
     /// `kv.get`: the version found, if any.

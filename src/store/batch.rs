@@ -30,7 +30,13 @@ pub async fn delete_keys(
         .collect::<Result<Vec<_>, _>>()?;
     while !requests.is_empty() {
         let rest = requests.split_off(requests.len().min(BATCH_LIMIT));
-        write_batch(client, table, std::mem::replace(&mut requests, rest), max_attempts).await?;
+        write_batch(
+            client,
+            table,
+            std::mem::replace(&mut requests, rest),
+            max_attempts,
+        )
+        .await?;
     }
     Ok(())
 }

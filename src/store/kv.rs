@@ -133,7 +133,12 @@ impl KvStore {
 
     /// Deletes every version (`marker = None`), or every version except those newer than
     /// `marker` and the newest at or before it.
-    pub async fn delete(&self, ns: &str, key: &[u8], marker: Option<i64>) -> Result<(), StoreError> {
+    pub async fn delete(
+        &self,
+        ns: &str,
+        key: &[u8],
+        marker: Option<i64>,
+    ) -> Result<(), StoreError> {
         let pk = kv_partition_key(ns, key)?;
         // Newest first, so that with a marker the first item is the one to keep.
         let mut pages = Pages::new(self.versions(pk.clone(), marker, false));

@@ -23,7 +23,9 @@ use futures::Stream;
 
 use crate::store::batch::delete_keys;
 use crate::store::item::{bin, get_num, num, str, take_bin, Item, Pages};
-use crate::store::keys::{check_log_item, check_topic, LOG_COUNTER_INDEX, LOG_INDEX, LOG_TOPIC, LOG_VALUE};
+use crate::store::keys::{
+    check_log_item, check_topic, LOG_COUNTER_INDEX, LOG_INDEX, LOG_TOPIC, LOG_VALUE,
+};
 use crate::store::{backoff, StoreError};
 
 /// The indexed store.
@@ -89,10 +91,11 @@ impl LogStore {
                 .table_name(&self.table)
                 .item(LOG_TOPIC, str(topic))
                 .item(LOG_INDEX, num(LOG_COUNTER_INDEX))
-                .item(LOG_VALUE, num(next))
-                .expression_attribute_names("#i", LOG_INDEX);
+                .item(LOG_VALUE, num(next));
             let counter = if last == 0 {
-                counter.condition_expression("attribute_not_exists(#i)")
+                counter
+                    .condition_expression("attribute_not_exists(#i)")
+                    .expression_attribute_names("#i", LOG_INDEX)
             } else {
                 counter
                     .condition_expression("#v = :last")
@@ -154,28 +157,25 @@ impl LogStore {
         });
         let checked = check_topic(topic);
         let table = self.table.clone();
-        futures::stream::try_unfold(
-            (pages, Some(checked)),
-            move |(mut pages, checked)| {
-                let table = table.clone();
-                async move {
-                    if let Some(Err(e)) = checked {
-                        return Err(e);
-                    }
-                    let Some(p) = pages.as_mut() else {
-                        return Ok(None);
-                    };
-                    let Some(page) = p.next().await? else {
-                        return Ok(None);
-                    };
-                    let values = page
-                        .into_iter()
-                        .map(|mut item| take_bin(&table, &mut item, LOG_VALUE))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Ok(Some((values, (pages, None))))
+        futures::stream::try_unfold((pages, Some(checked)), move |(mut pages, checked)| {
+            let table = table.clone();
+            async move {
+                if let Some(Err(e)) = checked {
+                    return Err(e);
                 }
-            },
-        )
+                let Some(p) = pages.as_mut() else {
+                    return Ok(None);
+                };
+                let Some(page) = p.next().await? else {
+                    return Ok(None);
+                };
+                let values = page
+                    .into_iter()
+                    .map(|mut item| take_bin(&table, &mut item, LOG_VALUE))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Some((values, (pages, None))))
+            }
+        })
     }
 
     /// Removes the topic and all its entries; the counter goes last, so that a failure
