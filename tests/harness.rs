@@ -1,0 +1,305 @@
+//! Shared test fixtures: DynamoDB Local, daemons, random names, raw protocol frames.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ddbcached::config::Config;
+use ddbcached::{aws, server, service::Service, tables};
+use ddbcached_protocol::Client;
+use rand::distr::{Alphanumeric, SampleString};
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+/// The DynamoDB Local of this test binary.
+struct Local {
+    endpoint: String,
+    /// Closing this pipe (when the test process exits, however it exits) makes the
+    /// wrapper shell kill DynamoDB Local.
+    _lifeline: Option<Mutex<ChildStdin>>,
+    /// Kept, not waited for: the wrapper ends when the test process does.
+    _process: Option<Mutex<Child>>,
+}
+
+static LOCAL: OnceLock<Local> = OnceLock::new();
+
+/// The endpoint of a DynamoDB Local with both tables created.
+pub fn endpoint() -> &'static str {
+    &LOCAL.get_or_init(start_local).endpoint
+}
+
+fn start_local() -> Local {
+    let local = match std::env::var("DDBCACHED_TEST_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => Local {
+            endpoint,
+            _lifeline: None,
+            _process: None,
+        },
+        _ => spawn_local(),
+    };
+    // Create the tables on a runtime of their own: the tests' runtimes come and go.
+    let config = dynamo_config(&local.endpoint);
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let client = aws::dynamodb_client(&config.dynamodb).await;
+            tables::init_tables(&client, &config.dynamodb)
+                .await
+                .unwrap();
+        })
+    })
+    .join()
+    .unwrap();
+    local
+}
+
+fn spawn_local() -> Local {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/dynamodb-local.sh"))
+        .arg("install")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/dynamodb-local.sh install");
+    assert!(out.status.success(), "installing DynamoDB Local failed");
+    let dir = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let port = free_port();
+    let log = std::fs::File::create(
+        std::env::temp_dir().join(format!("ddbcached-test-dynamodb-{port}.log")),
+    )
+    .unwrap();
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            r#"java -Djava.library.path="$1/DynamoDBLocal_lib" -jar "$1/DynamoDBLocal.jar" -inMemory -port "$2" & pid=$!; read _; kill $pid"#,
+            "sh",
+            &dir,
+            &port.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start DynamoDB Local");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "DynamoDB Local did not start within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Local {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        _lifeline: Some(Mutex::new(child.stdin.take().unwrap())),
+        _process: Some(Mutex::new(child)),
+    }
+}
+
+/// A loopback port nobody listens on at the moment.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A configuration for DynamoDB at `endpoint` with short timeouts.
+pub fn dynamo_config(endpoint: &str) -> Config {
+    let mut c = Config::default();
+    c.dynamodb.endpoint = endpoint.to_owned();
+    c.dynamodb.region = "us-east-1".into();
+    c.dynamodb.use_dummy_credentials = true;
+    c
+}
+
+/// A daemon running in this test's runtime, on its own socket.
+pub struct Daemon {
+    pub socket: PathBuf,
+    pub config: Config,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// A daemon on DynamoDB Local.
+    pub async fn start() -> Daemon {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A daemon on DynamoDB Local with a changed configuration.
+    pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Daemon {
+        let mut config = dynamo_config(endpoint());
+        edit(&mut config);
+        Self::start_config(config).await
+    }
+
+    /// A daemon with exactly this configuration (its socket path is replaced).
+    pub async fn start_config(mut config: Config) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        config.server.socket_path = dir.path().join("ddbcached.sock");
+        config.validate().unwrap();
+        let client = aws::dynamodb_client(&config.dynamodb).await;
+        let listener = server::bind(&config.server).unwrap();
+        let service = Service::new(client, &config);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server::run(
+            listener,
+            service,
+            config.server.clone(),
+            shutdown.clone(),
+        ));
+        Daemon {
+            socket: config.server.socket_path.clone(),
+            config,
+            shutdown,
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// A new connection.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.unwrap()
+    }
+
+    /// Stops the daemon and waits until it has.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    /// Whether the daemon's task is still running.
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A random alphanumeric name of 3 to 255 characters, like the shared backend suite's.
+pub fn name() -> String {
+    let len = rand::rng().random_range(3..=255);
+    Alphanumeric.sample_string(&mut rand::rng(), len)
+}
+
+/// 1 to 100 random bytes (a key).
+pub fn key() -> Bytes {
+    let len = rand::rng().random_range(1..=100);
+    random_bytes(len)
+}
+
+/// 0 to 100 random bytes (a value).
+pub fn value() -> Bytes {
+    let len = rand::rng().random_range(0..=100);
+    random_bytes(len)
+}
+
+pub fn random_bytes(len: usize) -> Bytes {
+    let mut v = vec![0u8; len];
+    rand::rng().fill(&mut v[..]);
+    Bytes::from(v)
+}
+
+/// A raw connection speaking frames by hand, to test the wire format itself.
+pub struct Raw {
+    pub stream: UnixStream,
+}
+
+impl Raw {
+    pub async fn connect(socket: &Path) -> Raw {
+        Raw {
+            stream: UnixStream::connect(socket).await.unwrap(),
+        }
+    }
+
+    /// Connects and completes the handshake.
+    pub async fn ready(socket: &Path) -> Raw {
+        let mut raw = Raw::connect(socket).await;
+        raw.send(&msgpack_map(&[
+            ("id", Val::U(0)),
+            ("op", Val::S("hello")),
+            ("version", Val::U(1)),
+        ]))
+        .await;
+        let reply = raw.recv().await.expect("hello answered");
+        assert_eq!(field(&reply, "code"), Some(rmpv::Value::from(0)));
+        raw
+    }
+
+    /// Sends one frame with this body.
+    pub async fn send(&mut self, body: &[u8]) {
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    /// Reads one frame body and decodes it; `None` at end of stream.
+    pub async fn recv(&mut self) -> Option<rmpv::Value> {
+        let mut len = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(30), self.stream.read_exact(&mut len))
+            .await
+            .expect("a reply within 30 s")
+            .ok()?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.stream.read_exact(&mut body).await.ok()?;
+        Some(rmpv::decode::read_value(&mut &body[..]).expect("a MessagePack reply"))
+    }
+
+    /// Whether the server has closed the connection (reads reach end of stream).
+    pub async fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+/// A field of a MessagePack map.
+pub fn field(map: &rmpv::Value, name: &str) -> Option<rmpv::Value> {
+    map.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(name))
+        .map(|(_, v)| v.clone())
+}
+
+/// Values for [`msgpack_map`].
+pub enum Val<'a> {
+    U(u64),
+    I(i64),
+    S(&'a str),
+    B(&'a [u8]),
+}
+
+/// Encodes a MessagePack map with string keys, as a client in another language would.
+pub fn msgpack_map(fields: &[(&str, Val)]) -> Vec<u8> {
+    let map = rmpv::Value::Map(
+        fields
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Val::U(n) => rmpv::Value::from(*n),
+                    Val::I(n) => rmpv::Value::from(*n),
+                    Val::S(s) => rmpv::Value::from(*s),
+                    Val::B(b) => rmpv::Value::Binary(b.to_vec()),
+                };
+                (rmpv::Value::from(*k), v)
+            })
+            .collect(),
+    );
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &map).unwrap();
+    out
+}

@@ -1,0 +1,14 @@
+//! Integration tests: the daemon over its socket, against DynamoDB Local.
+//!
+//! The harness starts one DynamoDB Local for this test binary on a free loopback port (or
+//! uses `DDBCACHED_TEST_ENDPOINT`), creates the tables once, and starts an in-process
+//! daemon per test on its own socket. Tests use random namespaces and topics, so they can
+//! share the tables and run in parallel.
+
+mod cli;
+mod faults;
+mod harness;
+mod kv;
+mod log;
+mod protocol;
+mod tables;
