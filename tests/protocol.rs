@@ -299,3 +299,41 @@ async fn the_socket_is_guarded_and_removed_on_shutdown() {
         "data"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_client_of_protocol_md_works() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/PROTOCOL.md")).unwrap();
+    let code = doc
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("PROTOCOL.md has a python block");
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, code).unwrap();
+    let python = std::process::Command::new(root.join("scripts/python-env.sh"))
+        .output()
+        .expect("scripts/python-env.sh runs");
+    assert!(
+        python.status.success(),
+        "{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    let python = String::from_utf8(python.stdout).unwrap().trim().to_owned();
+
+    let d = Daemon::start().await;
+    let out = tokio::process::Command::new(python)
+        .arg(&script)
+        .arg(&d.socket)
+        .arg(name())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success() && out.stdout == b"ok\n",
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

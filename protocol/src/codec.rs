@@ -504,3 +504,100 @@ mod tests {
         }
     }
 }
+
+/// The hex dumps in `docs/PROTOCOL.md` are what this codec produces, byte for byte.
+#[cfg(test)]
+mod documented_examples {
+    use super::*;
+    use crate::message::{Items, Versioned};
+
+    fn framed_hex(body: &[u8]) -> String {
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        frame
+            .chunks(16)
+            .map(|line| {
+                line.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn protocol_md_hex_dumps_match_the_codec() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let b = Bytes::from_static;
+        let examples = [
+            encode_request(
+                0,
+                &Request::Hello {
+                    version: 1,
+                    client: Some("py".into()),
+                },
+            ),
+            encode_reply(
+                Some(0),
+                &Reply::Hello {
+                    version: 1,
+                    server: "ddbcached 0.1.0".into(),
+                    max_frame_bytes: 1048576,
+                },
+            ),
+            encode_request(
+                7,
+                &Request::KvGet {
+                    ns: "flow1".into(),
+                    key: b(b"x"),
+                    before: Some(5),
+                    consistent: false,
+                },
+            ),
+            encode_reply(
+                Some(7),
+                &Reply::Value(Some(Versioned {
+                    ts: 3,
+                    value: b(b"hi"),
+                })),
+            ),
+            encode_reply(Some(7), &Reply::Value(None)),
+            encode_request(
+                8,
+                &Request::LogPut {
+                    topic: "t".into(),
+                    value: b(b"e1"),
+                },
+            ),
+            encode_reply(Some(8), &Reply::Index(1)),
+            encode_reply(
+                Some(9),
+                &Reply::error(ErrorCode::UnknownOperation, "unknown operation `kv.nope`"),
+            ),
+            encode_reply(
+                Some(10),
+                &Reply::Items {
+                    items: Items::Entries(vec![(b(b"a"), b(b"1"))]),
+                    more: false,
+                },
+            ),
+        ];
+        for body in examples {
+            let dump = framed_hex(&body);
+            assert!(
+                doc.contains(&format!("```\n{dump}\n```")),
+                "PROTOCOL.md lacks:\n{dump}"
+            );
+        }
+    }
+
+    #[test]
+    fn protocol_md_lists_every_error_code() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        for code in ErrorCode::ALL {
+            let row = format!("| {} | `{}` |", code.as_u16(), code.name());
+            assert!(doc.contains(&row), "PROTOCOL.md lacks the row {row}");
+        }
+    }
+}
