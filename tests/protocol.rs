@@ -337,3 +337,29 @@ async fn the_python_client_of_protocol_md_works() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_whose_daemon_stopped_gets_an_error_not_a_hang() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    c.ping().await.unwrap();
+    d.stop().await;
+    // Once the client has seen the connection end, no request may wait for an answer.
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !c.is_closed() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the client notices the closed connection");
+    for _ in 0..2 {
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), c.ping())
+            .await
+            .expect("an answer, not a hang")
+            .unwrap_err();
+        assert!(
+            matches!(err, ddbcached_protocol::ClientError::Closed),
+            "{err}"
+        );
+    }
+}

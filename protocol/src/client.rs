@@ -26,9 +26,10 @@ use crate::message::{Item, Items, Reply, Request, ResponseFrame, Versioned, PROT
 /// own `max_frame_bytes`, which it announces in `hello`; this is only a sanity ceiling.
 const MAX_RESPONSE_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
-/// Responses not yet delivered, by request id. A streamed request stays registered until
-/// its last piece arrives.
-type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<ResponseFrame>>>>;
+/// Responses not yet delivered, by request id; `None` once the connection has ended, so
+/// that no request can register after the reader has stopped and wait forever. A streamed
+/// request stays registered until its last piece arrives.
+type Pending = Arc<Mutex<Option<HashMap<u64, mpsc::UnboundedSender<ResponseFrame>>>>>;
 
 /// What the server said about itself in the handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,7 +97,7 @@ impl Client {
             max_frame_bytes: frame.max_frame_bytes.unwrap_or_default(),
         };
 
-        let pending = Pending::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (frames, outbox) = mpsc::channel(256);
         tokio::spawn(write_frames(wr, outbox));
         let reader = tokio::spawn(route_responses(rd, pending.clone())).abort_handle();
@@ -109,6 +110,16 @@ impl Client {
                 reader,
             }),
         })
+    }
+
+    /// Whether the connection has ended (the server closed it or it failed); every
+    /// request on it now fails with [`ClientError::Closed`].
+    pub fn is_closed(&self) -> bool {
+        self.inner
+            .pending
+            .lock()
+            .expect("pending map lock poisoned")
+            .is_none()
     }
 
     /// What the server announced in the handshake.
@@ -125,6 +136,8 @@ impl Client {
             .pending
             .lock()
             .expect("pending map lock poisoned")
+            .as_mut()
+            .ok_or(ClientError::Closed)?
             .insert(id, tx);
         if self
             .inner
@@ -162,11 +175,15 @@ impl Client {
     }
 
     fn forget(&self, id: u64) {
-        self.inner
+        if let Some(pending) = self
+            .inner
             .pending
             .lock()
             .expect("pending map lock poisoned")
-            .remove(&id);
+            .as_mut()
+        {
+            pending.remove(&id);
+        }
     }
 
     /// `ping`.
@@ -393,6 +410,9 @@ async fn route_responses(
         };
         let last = frame.code != 0 || !frame.more.unwrap_or(false);
         let mut pending = pending.lock().expect("pending map lock poisoned");
+        let Some(pending) = pending.as_mut() else {
+            break;
+        };
         if let Some(tx) = pending.get(&id) {
             // A caller that gave up has dropped its receiver; nothing to deliver then.
             let _ = tx.send(frame);
@@ -401,7 +421,8 @@ async fn route_responses(
             pending.remove(&id);
         }
     }
-    pending.lock().expect("pending map lock poisoned").clear();
+    // Every waiting caller sees its sender dropped (`Closed`); later calls are refused.
+    pending.lock().expect("pending map lock poisoned").take();
 }
 
 fn reply_of(request: &Request, frame: ResponseFrame) -> Result<Reply, ClientError> {

@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 
 use crate::store::batch::delete_keys;
 use crate::store::item::{bin, get_num, num, str, take_bin, Item, Pages};
@@ -137,9 +137,12 @@ impl LogStore {
         from: i64,
         until: i64,
     ) -> impl Stream<Item = Result<Vec<Bytes>, StoreError>> + Send + 'static {
+        if let Err(e) = check_topic(topic) {
+            return futures::stream::once(async { Err(e) }).left_stream();
+        }
         // Indices start at 1; the counter lives at -1 and must never be returned.
         let from = from.max(1);
-        let pages = (from <= until && check_topic(topic).is_ok()).then(|| {
+        let pages = (from <= until).then(|| {
             Pages::new(
                 self.client
                     .query()
@@ -155,27 +158,24 @@ impl LogStore {
                     .expression_attribute_values(":b", num(until)),
             )
         });
-        let checked = check_topic(topic);
         let table = self.table.clone();
-        futures::stream::try_unfold((pages, Some(checked)), move |(mut pages, checked)| {
+        futures::stream::try_unfold(pages, move |mut pages| {
             let table = table.clone();
             async move {
-                if let Some(Err(e)) = checked {
-                    return Err(e);
-                }
-                let Some(p) = pages.as_mut() else {
-                    return Ok(None);
-                };
-                let Some(page) = p.next().await? else {
+                let Some(page) = (match pages.as_mut() {
+                    Some(p) => p.next().await?,
+                    None => None,
+                }) else {
                     return Ok(None);
                 };
                 let values = page
                     .into_iter()
                     .map(|mut item| take_bin(&table, &mut item, LOG_VALUE))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(Some((values, (pages, None))))
+                Ok(Some((values, pages)))
             }
         })
+        .right_stream()
     }
 
     /// Removes the topic and all its entries; the counter goes last, so that a failure
