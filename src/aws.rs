@@ -1,12 +1,22 @@
-//! The AWS SDK configuration shared by the DynamoDB client (and later the Streams client):
-//! endpoint, region, credentials, timeouts and retries from [`DynamoConfig`].
+//! The AWS SDK configuration shared by the daemon's AWS clients: endpoint, region,
+//! credentials, timeouts and retries from [`DynamoConfig`], and an interceptor that counts
+//! calls and attempts per DynamoDB API.
 //!
 //! Every call gets an operation timeout and an attempt timeout: the SDK's default has only
 //! a connect timeout, so a dead pooled connection could otherwise hang a request forever.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_dynamodb::config::interceptors::{
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
+};
+use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
 
 use crate::config::DynamoConfig;
 
@@ -38,7 +48,79 @@ pub async fn sdk_config(config: &DynamoConfig) -> SdkConfig {
     loader.load().await
 }
 
-/// A DynamoDB client for `config`.
-pub async fn dynamodb_client(config: &DynamoConfig) -> aws_sdk_dynamodb::Client {
-    aws_sdk_dynamodb::Client::new(&sdk_config(config).await)
+/// A DynamoDB client for `config`, counting its calls into `calls`.
+pub async fn dynamodb_client(
+    config: &DynamoConfig,
+    calls: Arc<ApiCalls>,
+) -> aws_sdk_dynamodb::Client {
+    let sdk = sdk_config(config).await;
+    let dynamo = aws_sdk_dynamodb::config::Builder::from(&sdk)
+        .interceptor(CountCalls(calls))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(dynamo)
+}
+
+/// Calls and attempts (a call's first try and its retries) per DynamoDB API.
+#[derive(Debug, Default)]
+pub struct ApiCalls {
+    counts: Mutex<BTreeMap<String, CallCount>>,
+}
+
+/// The counts of one API.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallCount {
+    pub calls: u64,
+    pub attempts: u64,
+}
+
+impl ApiCalls {
+    /// The counts so far, by API name (`GetItem`, `Query`, ...).
+    pub fn snapshot(&self) -> BTreeMap<String, CallCount> {
+        self.counts
+            .lock()
+            .expect("api call counts poisoned")
+            .clone()
+    }
+
+    /// Calls of every API together.
+    pub fn total_calls(&self) -> u64 {
+        self.snapshot().values().map(|c| c.calls).sum()
+    }
+
+    fn bump(&self, cfg: &ConfigBag, field: fn(&mut CallCount) -> &mut u64) {
+        let api = cfg.load::<Metadata>().map_or("unknown", |m| m.name());
+        let mut counts = self.counts.lock().expect("api call counts poisoned");
+        *field(counts.entry(api.to_owned()).or_default()) += 1;
+    }
+}
+
+#[derive(Debug)]
+struct CountCalls(Arc<ApiCalls>);
+
+impl Intercept for CountCalls {
+    fn name(&self) -> &'static str {
+        "ddbcached::CountCalls"
+    }
+
+    // Counted when the call ends (however it ends): the operation's name is in the
+    // config bag only once execution has begun.
+    fn read_after_execution(
+        &self,
+        _: &FinalizerInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.0.bump(cfg, |c| &mut c.calls);
+        Ok(())
+    }
+
+    fn read_before_attempt(
+        &self,
+        _: &BeforeTransmitInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.0.bump(cfg, |c| &mut c.attempts);
+        Ok(())
+    }
 }

@@ -22,6 +22,7 @@ const ENV_ALIASES: [(&str, &str, &str); 1] = [("DDBCACHED_SOCKET", "server", "so
 pub struct Config {
     pub server: ServerConfig,
     pub dynamodb: DynamoConfig,
+    pub cache: CacheConfig,
     pub log: LogConfig,
 }
 
@@ -117,6 +118,33 @@ impl DynamoConfig {
     }
     pub fn operation_timeout(&self) -> Duration {
         Duration::from_millis(self.operation_timeout_ms)
+    }
+}
+
+/// The in-memory cache.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Memory for cached keys and values (keys, values and per-entry bookkeeping).
+    pub max_bytes: u64,
+    /// Entries older than this are dropped even if nothing invalidated them (a safety
+    /// net); 0 turns it off.
+    pub ttl_secs: u64,
+    /// Versions of a key read by one fill (newest first); reads older than those go to
+    /// DynamoDB.
+    pub fill_max_versions: u32,
+    /// Entries kept per topic (the newest), for reads of a log's tail.
+    pub log_tail_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: 256 * 1024 * 1024,
+            ttl_secs: 600,
+            fill_max_versions: 64,
+            log_tail_entries: 128,
+        }
     }
 }
 
@@ -275,6 +303,18 @@ impl Config {
             &d.retry_mode,
             matches!(d.retry_mode.as_str(), "standard" | "adaptive"),
             "must be `standard` or `adaptive`",
+        )?;
+        check(
+            "cache.max_bytes",
+            self.cache.max_bytes,
+            self.cache.max_bytes > 0,
+            "must be at least 1",
+        )?;
+        check(
+            "cache.fill_max_versions",
+            self.cache.fill_max_versions,
+            self.cache.fill_max_versions > 0,
+            "must be at least 1",
         )?;
         check(
             "log.format",

@@ -6,13 +6,17 @@
 //! - [`aws`]: the AWS SDK configuration (endpoint, credentials, timeouts, retries).
 //! - [`tables`]: creating and checking the two tables.
 //! - [`store`]: the stores' semantics on DynamoDB.
-//! - [`service`]: one request in, its replies out: the single read path and write path.
+//! - [`cache`]: the versioned cache and its guards against stale fills.
+//! - [`locks`]: per-key async locks.
+//! - [`service`]: one request in, its replies out: the read path and the write path.
 //! - [`connection`]: one client connection: handshake, pipelining, streamed replies.
 //! - [`server`]: the socket, the accept loop and shutdown.
 
 pub mod aws;
+pub mod cache;
 pub mod config;
 pub mod connection;
+pub mod locks;
 pub mod server;
 pub mod service;
 pub mod store;

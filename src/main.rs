@@ -99,7 +99,7 @@ fn init_logging(config: &Config) {
 
 async fn init_tables(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
-    let client = aws::dynamodb_client(&config.dynamodb).await;
+    let client = aws::dynamodb_client(&config.dynamodb, Default::default()).await;
     tables::init_tables(&client, &config.dynamodb).await?;
     println!(
         "tables {} and {} are ready",
@@ -110,12 +110,11 @@ async fn init_tables(config: Config) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
-    let client = aws::dynamodb_client(&config.dynamodb).await;
-    tables::check_tables(&client, &config.dynamodb)
+    let service = Service::connect(&config).await;
+    tables::check_tables(service.dynamodb(), &config.dynamodb)
         .await
         .context("checking the tables")?;
     let listener = server::bind(&config.server)?;
-    let service = Service::new(client, &config);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     server::run(listener, service, config.server, shutdown).await;

@@ -1,18 +1,31 @@
-//! One request in, its replies out. This is where every operation meets the stores, and
-//! so the one place the cache will sit: all reads go through [`Service::handle`]'s read
-//! arms and all writes through its write arms.
+//! One request in, its replies out: the read path and the write path, where the stores
+//! meet the cache.
 //!
-//! Results that may be long (timestamps, namespace scans, log scans) are produced as a
-//! stream of [`Items`] pieces, each small enough for one frame, so that a scan of any
-//! length neither builds one giant frame nor exceeds the client's frame limit.
+//! Reads look in the cache first; on a miss one request per key reads DynamoDB (strongly
+//! consistent) and fills the cache, the others wait for it (see [`crate::cache`] for why a
+//! fill that raced a write is never stored). Writes go to DynamoDB first and, once it has
+//! accepted them, update the cache before the client is answered; the daemon's writes to
+//! one key run one at a time so the cache applies them in DynamoDB's order. A write that
+//! failed after reaching DynamoDB may or may not have been applied, so it drops the key.
+//!
+//! Not cached, on purpose: namespace scans (`kv.scan`) read DynamoDB's `namespace_index`,
+//! which is only eventually consistent, so what they read must never fill the cache; they
+//! are rare (garbage collection) and served from DynamoDB. Log scans are served from the
+//! cache when the topic's cached tail holds every entry asked for, and from DynamoDB
+//! otherwise; short reads near the tail are added to the cached tail.
+//!
+//! Results that may be long (timestamps, scans) are produced as a stream of [`Items`]
+//! pieces, each small enough for one frame.
 
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
-use ddbcached_protocol::{Items, Reply, Request};
-use futures::stream::{self, BoxStream, StreamExt};
+use ddbcached_protocol::{Items, Reply, Request, Versioned};
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
+use crate::aws::{self, ApiCalls};
+use crate::cache::{Cache, CacheKey, Cached, KeyVersions, Known, ReadOp, Served, TopicTail};
 use crate::config::Config;
 use crate::store::{KvStore, LogStore, StoreError};
 
@@ -28,32 +41,57 @@ pub enum Outcome {
     Stream(BoxStream<'static, Result<Items, StoreError>>),
 }
 
-/// The stores behind the socket.
+/// The stores behind the socket, and the cache in front of them.
 pub struct Service {
+    dynamodb: Client,
+    api_calls: Arc<ApiCalls>,
     kv: KvStore,
     log: LogStore,
+    cache: Cache,
+    fill_max_versions: u32,
     /// Payload budget of one streamed piece: half a frame leaves room for the envelope.
     piece_bytes: usize,
 }
 
 impl Service {
-    pub fn new(client: Client, config: &Config) -> Arc<Service> {
+    /// A service on the DynamoDB that `config` names.
+    pub async fn connect(config: &Config) -> Arc<Service> {
         let d = &config.dynamodb;
+        let api_calls = Arc::new(ApiCalls::default());
+        let client = aws::dynamodb_client(d, api_calls.clone()).await;
         Arc::new(Service {
             kv: KvStore::new(client.clone(), d.kv_table.clone(), d.batch_max_attempts),
             log: LogStore::new(
-                client,
+                client.clone(),
                 d.log_table.clone(),
                 d.batch_max_attempts,
                 d.index_allocation_max_attempts,
             ),
+            dynamodb: client,
+            api_calls,
+            cache: Cache::new(&config.cache),
+            fill_max_versions: config.cache.fill_max_versions,
             piece_bytes: config.server.max_frame_bytes / 2,
         })
     }
 
+    /// The DynamoDB client (for the start-up table check).
+    pub fn dynamodb(&self) -> &Client {
+        &self.dynamodb
+    }
+
+    /// DynamoDB calls made so far, by API.
+    pub fn api_calls(&self) -> &ApiCalls {
+        &self.api_calls
+    }
+
+    /// The cache (its counters, and the invalidation interface for the stream tailer).
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
     /// Runs one request (never `Hello`, which the connection answers itself).
     pub async fn handle(&self, request: Request) -> Outcome {
-        let budget = self.piece_bytes;
         let reply = match request {
             Request::Hello { .. } => Err(StoreError::InvalidArgument(
                 "hello is only valid as the first frame of a connection".into(),
@@ -62,89 +100,325 @@ impl Service {
 
             // Reads.
             Request::KvGet {
-                ns, key, before, ..
+                ns,
+                key,
+                before,
+                consistent,
             } => self
-                .kv
-                .get_latest(&ns, &key, before)
+                .kv_get(ns, key, before, consistent)
                 .await
                 .map(Reply::Value),
             Request::KvLatestTs { ns, key } => {
-                self.kv.latest_ts(&ns, &key).await.map(Reply::Timestamp)
+                self.kv_latest_ts(ns, key).await.map(Reply::Timestamp)
             }
             Request::KvTimestamps { ns, key } => {
-                return match self.kv.timestamps(&ns, &key).await {
-                    Ok(ts) => pieces(ts, |_| 8, budget, Items::Timestamps),
+                return match self.kv_timestamps(ns, key).await {
+                    Ok(ts) => self.pieces(ts, |_| 8, Items::Timestamps),
                     Err(e) => Outcome::Reply(error_reply(e)),
                 };
             }
             Request::KvScan { ns, keys_only } => {
                 return if keys_only {
                     match self.kv.scan_keys(&ns).await {
-                        Ok(keys) => pieces(keys, |k| k.len(), budget, Items::Keys),
+                        Ok(keys) => self.pieces(keys, |k| k.len(), Items::Keys),
                         Err(e) => Outcome::Reply(error_reply(e)),
                     }
                 } else {
                     match self.kv.scan(&ns).await {
                         Ok(entries) => {
-                            pieces(entries, |(k, v)| k.len() + v.len(), budget, Items::Entries)
+                            self.pieces(entries, |(k, v)| k.len() + v.len(), Items::Entries)
                         }
                         Err(e) => Outcome::Reply(error_reply(e)),
                     }
                 };
             }
-            Request::LogPosition { topic } => self.log.position(&topic).await.map(Reply::Index),
+            Request::LogPosition { topic } => self.log_position(topic).await.map(Reply::Index),
             Request::LogScan { topic, from, until } => {
-                let pages = self.log.scan(&topic, from, until);
-                return Outcome::Stream(
-                    pages
-                        .flat_map(move |page| match page {
-                            Ok(values) => stream::iter(
-                                split(values, |v: &Bytes| v.len(), budget)
-                                    .into_iter()
-                                    .map(|p| Ok(Items::Values(p)))
-                                    .collect::<Vec<_>>(),
-                            ),
-                            Err(e) => stream::iter(vec![Err(e)]),
-                        })
-                        .boxed(),
-                );
+                return self.log_scan(topic, from, until).await
             }
 
             // Writes.
-            Request::KvPut { ns, key, value, ts } => self
-                .kv
-                .put(&ns, &key, value, ts)
-                .await
-                .map(|()| Reply::Done),
-            Request::KvDelete { ns, key, marker } => self
-                .kv
-                .delete(&ns, &key, marker)
-                .await
-                .map(|()| Reply::Done),
-            Request::LogPut { topic, value } => self.log.put(&topic, value).await.map(Reply::Index),
-            Request::LogDelete { topic } => self.log.delete(&topic).await.map(|()| Reply::Done),
+            Request::KvPut { ns, key, value, ts } => {
+                self.kv_put(ns, key, value, ts).await.map(|()| Reply::Done)
+            }
+            Request::KvDelete { ns, key, marker } => {
+                self.kv_delete(ns, key, marker).await.map(|()| Reply::Done)
+            }
+            Request::LogPut { topic, value } => self.log_put(topic, value).await.map(Reply::Index),
+            Request::LogDelete { topic } => self.log_delete(topic).await.map(|()| Reply::Done),
         };
         Outcome::Reply(reply.unwrap_or_else(error_reply))
+    }
+
+    async fn kv_get(
+        &self,
+        ns: String,
+        key: Bytes,
+        before: Option<i64>,
+        consistent: bool,
+    ) -> Result<Option<Versioned>, StoreError> {
+        let (versions, served) = self.key_versions(&ns, &key, consistent).await?;
+        match versions.latest(before) {
+            Known::Yes(answer) => {
+                self.cache.record(ReadOp::KvGet, served);
+                Ok(answer)
+            }
+            Known::Unknown => {
+                self.cache.record(ReadOp::KvGet, uncached(served));
+                self.kv.get_latest(&ns, &key, before).await
+            }
+        }
+    }
+
+    async fn kv_latest_ts(&self, ns: String, key: Bytes) -> Result<Option<i64>, StoreError> {
+        let (versions, served) = self.key_versions(&ns, &key, false).await?;
+        match versions.latest_ts() {
+            Known::Yes(answer) => {
+                self.cache.record(ReadOp::KvLatestTs, served);
+                Ok(answer)
+            }
+            Known::Unknown => {
+                self.cache.record(ReadOp::KvLatestTs, Served::Miss);
+                self.kv.latest_ts(&ns, &key).await
+            }
+        }
+    }
+
+    async fn kv_timestamps(&self, ns: String, key: Bytes) -> Result<Vec<i64>, StoreError> {
+        let (versions, served) = self.key_versions(&ns, &key, false).await?;
+        match versions.timestamps() {
+            Known::Yes(answer) => {
+                self.cache.record(ReadOp::KvTimestamps, served);
+                Ok(answer)
+            }
+            Known::Unknown => {
+                self.cache.record(ReadOp::KvTimestamps, Served::Miss);
+                self.kv.timestamps(&ns, &key).await
+            }
+        }
+    }
+
+    /// The key's cached versions; on a miss (or when `fresh` asks to bypass the cache) they
+    /// are read from DynamoDB and the cache is filled with them.
+    async fn key_versions(
+        &self,
+        ns: &str,
+        key: &Bytes,
+        fresh: bool,
+    ) -> Result<(Arc<KeyVersions>, Served), StoreError> {
+        let ck = CacheKey::Kv(ns.to_owned(), key.clone());
+        if !fresh {
+            if let Some(Cached::Kv(v)) = self.cache.get(&ck).await {
+                return Ok((v, Served::Hit));
+            }
+        }
+        let (_filling, waited) = self.cache.lock_fill(&ck).await;
+        if waited && !fresh {
+            if let Some(Cached::Kv(v)) = self.cache.get(&ck).await {
+                return Ok((v, Served::Coalesced));
+            }
+        }
+        let ticket = self.cache.ticket(&ck);
+        let (newest, complete) = self
+            .kv
+            .newest_versions(ns, key, self.fill_max_versions)
+            .await?;
+        let versions = Arc::new(KeyVersions::from_fill(newest, complete));
+        let entry = Cached::Kv(versions.clone());
+        self.cache.commit_fill(ck, ticket, |_| Some(entry)).await;
+        Ok((versions, if fresh { Served::Bypass } else { Served::Miss }))
+    }
+
+    async fn log_position(&self, topic: String) -> Result<i64, StoreError> {
+        let ck = CacheKey::Log(topic.clone());
+        if let Some(Cached::Log(t)) = self.cache.get(&ck).await {
+            self.cache.record(ReadOp::LogPosition, Served::Hit);
+            return Ok(t.position());
+        }
+        let (_filling, waited) = self.cache.lock_fill(&ck).await;
+        if waited {
+            if let Some(Cached::Log(t)) = self.cache.get(&ck).await {
+                self.cache.record(ReadOp::LogPosition, Served::Coalesced);
+                return Ok(t.position());
+            }
+        }
+        self.cache.record(ReadOp::LogPosition, Served::Miss);
+        let ticket = self.cache.ticket(&ck);
+        let position = self.log.position(&topic).await?;
+        let tail = Cached::Log(Arc::new(TopicTail::at(
+            position,
+            self.cache.tail_capacity(),
+        )));
+        self.cache.commit_fill(ck, ticket, |_| Some(tail)).await;
+        Ok(position)
+    }
+
+    async fn log_scan(&self, topic: String, from: i64, until: i64) -> Outcome {
+        let ck = CacheKey::Log(topic.clone());
+        let cached = match self.cache.get(&ck).await {
+            Some(Cached::Log(t)) => Some(t),
+            _ => None,
+        };
+        if let Some(Known::Yes(values)) = cached.as_ref().map(|t| t.scan(from, until)) {
+            self.cache.record(ReadOp::LogScan, Served::Hit);
+            return self.pieces(values, |v| v.len(), Items::Values);
+        }
+        self.cache.record(ReadOp::LogScan, Served::Miss);
+        let near_tail = cached.is_some_and(|t| {
+            from.max(1) > t.position() - self.cache.tail_capacity() as i64 && from <= until
+        });
+        if !near_tail {
+            return self.stream_values(self.log.scan(&topic, from, until));
+        }
+        // A short read at the top of a cached topic: keep what it reads.
+        let ticket = self.cache.ticket(&ck);
+        let values: Vec<Bytes> = match self.log.scan(&topic, from, until).try_concat().await {
+            Ok(values) => values,
+            Err(e) => return Outcome::Reply(error_reply(e)),
+        };
+        self.cache
+            .commit_fill(ck, ticket, |current| match current {
+                Some(Cached::Log(t)) => Some(Cached::Log(Arc::new(t.with_read(from, &values)))),
+                other => other,
+            })
+            .await;
+        self.pieces(values, |v| v.len(), Items::Values)
+    }
+
+    async fn kv_put(
+        &self,
+        ns: String,
+        key: Bytes,
+        value: Bytes,
+        ts: i64,
+    ) -> Result<(), StoreError> {
+        let ck = CacheKey::Kv(ns.clone(), key.clone());
+        let _writing = self.cache.lock_write(&ck).await;
+        let result = self.kv.put(&ns, &key, value.clone(), ts).await;
+        self.after_write(ck, &result, |_, current| match current {
+            Some(Cached::Kv(v)) => Some(Cached::Kv(Arc::new(v.with_put(ts, value)))),
+            _ => None,
+        })
+        .await;
+        result
+    }
+
+    async fn kv_delete(
+        &self,
+        ns: String,
+        key: Bytes,
+        marker: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let ck = CacheKey::Kv(ns.clone(), key.clone());
+        let _writing = self.cache.lock_write(&ck).await;
+        let result = self.kv.delete(&ns, &key, marker).await;
+        self.after_write(ck, &result, |_, current| match (current, marker) {
+            // All versions are gone: the key's state is known exactly, cached or not.
+            (_, None) => Some(Cached::Kv(Arc::new(KeyVersions::absent()))),
+            (Some(Cached::Kv(v)), Some(_)) => Some(Cached::Kv(Arc::new(v.with_delete(marker)))),
+            _ => None,
+        })
+        .await;
+        result
+    }
+
+    async fn log_put(&self, topic: String, value: Bytes) -> Result<i64, StoreError> {
+        let ck = CacheKey::Log(topic.clone());
+        let _writing = self.cache.lock_write(&ck).await;
+        let known = match self.cache.get(&ck).await {
+            Some(Cached::Log(t)) => Some(t.position()),
+            _ => None,
+        };
+        let result = self.log.put(&topic, value.clone(), known).await;
+        let capacity = self.cache.tail_capacity();
+        self.after_write(ck, &result, |&index, current| {
+            // After the append the position is known exactly, cached or not.
+            let tail = match current {
+                Some(Cached::Log(t)) => t.with_entry(index, value),
+                _ => TopicTail::at(index - 1, capacity).with_entry(index, value),
+            };
+            Some(Cached::Log(Arc::new(tail)))
+        })
+        .await;
+        result
+    }
+
+    async fn log_delete(&self, topic: String) -> Result<(), StoreError> {
+        let ck = CacheKey::Log(topic.clone());
+        let _writing = self.cache.lock_write(&ck).await;
+        let result = self.log.delete(&topic).await;
+        let deleted = Cached::Log(Arc::new(TopicTail::deleted(self.cache.tail_capacity())));
+        self.after_write(ck, &result, |_, _| Some(deleted)).await;
+        result
+    }
+
+    /// Brings the cache in line with a write's outcome: on success `change` applies it; on
+    /// a failure that may have reached DynamoDB the key is dropped, since whether the write
+    /// happened is unknown; a request refused before sending changes nothing.
+    async fn after_write<T>(
+        &self,
+        key: CacheKey,
+        result: &Result<T, StoreError>,
+        change: impl FnOnce(&T, Option<Cached>) -> Option<Cached>,
+    ) {
+        match result {
+            Ok(done) => {
+                self.cache
+                    .update(key, |current| change(done, current))
+                    .await
+            }
+            Err(StoreError::InvalidArgument(_) | StoreError::ItemTooLarge { .. }) => {}
+            Err(_) => self.cache.invalidate(key).await,
+        }
+    }
+
+    /// A finished list as a stream of frame-sized pieces.
+    fn pieces<T: Send + 'static>(
+        &self,
+        items: Vec<T>,
+        size: impl Fn(&T) -> usize,
+        wrap: fn(Vec<T>) -> Items,
+    ) -> Outcome {
+        let parts: Vec<Result<Items, StoreError>> = split(items, size, self.piece_bytes)
+            .into_iter()
+            .map(|p| Ok(wrap(p)))
+            .collect();
+        Outcome::Stream(stream::iter(parts).boxed())
+    }
+
+    /// DynamoDB pages of values as a stream of frame-sized pieces.
+    fn stream_values(
+        &self,
+        pages: impl futures::Stream<Item = Result<Vec<Bytes>, StoreError>> + Send + 'static,
+    ) -> Outcome {
+        let budget = self.piece_bytes;
+        Outcome::Stream(
+            pages
+                .flat_map(move |page| match page {
+                    Ok(values) => stream::iter(
+                        split(values, |v: &Bytes| v.len(), budget)
+                            .into_iter()
+                            .map(|p| Ok(Items::Values(p)))
+                            .collect::<Vec<_>>(),
+                    ),
+                    Err(e) => stream::iter(vec![Err(e)]),
+                })
+                .boxed(),
+        )
+    }
+}
+
+/// How a read the cache could not answer is counted.
+fn uncached(served: Served) -> Served {
+    match served {
+        Served::Bypass => Served::Bypass,
+        _ => Served::Miss,
     }
 }
 
 /// The error reply for a failed store call.
 pub fn error_reply(e: StoreError) -> Reply {
     Reply::error(e.code(), e.to_string())
-}
-
-/// A finished list as a stream of frame-sized pieces.
-fn pieces<T: Send + 'static>(
-    items: Vec<T>,
-    size: impl Fn(&T) -> usize,
-    budget: usize,
-    wrap: fn(Vec<T>) -> Items,
-) -> Outcome {
-    let parts: Vec<Result<Items, StoreError>> = split(items, size, budget)
-        .into_iter()
-        .map(|p| Ok(wrap(p)))
-        .collect();
-    Outcome::Stream(stream::iter(parts).boxed())
 }
 
 /// Splits a list into consecutive runs whose sizes (plus per-item overhead) stay within

@@ -3,7 +3,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -46,7 +46,7 @@ fn start_local() -> Local {
     let config = dynamo_config(&local.endpoint);
     std::thread::spawn(move || {
         tokio::runtime::Runtime::new().unwrap().block_on(async {
-            let client = aws::dynamodb_client(&config.dynamodb).await;
+            let client = aws::dynamodb_client(&config.dynamodb, Default::default()).await;
             tables::init_tables(&client, &config.dynamodb)
                 .await
                 .unwrap();
@@ -121,6 +121,8 @@ pub fn dynamo_config(endpoint: &str) -> Config {
 pub struct Daemon {
     pub socket: PathBuf,
     pub config: Config,
+    /// The daemon's internals, for counters and test hooks.
+    pub service: Arc<Service>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -144,19 +146,19 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         config.server.socket_path = dir.path().join("ddbcached.sock");
         config.validate().unwrap();
-        let client = aws::dynamodb_client(&config.dynamodb).await;
+        let service = Service::connect(&config).await;
         let listener = server::bind(&config.server).unwrap();
-        let service = Service::new(client, &config);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(
             listener,
-            service,
+            service.clone(),
             config.server.clone(),
             shutdown.clone(),
         ));
         Daemon {
             socket: config.server.socket_path.clone(),
             config,
+            service,
             shutdown,
             task: Some(task),
             _dir: dir,
@@ -302,4 +304,64 @@ pub fn msgpack_map(fields: &[(&str, Val)]) -> Vec<u8> {
     let mut out = Vec::new();
     rmpv::encode::write_value(&mut out, &map).unwrap();
     out
+}
+
+/// A TCP proxy in front of DynamoDB Local that can swallow responses: requests still
+/// reach DynamoDB (and writes are applied) but the daemon never hears back, which is what
+/// a lost connection or a timeout after the fact looks like.
+pub struct Proxy {
+    pub endpoint: String,
+    swallow: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let swallow = Arc::new(AtomicBool::new(false));
+        let flag = swallow.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if !flag.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        Proxy {
+            endpoint,
+            swallow,
+            task,
+        }
+    }
+
+    /// From now on, drop DynamoDB's responses (`true`) or pass them (`false`).
+    pub fn swallow_responses(&self, on: bool) {
+        self.swallow.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

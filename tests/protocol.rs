@@ -133,8 +133,9 @@ async fn an_oversized_frame_is_answered_then_the_connection_closes() {
     let mut raw = Raw::ready(&d.socket).await;
     let too_big = d.config.server.max_frame_bytes as u32 + 1;
     // Only the length prefix and a little of the body: the server must not wait for it.
-    raw.stream.write_all(&too_big.to_be_bytes()).await.unwrap();
-    raw.stream.write_all(&[0u8; 100]).await.unwrap();
+    let mut start = too_big.to_be_bytes().to_vec();
+    start.extend_from_slice(&[0u8; 100]);
+    raw.stream.write_all(&start).await.unwrap();
     let r = raw.recv().await.unwrap();
     assert_eq!((id(&r), code(&r)), (None, 4), "frame_too_large: {r}");
     assert!(raw.closed().await);

@@ -18,7 +18,7 @@ async fn init_tables_creates_then_changes_nothing() {
     let mut config = dynamo_config(endpoint());
     config.dynamodb.kv_table = format!("kv_{}", suffix());
     config.dynamodb.log_table = format!("log_{}", suffix());
-    let client = aws::dynamodb_client(&config.dynamodb).await;
+    let client = aws::dynamodb_client(&config.dynamodb, Default::default()).await;
     assert!(
         tables::check_tables(&client, &config.dynamodb)
             .await
@@ -64,7 +64,7 @@ async fn init_tables_creates_then_changes_nothing() {
 async fn a_table_with_another_key_type_is_a_clear_error() {
     let mut config = dynamo_config(endpoint());
     config.dynamodb.kv_table = format!("wrong_{}", suffix());
-    let client = aws::dynamodb_client(&config.dynamodb).await;
+    let client = aws::dynamodb_client(&config.dynamodb, Default::default()).await;
     // The partition key as a string instead of binary.
     client
         .create_table()

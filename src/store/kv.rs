@@ -72,6 +72,38 @@ impl KvStore {
         }))
     }
 
+    /// The newest `limit` versions of the key, newest first, and whether they are all of
+    /// them: one consistent Query, the read behind a cache fill.
+    pub async fn newest_versions(
+        &self,
+        ns: &str,
+        key: &[u8],
+        limit: u32,
+    ) -> Result<(Vec<(i64, Bytes)>, bool), StoreError> {
+        let pk = kv_partition_key(ns, key)?;
+        let out = self
+            .versions(pk, None, false)
+            .limit(limit.try_into().unwrap_or(i32::MAX))
+            .projection_expression("#t, #v")
+            .expression_attribute_names("#v", KV_VALUE)
+            .send()
+            .await
+            .map_err(|e| StoreError::from_sdk("Query", e))?;
+        let complete = out.last_evaluated_key.is_none();
+        let versions = out
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .map(|mut item| {
+                Ok((
+                    get_num(&self.table, &item, KV_TIMESTAMP)?,
+                    take_bin(&self.table, &mut item, KV_VALUE)?,
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((versions, complete))
+    }
+
     /// The largest timestamp of the key.
     pub async fn latest_ts(&self, ns: &str, key: &[u8]) -> Result<Option<i64>, StoreError> {
         let items = self.newest(ns, key, None, "#k, #t").await?;

@@ -8,11 +8,9 @@
 //! out exactly once and never skipped, whichever daemons append. The transaction carries a
 //! client request token, which makes the SDK's own retries of it idempotent.
 //!
-//! Appends from this daemon to one topic queue on a per-topic lock, so that they do not
-//! race each other and only other daemons cause retries.
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+//! Callers serialize their own appends to one topic (the cache's write lock does), so that
+//! only other daemons cause retries; a caller that knows the position (from its cache)
+//! passes it and saves the counter read, paying a retry only if it was out of date.
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
@@ -35,7 +33,6 @@ pub struct LogStore {
     table: String,
     batch_max_attempts: u32,
     index_max_attempts: u32,
-    locks: Arc<TopicLocks>,
 }
 
 impl LogStore {
@@ -50,7 +47,6 @@ impl LogStore {
             table,
             batch_max_attempts,
             index_max_attempts,
-            locks: Arc::default(),
         }
     }
 
@@ -75,16 +71,24 @@ impl LogStore {
         }
     }
 
-    /// Appends a value; returns its index.
-    pub async fn put(&self, topic: &str, value: Bytes) -> Result<i64, StoreError> {
+    /// Appends a value; returns its index. `known_last`, when given, is taken as the
+    /// position for the first attempt instead of reading it.
+    pub async fn put(
+        &self,
+        topic: &str,
+        value: Bytes,
+        known_last: Option<i64>,
+    ) -> Result<i64, StoreError> {
         check_topic(topic)?;
-        let lock = self.locks.get(topic);
-        let _queued = lock.lock().await;
+        let mut known_last = known_last;
         for attempt in 0..self.index_max_attempts {
             if attempt > 0 {
                 tokio::time::sleep(backoff(attempt)).await;
             }
-            let last = self.position(topic).await?;
+            let last = match known_last.take() {
+                Some(last) => last,
+                None => self.position(topic).await?,
+            };
             let next = last + 1;
             check_log_item(topic, next, value.len())?;
             let counter = Put::builder()
@@ -120,6 +124,7 @@ impl LogStore {
                 .await;
             match result {
                 Ok(_) => return Ok(next),
+                // Lost to another writer, or the known position was out of date.
                 Err(e) if lost_race(&e) => continue,
                 Err(e) => return Err(StoreError::from_sdk("TransactWriteItems", e)),
             }
@@ -182,8 +187,6 @@ impl LogStore {
     /// half-way leaves a topic whose position still covers what remains.
     pub async fn delete(&self, topic: &str) -> Result<(), StoreError> {
         check_topic(topic)?;
-        let lock = self.locks.get(topic);
-        let _queued = lock.lock().await;
         let mut pages = Pages::new(
             self.client
                 .query()
@@ -247,34 +250,5 @@ fn lost_race<R>(err: &SdkError<TransactWriteItemsError, R>) -> bool {
         }
         TransactWriteItemsError::TransactionInProgressException(_) => true,
         other => other.code() == Some("TransactionConflictException"),
-    }
-}
-
-/// One async mutex per topic with appends in progress. Entries are weak, so a topic's
-/// lock is freed with its last user; dead entries are swept when the map has doubled.
-#[derive(Default)]
-struct TopicLocks {
-    map: Mutex<LockMap>,
-}
-
-#[derive(Default)]
-struct LockMap {
-    locks: HashMap<String, Weak<tokio::sync::Mutex<()>>>,
-    sweep_at: usize,
-}
-
-impl TopicLocks {
-    fn get(&self, topic: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut m = self.map.lock().expect("topic lock map poisoned");
-        if let Some(lock) = m.locks.get(topic).and_then(Weak::upgrade) {
-            return lock;
-        }
-        if m.locks.len() >= m.sweep_at {
-            m.locks.retain(|_, w| w.strong_count() > 0);
-            m.sweep_at = (m.locks.len() * 2).max(64);
-        }
-        let lock = Arc::new(tokio::sync::Mutex::new(()));
-        m.locks.insert(topic.to_owned(), Arc::downgrade(&lock));
-        lock
     }
 }

@@ -1,0 +1,508 @@
+//! The versioned cache: moka storage of key versions and topic tails, and the guards that
+//! keep it from ever holding something DynamoDB no longer says.
+//!
+//! - [`versions`]: one key's newest versions ([`KeyVersions`]).
+//! - [`tail`]: one topic's position and top entries ([`TopicTail`]).
+//!
+//! ## No stale fill
+//!
+//! A fill reads DynamoDB, then inserts what it read. If a write or an invalidation of the
+//! same key lands while the read is in flight, the read may predate it, and inserting it
+//! would resurrect the old state (memcache's stale-set problem). So, as with memcache's
+//! leases, a fill takes a [`Ticket`] *before* its read: the generation of the key's stripe
+//! and the cache's epoch. Every write and invalidation bumps the stripe's generation
+//! (invalidating everything bumps the epoch), under the stripe's lock; a fill commits
+//! under the same lock and only if both numbers are unchanged. Stripes are a fixed array
+//! indexed by the key's hash, so memory stays bounded whatever the number of keys; two keys
+//! sharing a stripe only cost an occasional rejected fill.
+//!
+//! The epoch is also a read-write lock: mutations hold it shared, and invalidating
+//! everything (or a namespace) holds it exclusively, so no mutation can slip an old entry
+//! in after moka's `invalidate_all` has run.
+//!
+//! ## Coalescing
+//!
+//! Concurrent misses of one key queue on a per-key fill lock: the first reads DynamoDB,
+//! the others wait and then find its entry (a "coalesced wait"), or, if its fill was
+//! rejected, read themselves.
+
+pub mod tail;
+pub mod versions;
+
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use moka::notification::RemovalCause;
+
+pub use tail::TopicTail;
+pub use versions::{KeyVersions, Known};
+
+use crate::config::CacheConfig;
+use crate::locks::{KeyGuard, KeyedLocks};
+
+/// Stripes of generations. A power of two; 4096 × (8 + lock) bytes.
+const STRIPES: usize = 4096;
+/// Bookkeeping per cache entry counted by the weigher (moka's node, hash slots, key).
+const ENTRY_OVERHEAD_BYTES: usize = 160;
+
+/// What the cache stores things under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CacheKey {
+    /// One key of the key-value store: (namespace, key).
+    Kv(String, Bytes),
+    /// One topic of the indexed store.
+    Log(String),
+}
+
+impl CacheKey {
+    fn len(&self) -> usize {
+        match self {
+            CacheKey::Kv(ns, key) => ns.len() + key.len(),
+            CacheKey::Log(topic) => topic.len(),
+        }
+    }
+}
+
+/// What the cache stores. Values are shared: a hit clones an `Arc`, not the data.
+#[derive(Clone, Debug)]
+pub enum Cached {
+    Kv(Arc<KeyVersions>),
+    Log(Arc<TopicTail>),
+}
+
+impl Cached {
+    fn weight(&self) -> usize {
+        match self {
+            Cached::Kv(v) => v.weight(),
+            Cached::Log(t) => t.weight(),
+        }
+    }
+}
+
+/// The operations that read through the cache, for per-operation counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadOp {
+    KvGet = 0,
+    KvLatestTs = 1,
+    KvTimestamps = 2,
+    LogPosition = 3,
+    LogScan = 4,
+}
+
+impl ReadOp {
+    pub const ALL: [ReadOp; 5] = [
+        ReadOp::KvGet,
+        ReadOp::KvLatestTs,
+        ReadOp::KvTimestamps,
+        ReadOp::LogPosition,
+        ReadOp::LogScan,
+    ];
+
+    /// The operation's protocol name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadOp::KvGet => "kv.get",
+            ReadOp::KvLatestTs => "kv.latest_ts",
+            ReadOp::KvTimestamps => "kv.timestamps",
+            ReadOp::LogPosition => "log.position",
+            ReadOp::LogScan => "log.scan",
+        }
+    }
+}
+
+/// How a read was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// From memory.
+    Hit,
+    /// From memory, after waiting for another request's fill of the same key.
+    Coalesced,
+    /// From DynamoDB.
+    Miss,
+    /// From DynamoDB because the client asked for a consistent read.
+    Bypass,
+}
+
+/// Counters of the cache (the metrics endpoint exports them).
+#[derive(Default)]
+pub struct CacheStats {
+    served: [[AtomicU64; 4]; 5],
+    rejected_fills: AtomicU64,
+    evictions: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+/// A snapshot of [`CacheStats`] plus moka's estimates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// `[op][served]` in the order of [`ReadOp::ALL`] and hit, coalesced, miss, bypass.
+    pub served: [[u64; 4]; 5],
+    pub rejected_fills: u64,
+    pub evictions: u64,
+    pub invalidations: u64,
+    pub entries: u64,
+    pub weighted_bytes: u64,
+}
+
+impl StatsSnapshot {
+    /// How often `op` was served as `served`.
+    pub fn count(&self, op: ReadOp, served: Served) -> u64 {
+        self.served[op as usize][served as usize]
+    }
+
+    /// Sum over all operations.
+    pub fn total(&self, served: Served) -> u64 {
+        ReadOp::ALL.iter().map(|op| self.count(*op, served)).sum()
+    }
+}
+
+/// Where a fill stood before its read; see the module docs.
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket {
+    stripe: usize,
+    generation: u64,
+    epoch: u64,
+}
+
+/// Where a [`TestHook`] is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookPoint {
+    /// A fill, between its DynamoDB read and its commit.
+    Fill,
+    /// A write, between DynamoDB's acceptance and the cache update.
+    Update,
+}
+
+/// Called at a [`HookPoint`]; tests use it to hold an operation there and race another
+/// against it deterministically. Never set in production.
+pub type TestHook = Arc<dyn Fn(HookPoint, CacheKey) -> BoxFuture<'static, ()> + Send + Sync>;
+
+struct Stripe {
+    generation: AtomicU64,
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// The cache.
+pub struct Cache {
+    entries: moka::future::Cache<CacheKey, Cached>,
+    stripes: Box<[Stripe]>,
+    /// Epoch number, bumped by whole-cache and namespace invalidations.
+    epoch: AtomicU64,
+    /// Held shared by every mutation, exclusively by whole-cache invalidations.
+    epoch_lock: tokio::sync::RwLock<()>,
+    fills: KeyedLocks<CacheKey>,
+    writes: KeyedLocks<CacheKey>,
+    stats: Arc<CacheStats>,
+    hasher: std::collections::hash_map::RandomState,
+    test_hook: OnceLock<TestHook>,
+    tail_capacity: usize,
+}
+
+impl Cache {
+    pub fn new(config: &CacheConfig) -> Cache {
+        let stats = Arc::new(CacheStats::default());
+        let evictions = stats.clone();
+        let mut builder = moka::future::Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(|k: &CacheKey, v: &Cached| {
+                let bytes = ENTRY_OVERHEAD_BYTES + k.len() + v.weight();
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            })
+            .eviction_listener(move |_, _, cause| {
+                if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                    evictions.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .support_invalidation_closures();
+        if config.ttl_secs > 0 {
+            builder = builder.time_to_live(Duration::from_secs(config.ttl_secs));
+        }
+        Cache {
+            entries: builder.build(),
+            stripes: (0..STRIPES)
+                .map(|_| Stripe {
+                    generation: AtomicU64::new(0),
+                    lock: tokio::sync::Mutex::new(()),
+                })
+                .collect(),
+            epoch: AtomicU64::new(0),
+            epoch_lock: tokio::sync::RwLock::new(()),
+            fills: KeyedLocks::new(),
+            writes: KeyedLocks::new(),
+            stats,
+            hasher: Default::default(),
+            test_hook: OnceLock::new(),
+            tail_capacity: config.log_tail_entries,
+        }
+    }
+
+    /// How many entries of a topic's tail are kept.
+    pub fn tail_capacity(&self) -> usize {
+        self.tail_capacity
+    }
+
+    /// The cached value, if any. Takes no lock.
+    pub async fn get(&self, key: &CacheKey) -> Option<Cached> {
+        self.entries.get(key).await
+    }
+
+    /// Counts how a read was served.
+    pub fn record(&self, op: ReadOp, served: Served) {
+        self.stats.served[op as usize][served as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the fill lock of `key`; the flag says whether another fill was waited for.
+    pub async fn lock_fill(&self, key: &CacheKey) -> (KeyGuard, bool) {
+        self.fills.lock(key).await
+    }
+
+    /// Takes the write lock of `key`: the daemon's writes to one key run one at a time,
+    /// so that their cache updates happen in the order DynamoDB applied them.
+    pub async fn lock_write(&self, key: &CacheKey) -> KeyGuard {
+        self.writes.lock(key).await.0
+    }
+
+    /// The ticket a fill must take before its DynamoDB read.
+    pub fn ticket(&self, key: &CacheKey) -> Ticket {
+        let stripe = self.stripe_of(key);
+        Ticket {
+            stripe,
+            // Acquire: pairs with the Release bumps, so a bump that happened before this
+            // load is seen by the comparison at commit time.
+            generation: self.stripes[stripe].generation.load(Ordering::Acquire),
+            epoch: self.epoch.load(Ordering::Acquire),
+        }
+    }
+
+    /// Commits a fill: `merge` computes the entry from the current one, and it is stored
+    /// only if nothing invalidated the key since `ticket` was taken. Returns whether it
+    /// was stored.
+    pub async fn commit_fill(
+        &self,
+        key: CacheKey,
+        ticket: Ticket,
+        merge: impl FnOnce(Option<Cached>) -> Option<Cached>,
+    ) -> bool {
+        if let Some(hook) = self.test_hook.get() {
+            hook(HookPoint::Fill, key.clone()).await;
+        }
+        let _epoch = self.epoch_lock.read().await;
+        let stripe = &self.stripes[ticket.stripe];
+        let _stripe = stripe.lock.lock().await;
+        let current = stripe.generation.load(Ordering::Acquire) == ticket.generation
+            && self.epoch.load(Ordering::Acquire) == ticket.epoch;
+        if !current {
+            self.stats.rejected_fills.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if let Some(value) = merge(self.entries.get(&key).await) {
+            self.entries.insert(key, value).await;
+        }
+        true
+    }
+
+    /// Applies a change to `key` that DynamoDB has made (a write of this daemon, or a
+    /// stream record): bumps the key's generation, so fills in flight are rejected, and
+    /// stores what `change` computes from the current entry (`None` removes it).
+    pub async fn update(
+        &self,
+        key: CacheKey,
+        change: impl FnOnce(Option<Cached>) -> Option<Cached>,
+    ) {
+        if let Some(hook) = self.test_hook.get() {
+            hook(HookPoint::Update, key.clone()).await;
+        }
+        let _epoch = self.epoch_lock.read().await;
+        let stripe = &self.stripes[self.stripe_of(&key)];
+        let _stripe = stripe.lock.lock().await;
+        stripe.generation.fetch_add(1, Ordering::Release);
+        match change(self.entries.get(&key).await) {
+            Some(value) => self.entries.insert(key, value).await,
+            None => self.entries.invalidate(&key).await,
+        }
+    }
+
+    /// Forgets `key` (and rejects fills of it in flight).
+    pub async fn invalidate(&self, key: CacheKey) {
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.update(key, |_| None).await;
+    }
+
+    /// Forgets every key of namespace `ns`.
+    pub async fn invalidate_namespace(&self, ns: &str) {
+        let ns = ns.to_owned();
+        self.invalidate_where(move |k| matches!(k, CacheKey::Kv(n, _) if *n == ns))
+            .await;
+    }
+
+    /// Forgets everything (lost stream continuity).
+    pub async fn invalidate_all(&self) {
+        self.invalidate_where(|_| true).await;
+    }
+
+    async fn invalidate_where(&self, matches: impl Fn(&CacheKey) -> bool + Send + Sync + 'static) {
+        let _exclusive = self.epoch_lock.write().await;
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::Release);
+        // Cannot fail: the cache is built with `support_invalidation_closures`.
+        self.entries
+            .invalidate_entries_if(move |k, _| matches(k))
+            .expect("invalidation closures are enabled");
+    }
+
+    /// Installs the test hook (once; tests only).
+    pub fn set_test_hook(&self, hook: TestHook) {
+        let _ = self.test_hook.set(hook);
+    }
+
+    /// The counters, with moka's current entry count and weighted size.
+    pub async fn stats(&self) -> StatsSnapshot {
+        self.entries.run_pending_tasks().await;
+        let s = &self.stats;
+        let mut served = [[0; 4]; 5];
+        for (op, row) in served.iter_mut().enumerate() {
+            for (kind, n) in row.iter_mut().enumerate() {
+                *n = s.served[op][kind].load(Ordering::Relaxed);
+            }
+        }
+        StatsSnapshot {
+            served,
+            rejected_fills: s.rejected_fills.load(Ordering::Relaxed),
+            evictions: s.evictions.load(Ordering::Relaxed),
+            invalidations: s.invalidations.load(Ordering::Relaxed),
+            entries: self.entries.entry_count(),
+            weighted_bytes: self.entries.weighted_size(),
+        }
+    }
+
+    fn stripe_of(&self, key: &CacheKey) -> usize {
+        (self.hasher.hash_one(key) as usize) & (STRIPES - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> Cache {
+        Cache::new(&CacheConfig::default())
+    }
+
+    fn key(k: &str) -> CacheKey {
+        CacheKey::Kv("ns".into(), Bytes::copy_from_slice(k.as_bytes()))
+    }
+
+    fn entry(ts: i64) -> Cached {
+        Cached::Kv(Arc::new(KeyVersions::from_fill(
+            vec![(ts, Bytes::new())],
+            true,
+        )))
+    }
+
+    fn ts_of(c: Option<Cached>) -> Option<i64> {
+        match c? {
+            Cached::Kv(v) => match v.latest_ts() {
+                Known::Yes(ts) => ts,
+                Known::Unknown => None,
+            },
+            Cached::Log(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fill_commits_when_nothing_intervened() {
+        let c = cache();
+        let t = c.ticket(&key("a"));
+        assert!(c.commit_fill(key("a"), t, |_| Some(entry(1))).await);
+        assert_eq!(ts_of(c.get(&key("a")).await), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_raced_a_write_is_rejected() {
+        let c = cache();
+        let t = c.ticket(&key("a"));
+        // A write lands while the fill's read is in flight; the key was not cached.
+        c.update(key("a"), |cur| cur).await;
+        assert!(!c.commit_fill(key("a"), t, |_| Some(entry(1))).await);
+        assert!(c.get(&key("a")).await.is_none());
+        assert_eq!(c.stats().await.rejected_fills, 1);
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_raced_an_invalidation_of_everything_is_rejected() {
+        let c = cache();
+        let t = c.ticket(&key("a"));
+        c.invalidate_all().await;
+        assert!(!c.commit_fill(key("a"), t, |_| Some(entry(1))).await);
+        let t = c.ticket(&key("b"));
+        c.invalidate_namespace("other").await;
+        assert!(
+            !c.commit_fill(key("b"), t, |_| Some(entry(1))).await,
+            "conservative: any namespace"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalidations_remove_entries() {
+        let c = cache();
+        for k in ["a", "b"] {
+            let t = c.ticket(&key(k));
+            c.commit_fill(key(k), t, |_| Some(entry(1))).await;
+        }
+        let t = c.ticket(&CacheKey::Log("t".into()));
+        c.commit_fill(CacheKey::Log("t".into()), t, |_| {
+            Some(Cached::Log(Arc::new(TopicTail::at(3, 8))))
+        })
+        .await;
+        c.invalidate(key("a")).await;
+        assert!(c.get(&key("a")).await.is_none());
+        assert!(c.get(&key("b")).await.is_some());
+        c.invalidate_namespace("ns").await;
+        assert!(c.get(&key("b")).await.is_none());
+        assert!(c.get(&CacheKey::Log("t".into())).await.is_some());
+        c.invalidate_all().await;
+        assert!(c.get(&CacheKey::Log("t".into())).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn updates_apply_to_the_current_entry() {
+        let c = cache();
+        c.update(key("a"), |cur| cur).await;
+        assert!(c.get(&key("a")).await.is_none(), "no entry is made up");
+        let t = c.ticket(&key("a"));
+        c.commit_fill(key("a"), t, |_| Some(entry(1))).await;
+        c.update(key("a"), |cur| match cur {
+            Some(Cached::Kv(v)) => Some(Cached::Kv(Arc::new(v.with_put(5, Bytes::new())))),
+            other => other,
+        })
+        .await;
+        assert_eq!(ts_of(c.get(&key("a")).await), Some(5));
+    }
+
+    #[tokio::test]
+    async fn the_weight_is_bounded_by_max_bytes() {
+        let c = Cache::new(&CacheConfig {
+            max_bytes: 64 * 1024,
+            ..CacheConfig::default()
+        });
+        for n in 0..1000 {
+            let k = key(&n.to_string());
+            let t = c.ticket(&k);
+            let value = Bytes::from(vec![0u8; 1000]);
+            c.commit_fill(k, t, |_| {
+                Some(Cached::Kv(Arc::new(KeyVersions::from_fill(
+                    vec![(1, value)],
+                    true,
+                ))))
+            })
+            .await;
+        }
+        let s = c.stats().await;
+        assert!(s.weighted_bytes <= 64 * 1024, "{s:?}");
+        assert!(s.entries < 1000 && s.evictions > 0, "{s:?}");
+    }
+}
