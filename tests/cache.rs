@@ -655,3 +655,51 @@ async fn a_later_write_cannot_overtake_an_earlier_one_in_the_cache() {
     );
     assert_eq!(a.kv_get(&ns, b("k"), None).await.unwrap(), v(1, "second"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workflow_step_loop_is_served_from_memory_after_its_first_read() {
+    // Each flow, each step: read its variable as of its clock, write the next version,
+    // append to the flow's log, read the tail back.
+    let d = Daemon::start().await;
+    let (flows, steps) = (16, 40);
+    let runs = (0..flows).map(|f| {
+        let socket = d.socket.clone();
+        tokio::spawn(async move {
+            let c = Client::connect(&socket).await.unwrap();
+            let (ns, topic) = (name(), name());
+            for clock in 0..steps {
+                let current = c.kv_get(&ns, b("state"), Some(clock)).await.unwrap();
+                assert_eq!(
+                    current.map(|v| v.ts),
+                    clock.checked_sub(1).filter(|t| *t >= 0)
+                );
+                c.kv_put(&ns, b("state"), b(&format!("flow{f}@{clock}")), clock)
+                    .await
+                    .unwrap();
+                let index = c
+                    .log_put(&topic, b(&format!("step {clock}")))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    c.log_scan(&topic, index, index).await.unwrap(),
+                    vec![b(&format!("step {clock}"))]
+                );
+            }
+        })
+    });
+    for r in join_all(runs).await {
+        r.unwrap();
+    }
+    let s = d.service.cache().stats().await;
+    let reads = (flows * steps * 2) as u64;
+    let misses = s.total(Served::Miss);
+    assert_eq!(
+        misses, flows as u64,
+        "only each flow's first read of its variable misses: {s:?}"
+    );
+    println!(
+        "step loop: {reads} reads, {} hits, {misses} misses: hit ratio {:.2}%",
+        reads - misses,
+        100.0 * (reads - misses) as f64 / reads as f64
+    );
+}

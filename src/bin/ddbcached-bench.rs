@@ -3,9 +3,14 @@
 //! prints throughput and latency percentiles (from sending a request to its reply).
 //!
 //! Workloads:
-//! - `get`: `kv.get` of keys written before the clock starts (`--keys` of them);
+//! - `get`: `kv.get` of keys written before the clock starts (`--keys` of them): once
+//!   warm, every read is a cache hit;
+//! - `miss`: `kv.get` with the `consistent` flag, so every read bypasses the cache: one
+//!   strongly consistent DynamoDB Query and a cache fill, the path of a miss;
 //! - `put`: `kv.put` of random keys at increasing timestamps (every one goes to DynamoDB);
-//! - `log`: `log.put` to one topic per connection, then `log.scan` of the entry written.
+//! - `log`: `log.put` to one topic per request slot, then `log.scan` of the entry written;
+//! - `step`: a workflow step, as one operation: read the flow's variable as of its clock,
+//!   write its next version, append to the flow's log, read that entry back.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -50,8 +55,10 @@ struct Args {
 #[derive(Clone, Copy, ValueEnum)]
 enum Workload {
     Get,
+    Miss,
     Put,
     Log,
+    Step,
 }
 
 const NAMESPACE: &str = "ddbcached-bench";
@@ -72,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let value = Bytes::from(vec![b'v'; args.value_bytes]);
-    if let Workload::Get = args.workload {
+    if let Workload::Get | Workload::Miss = args.workload {
         for chunk in (0..args.keys).collect::<Vec<_>>().chunks(64) {
             try_join_all(
                 chunk
@@ -164,9 +171,13 @@ impl Worker {
             x ^= x >> 7;
             x ^= x << 17;
             match self.workload {
-                Workload::Get => {
+                Workload::Get | Workload::Miss => {
                     let k = key(x as usize % self.keys);
-                    let got = self.client.kv_get(NAMESPACE, k, None).await?;
+                    let consistent = matches!(self.workload, Workload::Miss);
+                    let got = self
+                        .client
+                        .kv_get_with(NAMESPACE, k, None, consistent)
+                        .await?;
                     anyhow::ensure!(got.is_some(), "a preloaded key is missing");
                 }
                 Workload::Put => {
@@ -175,6 +186,19 @@ impl Worker {
                     self.client
                         .kv_put(NAMESPACE, k, self.value.clone(), ts)
                         .await?;
+                }
+                Workload::Step => {
+                    ts += 1;
+                    let state = Bytes::from_static(b"state");
+                    self.client
+                        .kv_get(&self.topic, state.clone(), Some(ts - 1))
+                        .await?;
+                    self.client
+                        .kv_put(&self.topic, state, self.value.clone(), ts)
+                        .await?;
+                    let i = self.client.log_put(&self.topic, self.value.clone()).await?;
+                    let tail = self.client.log_scan(&self.topic, i, i).await?;
+                    anyhow::ensure!(tail.len() == 1, "the entry just written is missing");
                 }
                 Workload::Log => {
                     let i = self.client.log_put(&self.topic, self.value.clone()).await?;
