@@ -53,11 +53,27 @@ pub async fn dynamodb_client(
     config: &DynamoConfig,
     calls: Arc<ApiCalls>,
 ) -> aws_sdk_dynamodb::Client {
-    let sdk = sdk_config(config).await;
-    let dynamo = aws_sdk_dynamodb::config::Builder::from(&sdk)
+    dynamodb_client_from(&sdk_config(config).await, calls)
+}
+
+/// A DynamoDB client on a loaded SDK configuration, counting its calls into `calls`.
+pub fn dynamodb_client_from(sdk: &SdkConfig, calls: Arc<ApiCalls>) -> aws_sdk_dynamodb::Client {
+    let config = aws_sdk_dynamodb::config::Builder::from(sdk)
         .interceptor(CountCalls(calls))
         .build();
-    aws_sdk_dynamodb::Client::from_conf(dynamo)
+    aws_sdk_dynamodb::Client::from_conf(config)
+}
+
+/// A DynamoDB Streams client on the same configuration (DynamoDB Local serves both APIs
+/// on one endpoint; on AWS the SDK picks the streams endpoint for the region).
+pub fn streams_client_from(
+    sdk: &SdkConfig,
+    calls: Arc<ApiCalls>,
+) -> aws_sdk_dynamodbstreams::Client {
+    let config = aws_sdk_dynamodbstreams::config::Builder::from(sdk)
+        .interceptor(CountCalls(calls))
+        .build();
+    aws_sdk_dynamodbstreams::Client::from_conf(config)
 }
 
 /// Calls and attempts (a call's first try and its retries) per DynamoDB API.

@@ -23,6 +23,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub dynamodb: DynamoConfig,
     pub cache: CacheConfig,
+    pub streams: StreamsConfig,
     pub log: LogConfig,
 }
 
@@ -135,6 +136,9 @@ pub struct CacheConfig {
     pub fill_max_versions: u32,
     /// Entries kept per topic (the newest), for reads of a log's tail.
     pub log_tail_entries: usize,
+    /// When the stream tailer cannot prove it has applied every change older than this,
+    /// reads bypass the cache (strongly consistent DynamoDB reads) until it can.
+    pub max_staleness_ms: u64,
 }
 
 impl Default for CacheConfig {
@@ -144,7 +148,41 @@ impl Default for CacheConfig {
             ttl_secs: 600,
             fill_max_versions: 64,
             log_tail_entries: 128,
+            max_staleness_ms: 2000,
         }
+    }
+}
+
+/// The DynamoDB Streams tailers.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// Pause between two polls of a table's shards (none while a shard has a backlog).
+    pub poll_interval_ms: u64,
+    /// How often the whole stream is re-described to find new shards, and the table's
+    /// stream ARN re-read to notice a replaced stream.
+    pub discovery_interval_ms: u64,
+    /// Processes reading each table's stream, this daemon included (other daemons,
+    /// Lambda triggers...). DynamoDB Streams serves about two readers per shard.
+    pub stream_readers: u32,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            poll_interval_ms: 250,
+            discovery_interval_ms: 60_000,
+            stream_readers: 1,
+        }
+    }
+}
+
+impl StreamsConfig {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+    pub fn discovery_interval(&self) -> Duration {
+        Duration::from_millis(self.discovery_interval_ms)
     }
 }
 
@@ -314,6 +352,19 @@ impl Config {
             "cache.fill_max_versions",
             self.cache.fill_max_versions,
             self.cache.fill_max_versions > 0,
+            "must be at least 1",
+        )?;
+        check(
+            "streams.poll_interval_ms",
+            self.streams.poll_interval_ms,
+            self.streams.poll_interval_ms > 0
+                && self.streams.poll_interval_ms < self.cache.max_staleness_ms,
+            "must be at least 1 and less than cache.max_staleness_ms",
+        )?;
+        check(
+            "streams.stream_readers",
+            self.streams.stream_readers,
+            self.streams.stream_readers > 0,
             "must be at least 1",
         )?;
         check(

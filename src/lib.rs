@@ -9,6 +9,7 @@
 //! - [`cache`]: the versioned cache and its guards against stale fills.
 //! - [`locks`]: per-key async locks.
 //! - [`service`]: one request in, its replies out: the read path and the write path.
+//! - [`stream`]: the DynamoDB Streams tailers that keep the cache in line with others' writes.
 //! - [`connection`]: one client connection: handshake, pipelining, streamed replies.
 //! - [`server`]: the socket, the accept loop and shutdown.
 
@@ -20,4 +21,5 @@ pub mod locks;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod stream;
 pub mod tables;

@@ -114,10 +114,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tables::check_tables(service.dynamodb(), &config.dynamodb)
         .await
         .context("checking the tables")?;
-    let listener = server::bind(&config.server)?;
     let shutdown = CancellationToken::new();
+    // Positions in the streams are taken before the socket exists, so no read is served
+    // from the cache before every later write is sure to reach it.
+    let tailers = service
+        .start_tailers(shutdown.clone())
+        .await
+        .context("starting the stream tailers")?;
+    let listener = server::bind(&config.server)?;
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    server::run(listener, service, config.server, shutdown).await;
+    server::run(listener, service, config.server, shutdown.clone()).await;
+    shutdown.cancel();
+    tailers.wait().await;
     Ok(())
 }
 

@@ -26,8 +26,12 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use crate::aws::{self, ApiCalls};
 use crate::cache::{Cache, CacheKey, Cached, KeyVersions, Known, ReadOp, Served, TopicTail};
-use crate::config::Config;
+use crate::config::{Config, StreamsConfig};
 use crate::store::{KvStore, LogStore, StoreError};
+use crate::stream::api::SdkStreams;
+use crate::stream::{ItemKey, StartError, Table, TailState, Tailer};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// MessagePack framing of one item (type tag and length) plus slack, so that summing
 /// payload lengths with it never underestimates a frame.
@@ -44,10 +48,14 @@ pub enum Outcome {
 /// The stores behind the socket, and the cache in front of them.
 pub struct Service {
     dynamodb: Client,
+    streams: Arc<SdkStreams>,
     api_calls: Arc<ApiCalls>,
     kv: KvStore,
     log: LogStore,
-    cache: Cache,
+    cache: Arc<Cache>,
+    tail: Arc<TailState>,
+    tables: [String; 2],
+    streams_config: StreamsConfig,
     fill_max_versions: u32,
     /// Payload budget of one streamed piece: half a frame leaves room for the envelope.
     piece_bytes: usize,
@@ -58,8 +66,17 @@ impl Service {
     pub async fn connect(config: &Config) -> Arc<Service> {
         let d = &config.dynamodb;
         let api_calls = Arc::new(ApiCalls::default());
-        let client = aws::dynamodb_client(d, api_calls.clone()).await;
+        let sdk = aws::sdk_config(d).await;
+        let client = aws::dynamodb_client_from(&sdk, api_calls.clone());
+        let streams = Arc::new(SdkStreams {
+            dynamodb: client.clone(),
+            streams: aws::streams_client_from(&sdk, api_calls.clone()),
+        });
         Arc::new(Service {
+            streams,
+            tail: Arc::new(TailState::new(config.cache.max_staleness_ms)),
+            tables: [d.kv_table.clone(), d.log_table.clone()],
+            streams_config: config.streams.clone(),
             kv: KvStore::new(client.clone(), d.kv_table.clone(), d.batch_max_attempts),
             log: LogStore::new(
                 client.clone(),
@@ -69,7 +86,7 @@ impl Service {
             ),
             dynamodb: client,
             api_calls,
-            cache: Cache::new(&config.cache),
+            cache: Arc::new(Cache::new(&config.cache)),
             fill_max_versions: config.cache.fill_max_versions,
             piece_bytes: config.server.max_frame_bytes / 2,
         })
@@ -88,6 +105,42 @@ impl Service {
     /// The cache (its counters, and the invalidation interface for the stream tailer).
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// The stream tailers' shared state (freshness, counters).
+    pub fn tail_state(&self) -> &TailState {
+        &self.tail
+    }
+
+    /// Starts a stream tailer per table. When this returns, both have taken their
+    /// positions: every write from now on will reach the cache, so the daemon may serve
+    /// reads from it. The tailers run until `shutdown`, tracked by the returned tracker.
+    pub async fn start_tailers(
+        &self,
+        shutdown: CancellationToken,
+    ) -> Result<TaskTracker, StartError> {
+        if self.streams_config.stream_readers > 2 {
+            tracing::warn!(
+                stream_readers = self.streams_config.stream_readers,
+                "DynamoDB Streams serves about two readers per shard; with more, reads of the \
+                 stream get throttled and invalidations arrive late (fan-out is not built yet)"
+            );
+        }
+        let tailers = TaskTracker::new();
+        for table in Table::ALL {
+            let tailer = Tailer::start(
+                self.streams.clone(),
+                self.tables[table as usize].clone(),
+                table,
+                self.cache.clone(),
+                self.tail.clone(),
+                self.streams_config.clone(),
+            )
+            .await?;
+            tailers.spawn(tailer.run(shutdown.clone()));
+        }
+        tailers.close();
+        Ok(tailers)
     }
 
     /// Runs one request (never `Hello`, which the connection answers itself).
@@ -157,7 +210,9 @@ impl Service {
         before: Option<i64>,
         consistent: bool,
     ) -> Result<Option<Versioned>, StoreError> {
-        let (versions, served) = self.key_versions(&ns, &key, consistent).await?;
+        let (versions, served) = self
+            .key_versions(&ns, &key, consistent || self.tail.must_bypass(Table::Kv))
+            .await?;
         match versions.latest(before) {
             Known::Yes(answer) => {
                 self.cache.record(ReadOp::KvGet, served);
@@ -171,7 +226,9 @@ impl Service {
     }
 
     async fn kv_latest_ts(&self, ns: String, key: Bytes) -> Result<Option<i64>, StoreError> {
-        let (versions, served) = self.key_versions(&ns, &key, false).await?;
+        let (versions, served) = self
+            .key_versions(&ns, &key, self.tail.must_bypass(Table::Kv))
+            .await?;
         match versions.latest_ts() {
             Known::Yes(answer) => {
                 self.cache.record(ReadOp::KvLatestTs, served);
@@ -185,7 +242,9 @@ impl Service {
     }
 
     async fn kv_timestamps(&self, ns: String, key: Bytes) -> Result<Vec<i64>, StoreError> {
-        let (versions, served) = self.key_versions(&ns, &key, false).await?;
+        let (versions, served) = self
+            .key_versions(&ns, &key, self.tail.must_bypass(Table::Kv))
+            .await?;
         match versions.timestamps() {
             Known::Yes(answer) => {
                 self.cache.record(ReadOp::KvTimestamps, served);
@@ -230,6 +289,10 @@ impl Service {
     }
 
     async fn log_position(&self, topic: String) -> Result<i64, StoreError> {
+        if self.tail.must_bypass(Table::Log) {
+            self.cache.record(ReadOp::LogPosition, Served::Bypass);
+            return self.log.position(&topic).await;
+        }
         let ck = CacheKey::Log(topic.clone());
         if let Some(Cached::Log(t)) = self.cache.get(&ck).await {
             self.cache.record(ReadOp::LogPosition, Served::Hit);
@@ -254,6 +317,10 @@ impl Service {
     }
 
     async fn log_scan(&self, topic: String, from: i64, until: i64) -> Outcome {
+        if self.tail.must_bypass(Table::Log) {
+            self.cache.record(ReadOp::LogScan, Served::Bypass);
+            return self.stream_values(self.log.scan(&topic, from, until));
+        }
         let ck = CacheKey::Log(topic.clone());
         let cached = match self.cache.get(&ck).await {
             Some(Cached::Log(t)) => Some(t),
@@ -295,6 +362,9 @@ impl Service {
         let ck = CacheKey::Kv(ns.clone(), key.clone());
         let _writing = self.cache.lock_write(&ck).await;
         let result = self.kv.put(&ns, &key, value.clone(), ts).await;
+        if result.is_ok() {
+            self.tail.note_write(ItemKey::Kv(ns, key, ts));
+        }
         self.after_write(ck, &result, |_, current| match current {
             Some(Cached::Kv(v)) => Some(Cached::Kv(Arc::new(v.with_put(ts, value)))),
             _ => None,
@@ -330,6 +400,9 @@ impl Service {
             _ => None,
         };
         let result = self.log.put(&topic, value.clone(), known).await;
+        if let Ok(index) = result {
+            self.tail.note_write(ItemKey::Log(topic, index));
+        }
         let capacity = self.cache.tail_capacity();
         self.after_write(ck, &result, |&index, current| {
             // After the append the position is known exactly, cached or not.

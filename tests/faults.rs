@@ -18,7 +18,7 @@ const HANG: Duration = Duration::from_secs(30);
 async fn daemon_on(endpoint: &str, edit: impl FnOnce(&mut ddbcached::config::Config)) -> Daemon {
     let mut config = dynamo_config(endpoint);
     edit(&mut config);
-    Daemon::start_config(config).await
+    Daemon::start_without_tailers(config).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

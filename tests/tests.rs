@@ -12,4 +12,5 @@ mod harness;
 mod kv;
 mod log;
 mod protocol;
+mod stream;
 mod tables;

@@ -326,6 +326,28 @@ impl Cache {
         }
     }
 
+    /// Brings `key` in line with a change DynamoDB reports (a stream record): if the entry
+    /// already `reflects` it (typically the echo of this daemon's own write) nothing
+    /// happens; otherwise the key is forgotten and fills in flight are rejected, so the
+    /// next read fetches DynamoDB's state. A record is never applied blindly: it may be
+    /// older than a write this daemon has made since. Returns whether an entry was dropped.
+    pub async fn reconcile(&self, key: CacheKey, reflects: impl FnOnce(&Cached) -> bool) -> bool {
+        let _epoch = self.epoch_lock.read().await;
+        let stripe = &self.stripes[self.stripe_of(&key)];
+        let _stripe = stripe.lock.lock().await;
+        let current = self.entries.get(&key).await;
+        if current.as_ref().is_some_and(reflects) {
+            return false;
+        }
+        stripe.generation.fetch_add(1, Ordering::Release);
+        if current.is_none() {
+            return false;
+        }
+        self.entries.invalidate(&key).await;
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// Forgets `key` (and rejects fills of it in flight).
     pub async fn invalidate(&self, key: CacheKey) {
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -339,7 +361,19 @@ impl Cache {
             .await;
     }
 
-    /// Forgets everything (lost stream continuity).
+    /// Forgets every topic of the indexed store (lost continuity of its stream).
+    pub async fn invalidate_topics(&self) {
+        self.invalidate_where(|k| matches!(k, CacheKey::Log(_)))
+            .await;
+    }
+
+    /// Forgets every key of the key-value store (lost continuity of its stream).
+    pub async fn invalidate_keys(&self) {
+        self.invalidate_where(|k| matches!(k, CacheKey::Kv(..)))
+            .await;
+    }
+
+    /// Forgets everything.
     pub async fn invalidate_all(&self) {
         self.invalidate_where(|_| true).await;
     }

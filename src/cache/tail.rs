@@ -71,13 +71,13 @@ impl TopicTail {
         next
     }
 
-    /// Entries read from DynamoDB at `from..`: known from now on.
+    /// Entries read from DynamoDB at `from..`: known from now on. A strongly consistent
+    /// read that found entry `i` proves the position is at least `i`.
     pub fn with_read(&self, from: i64, values: &[Bytes]) -> TopicTail {
         let mut next = self.clone();
         for (index, value) in (from.max(1)..).zip(values) {
-            if index <= next.position {
-                next.entries.insert(index, value.clone());
-            }
+            next.position = next.position.max(index);
+            next.entries.insert(index, value.clone());
         }
         next.trim();
         next
@@ -86,6 +86,23 @@ impl TopicTail {
     /// After the topic was deleted.
     pub fn deleted(capacity: usize) -> TopicTail {
         TopicTail::at(0, capacity)
+    }
+
+    /// Whether the tail already agrees with entry `index` holding `value`: it is at or
+    /// below the position, and the entry, if held, is that value.
+    pub fn reflects_entry(&self, index: i64, value: &[u8]) -> bool {
+        index <= self.position && self.entries.get(&index).is_none_or(|v| v == value)
+    }
+
+    /// Whether the tail already agrees with a counter at `position` (it is at or past it:
+    /// the record is an echo of an append it has seen).
+    pub fn reflects_position(&self, position: i64) -> bool {
+        position <= self.position
+    }
+
+    /// Whether the tail already agrees that the topic was deleted.
+    pub fn reflects_deletion(&self) -> bool {
+        self.position == 0
     }
 
     fn trim(&mut self) {
@@ -136,6 +153,23 @@ mod tests {
         assert_eq!(t.scan(1, i64::MAX), Known::Unknown);
         let t = t.with_read(9, &[b("i"), b("j")]);
         assert_eq!(t.scan(9, 11), Known::Yes(vec![b("i"), b("j"), b("k")]));
+        // A read that found entries past the position moves it.
+        let t = t.with_read(12, &[b("l")]);
+        assert_eq!(t.position(), 12);
+        assert_eq!(t.scan(11, i64::MAX), Known::Yes(vec![b("k"), b("l")]));
+    }
+
+    #[test]
+    fn reflection_of_stream_records() {
+        let t = TopicTail::at(0, 4)
+            .with_entry(1, b("a"))
+            .with_entry(2, b("b"));
+        assert!(t.reflects_entry(2, b"b"));
+        assert!(!t.reflects_entry(2, b"x"));
+        assert!(!t.reflects_entry(3, b"c"), "beyond the position: news");
+        assert!(t.reflects_position(1) && t.reflects_position(2) && !t.reflects_position(3));
+        assert!(!t.reflects_deletion());
+        assert!(TopicTail::deleted(4).reflects_deletion());
     }
 
     #[test]

@@ -133,6 +133,22 @@ impl KeyVersions {
         }
     }
 
+    /// Whether the entry already agrees that version `ts` holds `value` (or cannot know:
+    /// `ts` is below its floor). A stream record it agrees with changes nothing.
+    pub fn reflects_put(&self, ts: i64, value: &[u8]) -> bool {
+        if self.floor.is_some_and(|floor| ts < floor) {
+            return true;
+        }
+        matches!(self.versions.binary_search_by_key(&ts, |(t, _)| *t), Ok(i) if self.versions[i].1 == value)
+    }
+
+    /// Whether the entry already agrees that version `ts` does not exist.
+    pub fn reflects_removal(&self, ts: i64) -> bool {
+        self.versions
+            .binary_search_by_key(&ts, |(t, _)| *t)
+            .is_err()
+    }
+
     /// Bytes counted against `cache.max_bytes` (values, timestamps and bookkeeping).
     pub fn weight(&self) -> usize {
         self.versions
@@ -228,6 +244,20 @@ mod tests {
         );
         // Marker below the floor: only unknown versions were touched.
         assert_eq!(partial().with_delete(Some(15)), partial());
+    }
+
+    #[test]
+    fn reflection_of_stream_records() {
+        let e = partial();
+        assert!(e.reflects_put(30, b"c"));
+        assert!(!e.reflects_put(30, b"other"), "same version, other value");
+        assert!(!e.reflects_put(25, b"x"), "a version it does not hold");
+        assert!(
+            e.reflects_put(5, b"x"),
+            "below the floor: outside its knowledge"
+        );
+        assert!(e.reflects_removal(25));
+        assert!(!e.reflects_removal(20));
     }
 
     #[test]

@@ -1,0 +1,335 @@
+//! Stream records to cache reconciliations.
+//!
+//! A record is applied idempotently and never blindly: if the cached entry already shows
+//! what the record says (the echo of this daemon's own write, or a record applied before),
+//! nothing changes and nothing is evicted; otherwise the key is dropped, so the next read
+//! fetches DynamoDB's current state. Dropping rather than applying is what keeps a record
+//! that is older than one of this daemon's later writes from undoing it.
+
+use bytes::Bytes;
+
+use crate::cache::{Cache, CacheKey, Cached};
+use crate::store::keys::{
+    split_kv_partition_key, KV_KEY, KV_TIMESTAMP, KV_VALUE, LOG_COUNTER_INDEX, LOG_INDEX,
+    LOG_TOPIC, LOG_VALUE,
+};
+use crate::stream::api::{Attr, Event, Image, Record};
+use crate::stream::Table;
+
+/// What a record means for the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Version `ts` of a key now holds `value` (`None`: it was removed).
+    KvVersion {
+        ns: String,
+        key: Bytes,
+        ts: i64,
+        value: Option<Bytes>,
+    },
+    /// Version `ts` of a key changed, but the record does not say to what.
+    KvUnknown { ns: String, key: Bytes, ts: i64 },
+    /// Entry `index` of a topic now holds `value` (`None`: it was removed).
+    LogEntry {
+        topic: String,
+        index: i64,
+        value: Option<Bytes>,
+    },
+    /// A topic's counter is now `position` (`None`: the topic was deleted).
+    LogCounter {
+        topic: String,
+        position: Option<i64>,
+    },
+}
+
+impl Change {
+    /// Reads a record of `table`; `None` for items this daemon does not write (another
+    /// key encoding, another layout), which it never caches either.
+    pub fn of(table: Table, record: &Record) -> Option<Change> {
+        let removed = record.event == Event::Remove;
+        let image = record.new_image.as_ref().filter(|_| !removed);
+        match table {
+            Table::Kv => {
+                let pk = bin(&record.keys, KV_KEY)?;
+                let ts = num(&record.keys, KV_TIMESTAMP)?;
+                let (ns, key) = split_kv_partition_key(&pk)?;
+                let ns = String::from_utf8(ns.to_vec()).ok()?;
+                let key = pk.slice_ref(key);
+                Some(match (removed, image.and_then(|i| bin(i, KV_VALUE))) {
+                    (true, _) => Change::KvVersion {
+                        ns,
+                        key,
+                        ts,
+                        value: None,
+                    },
+                    (false, Some(value)) => Change::KvVersion {
+                        ns,
+                        key,
+                        ts,
+                        value: Some(value),
+                    },
+                    (false, None) => Change::KvUnknown { ns, key, ts },
+                })
+            }
+            Table::Log => {
+                let topic = match record.keys.get(LOG_TOPIC)? {
+                    Attr::S(s) => s.clone(),
+                    _ => return None,
+                };
+                let index = num(&record.keys, LOG_INDEX)?;
+                if index == LOG_COUNTER_INDEX {
+                    let position = if removed {
+                        None
+                    } else {
+                        Some(num(image?, LOG_VALUE)?)
+                    };
+                    Some(Change::LogCounter { topic, position })
+                } else {
+                    let value = if removed {
+                        None
+                    } else {
+                        Some(bin(image?, LOG_VALUE)?)
+                    };
+                    Some(Change::LogEntry {
+                        topic,
+                        index,
+                        value,
+                    })
+                }
+            }
+        }
+    }
+
+    /// The cache key the change concerns.
+    pub fn cache_key(&self) -> CacheKey {
+        match self {
+            Change::KvVersion { ns, key, .. } | Change::KvUnknown { ns, key, .. } => {
+                CacheKey::Kv(ns.clone(), key.clone())
+            }
+            Change::LogEntry { topic, .. } | Change::LogCounter { topic, .. } => {
+                CacheKey::Log(topic.clone())
+            }
+        }
+    }
+
+    /// Whether the cached value already shows this change.
+    pub fn reflected_by(&self, cached: &Cached) -> bool {
+        match (self, cached) {
+            (
+                Change::KvVersion {
+                    ts, value: Some(v), ..
+                },
+                Cached::Kv(e),
+            ) => e.reflects_put(*ts, v),
+            (
+                Change::KvVersion {
+                    ts, value: None, ..
+                },
+                Cached::Kv(e),
+            ) => e.reflects_removal(*ts),
+            (
+                Change::LogEntry {
+                    index,
+                    value: Some(v),
+                    ..
+                },
+                Cached::Log(t),
+            ) => t.reflects_entry(*index, v),
+            (Change::LogEntry { value: None, .. }, Cached::Log(t))
+            | (Change::LogCounter { position: None, .. }, Cached::Log(t)) => t.reflects_deletion(),
+            (
+                Change::LogCounter {
+                    position: Some(p), ..
+                },
+                Cached::Log(t),
+            ) => t.reflects_position(*p),
+            _ => false,
+        }
+    }
+
+    /// Reconciles the cache with the change; returns whether a cached entry was dropped.
+    pub async fn apply(&self, cache: &Cache) -> bool {
+        cache
+            .reconcile(self.cache_key(), |cached| self.reflected_by(cached))
+            .await
+    }
+}
+
+fn bin(image: &Image, name: &str) -> Option<Bytes> {
+    match image.get(name)? {
+        Attr::B(b) => Some(b.clone()),
+        _ => None,
+    }
+}
+
+fn num(image: &Image, name: &str) -> Option<i64> {
+    match image.get(name)? {
+        Attr::N(n) => n.parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cache::{KeyVersions, TopicTail};
+    use crate::config::CacheConfig;
+    use crate::store::keys::kv_partition_key;
+
+    fn kv_record(event: Event, ns: &str, key: &[u8], ts: i64, value: Option<&[u8]>) -> Record {
+        let pk = Bytes::from(kv_partition_key(ns, key).unwrap());
+        let keys = Image::from([
+            (KV_KEY.to_owned(), Attr::B(pk.clone())),
+            (KV_TIMESTAMP.to_owned(), Attr::N(ts.to_string())),
+        ]);
+        let new_image = value.map(|v| {
+            let mut image = keys.clone();
+            image.insert(KV_VALUE.to_owned(), Attr::B(Bytes::copy_from_slice(v)));
+            image
+        });
+        Record {
+            sequence_number: "1".into(),
+            event,
+            keys,
+            new_image,
+        }
+    }
+
+    fn log_record(event: Event, topic: &str, index: i64, value: Option<Attr>) -> Record {
+        let keys = Image::from([
+            (LOG_TOPIC.to_owned(), Attr::S(topic.into())),
+            (LOG_INDEX.to_owned(), Attr::N(index.to_string())),
+        ]);
+        let new_image = value.map(|v| {
+            let mut image = keys.clone();
+            image.insert(LOG_VALUE.to_owned(), v);
+            image
+        });
+        Record {
+            sequence_number: "1".into(),
+            event,
+            keys,
+            new_image,
+        }
+    }
+
+    #[test]
+    fn records_of_both_tables_parse() {
+        let r = kv_record(Event::Insert, "ns", b"k", 5, Some(b"v"));
+        assert_eq!(
+            Change::of(Table::Kv, &r),
+            Some(Change::KvVersion {
+                ns: "ns".into(),
+                key: Bytes::from_static(b"k"),
+                ts: 5,
+                value: Some(Bytes::from_static(b"v"))
+            })
+        );
+        let r = kv_record(Event::Remove, "ns", b"k", 5, None);
+        assert!(matches!(
+            Change::of(Table::Kv, &r),
+            Some(Change::KvVersion { value: None, .. })
+        ));
+        let r = kv_record(Event::Modify, "ns", b"k", 5, None);
+        assert!(matches!(
+            Change::of(Table::Kv, &r),
+            Some(Change::KvUnknown { .. })
+        ));
+        let r = log_record(Event::Modify, "t", -1, Some(Attr::N("7".into())));
+        assert_eq!(
+            Change::of(Table::Log, &r),
+            Some(Change::LogCounter {
+                topic: "t".into(),
+                position: Some(7)
+            })
+        );
+        let r = log_record(
+            Event::Insert,
+            "t",
+            7,
+            Some(Attr::B(Bytes::from_static(b"e"))),
+        );
+        assert!(matches!(
+            Change::of(Table::Log, &r),
+            Some(Change::LogEntry {
+                index: 7,
+                value: Some(_),
+                ..
+            })
+        ));
+        // A key in zio-flow's own encoding (no length prefix) is not ours.
+        let mut r = kv_record(Event::Insert, "ns", b"k", 5, Some(b"v"));
+        r.keys
+            .insert(KV_KEY.into(), Attr::B(Bytes::from_static(b"nsk")));
+        assert_eq!(Change::of(Table::Kv, &r), None);
+    }
+
+    #[tokio::test]
+    async fn echoes_keep_the_entry_and_news_drop_it() {
+        let cache = Cache::new(&CacheConfig::default());
+        let key = CacheKey::Kv("ns".into(), Bytes::from_static(b"k"));
+        let t = cache.ticket(&key);
+        let entry = KeyVersions::from_fill(vec![(5, Bytes::from_static(b"v"))], true);
+        cache
+            .commit_fill(key.clone(), t, |_| Some(Cached::Kv(Arc::new(entry))))
+            .await;
+        let echo = Change::of(
+            Table::Kv,
+            &kv_record(Event::Insert, "ns", b"k", 5, Some(b"v")),
+        )
+        .unwrap();
+        assert!(
+            !echo.apply(&cache).await,
+            "the echo of a write the cache holds"
+        );
+        assert!(cache.get(&key).await.is_some());
+        let news = Change::of(
+            Table::Kv,
+            &kv_record(Event::Modify, "ns", b"k", 5, Some(b"w")),
+        )
+        .unwrap();
+        assert!(news.apply(&cache).await);
+        assert!(cache.get(&key).await.is_none());
+        // An uncached key: nothing to drop, but fills in flight are rejected.
+        let t = cache.ticket(&key);
+        assert!(!news.apply(&cache).await);
+        assert!(!cache.commit_fill(key.clone(), t, |_| None).await);
+
+        let topic = CacheKey::Log("t".into());
+        let t = cache.ticket(&topic);
+        let tail = TopicTail::at(0, 8)
+            .with_entry(1, Bytes::from_static(b"e1"))
+            .with_entry(2, Bytes::from_static(b"e2"));
+        cache
+            .commit_fill(topic.clone(), t, |_| Some(Cached::Log(Arc::new(tail))))
+            .await;
+        for echo in [
+            log_record(
+                Event::Insert,
+                "t",
+                1,
+                Some(Attr::B(Bytes::from_static(b"e1"))),
+            ),
+            log_record(Event::Modify, "t", -1, Some(Attr::N("1".into()))),
+            log_record(Event::Modify, "t", -1, Some(Attr::N("2".into()))),
+        ] {
+            assert!(
+                !Change::of(Table::Log, &echo).unwrap().apply(&cache).await,
+                "{echo:?}"
+            );
+        }
+        let foreign = log_record(
+            Event::Insert,
+            "t",
+            3,
+            Some(Attr::B(Bytes::from_static(b"e3"))),
+        );
+        assert!(
+            Change::of(Table::Log, &foreign)
+                .unwrap()
+                .apply(&cache)
+                .await
+        );
+    }
+}

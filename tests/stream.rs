@@ -1,0 +1,230 @@
+//! Two daemons on the same tables, on DynamoDB Local: what one writes (or what anything
+//! writes around both) reaches the other's cache through the stream within a bounded time,
+//! and a daemon whose tailer is behind stops trusting its cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ddbcached::cache::Served;
+use ddbcached::store::KvStore;
+use ddbcached::stream::Table;
+use ddbcached_protocol::{Client, Versioned};
+use futures::future::try_join_all;
+
+use crate::harness::{dynamo_config, endpoint, name, Daemon};
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Reads through `c` until `check` holds, for at most `limit`; returns how long it took.
+async fn visible_within<T, F>(
+    limit: Duration,
+    mut read: impl FnMut() -> F,
+    check: impl Fn(&T) -> bool,
+) -> Option<Duration>
+where
+    F: std::future::Future<Output = T>,
+{
+    let start = Instant::now();
+    while start.elapsed() <= limit {
+        if check(&read().await) {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+async fn direct_kv() -> KvStore {
+    let config = dynamo_config(endpoint());
+    KvStore::new(
+        ddbcached::aws::dynamodb_client(&config.dynamodb, Default::default()).await,
+        config.dynamodb.kv_table.clone(),
+        10,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
+    let (a, b_) = (Daemon::start().await, Daemon::start().await);
+    let (ca, cb) = (a.client().await, b_.client().await);
+    let ns = name();
+    let keys: Vec<Bytes> = (0..200).map(|k| b(&format!("k{k}"))).collect();
+    for chunk in keys.chunks(50) {
+        try_join_all(chunk.iter().map(|k| ca.kv_put(&ns, k.clone(), b("old"), 1)))
+            .await
+            .unwrap();
+    }
+    // B caches every key.
+    for k in &keys {
+        assert_eq!(
+            cb.kv_get(&ns, k.clone(), None)
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+            b("old")
+        );
+    }
+    let hits_before = b_.service.cache().stats().await.total(Served::Hit);
+
+    // A writes a new version of every key; B reads each until it sees it. The lag of a
+    // key runs from the acknowledgement of its write to B's first read that shows it.
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    let writes = async {
+        for chunk in keys.chunks(20) {
+            try_join_all(chunk.iter().map(|k| async {
+                ca.kv_put(&ns, k.clone(), b("new"), 2).await?;
+                acked.lock().unwrap().insert(k.clone(), Instant::now());
+                Ok::<_, ddbcached_protocol::ClientError>(())
+            }))
+            .await
+            .unwrap();
+        }
+    };
+    let watch = try_join_all(keys.iter().map(|k| {
+        let (cb, ns, k) = (cb.clone(), ns.clone(), k.clone());
+        async move {
+            visible_within(
+                Duration::from_secs(5),
+                || cb.kv_get(&ns, k.clone(), None),
+                |got| matches!(got, Ok(Some(Versioned { ts: 2, .. }))),
+            )
+            .await
+            .ok_or(format!("{k:?} not seen within 5 s"))?;
+            Ok::<_, String>((k, Instant::now()))
+        }
+    }));
+    let ((), seen) = tokio::join!(writes, watch);
+    let acked = acked.lock().unwrap().clone();
+    let mut lags: Vec<Duration> = seen
+        .unwrap()
+        .into_iter()
+        .map(|(k, at)| at.saturating_duration_since(acked[&k]))
+        .collect();
+    lags.sort();
+    let pct = |p: f64| lags[((lags.len() as f64 * p) as usize).min(lags.len() - 1)];
+    println!(
+        "cross-daemon visibility lag over {} writes: p50 {:?} p99 {:?} max {:?}",
+        lags.len(),
+        pct(0.5),
+        pct(0.99),
+        lags.last().unwrap()
+    );
+    assert!(
+        *lags.last().unwrap() <= Duration::from_secs(1),
+        "slowest: {:?}",
+        lags.last().unwrap()
+    );
+    // B served them from its cache (not by bypassing it), refreshed by the stream.
+    let tail = b_.service.tail_state().snapshot();
+    assert!(tail.invalidations[Table::Kv as usize] >= 200, "{tail:?}");
+    assert!(!b_.service.tail_state().must_bypass(Table::Kv));
+    assert!(b_.service.cache().stats().await.total(Served::Hit) > hits_before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deletes_and_appends_through_one_daemon_reach_the_other() {
+    let (a, b_) = (Daemon::start().await, Daemon::start().await);
+    let (ca, cb) = (a.client().await, b_.client().await);
+    let (ns, topic) = (name(), name());
+    ca.kv_put(&ns, b("k"), b("v"), 1).await.unwrap();
+    assert!(cb.kv_get(&ns, b("k"), None).await.unwrap().is_some());
+    ca.kv_delete(&ns, b("k"), None).await.unwrap();
+    let gone = visible_within(
+        Duration::from_secs(1),
+        || cb.kv_get(&ns, b("k"), None),
+        |got| matches!(got, Ok(None)),
+    )
+    .await;
+    assert!(gone.is_some(), "the delete is seen within a second");
+
+    ca.log_put(&topic, b("e1")).await.unwrap();
+    assert_eq!(cb.log_position(&topic).await.unwrap(), 1);
+    ca.log_put(&topic, b("e2")).await.unwrap();
+    let moved = visible_within(
+        Duration::from_secs(1),
+        || cb.log_scan(&topic, 1, i64::MAX),
+        |got| matches!(got, Ok(v) if *v == vec![b("e1"), b("e2")]),
+    )
+    .await;
+    assert!(moved.is_some(), "the append is seen within a second");
+    assert_eq!(cb.log_position(&topic).await.unwrap(), 2);
+    ca.log_delete(&topic).await.unwrap();
+    let deleted = visible_within(
+        Duration::from_secs(1),
+        || cb.log_position(&topic),
+        |got| matches!(got, Ok(0)),
+    )
+    .await;
+    assert!(
+        deleted.is_some(),
+        "the topic's deletion is seen within a second"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_around_both_daemons_reaches_both() {
+    let (a, b_) = (Daemon::start().await, Daemon::start().await);
+    let clients: Vec<Client> = vec![a.client().await, b_.client().await];
+    let ns = name();
+    clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
+    for c in &clients {
+        assert_eq!(
+            c.kv_get(&ns, b("k"), None).await.unwrap().unwrap().value,
+            b("v1")
+        );
+    }
+    // Another program writes the table directly.
+    direct_kv().await.put(&ns, b"k", b("v2"), 1).await.unwrap();
+    for c in &clients {
+        let seen = visible_within(
+            Duration::from_secs(1),
+            || c.kv_get(&ns, b("k"), None),
+            |got| matches!(got, Ok(Some(v)) if v.value == b("v2")),
+        )
+        .await;
+        assert!(
+            seen.is_some(),
+            "both daemons see the outside write within a second"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_bypass_the_cache_once_the_tailer_falls_behind() {
+    let d = Daemon::start_with(|c| c.cache.max_staleness_ms = 600).await;
+    let c = d.client().await;
+    let ns = name();
+    c.kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
+    assert_eq!(
+        c.kv_get(&ns, b("k"), None).await.unwrap().unwrap().value,
+        b("v1")
+    );
+
+    d.stop_tailers();
+    // Once the bound has passed without a caught-up poll, the daemon says so...
+    let stale = visible_within(
+        Duration::from_secs(5),
+        || async { d.service.tail_state().must_bypass(Table::Kv) },
+        |s| *s,
+    )
+    .await;
+    assert!(stale.is_some(), "the staleness bound is noticed");
+    // ...and reads go to DynamoDB: a write the stopped tailer cannot report is seen.
+    direct_kv().await.put(&ns, b"k", b("v2"), 1).await.unwrap();
+    assert_eq!(
+        c.kv_get(&ns, b("k"), None).await.unwrap().unwrap().value,
+        b("v2")
+    );
+    assert_eq!(c.log_position(&name()).await.unwrap(), 0);
+    let stats = d.service.cache().stats().await;
+    assert!(stats.total(Served::Bypass) >= 2, "{stats:?}");
+    assert!(
+        d.service.tail_state().snapshot().bypass_switches >= 2,
+        "start-up switch, then this one"
+    );
+}
