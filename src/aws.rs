@@ -12,11 +12,16 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::config::interceptors::{
+    BeforeDeserializationInterceptorContextRef, BeforeSerializationInterceptorContextRef,
     BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
 };
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_types::config_bag::{Storable, StoreReplace};
+use std::time::Instant;
+
+use crate::metrics::{CallOutcome, Metrics};
 
 use crate::config::DynamoConfig;
 
@@ -76,10 +81,12 @@ pub fn streams_client_from(
     aws_sdk_dynamodbstreams::Client::from_conf(config)
 }
 
-/// Calls and attempts (a call's first try and its retries) per DynamoDB API.
-#[derive(Debug, Default)]
+/// Calls and attempts (a call's first try and its retries) per DynamoDB API, kept for
+/// tests and passed on to the metrics.
+#[derive(Default)]
 pub struct ApiCalls {
     counts: Mutex<BTreeMap<String, CallCount>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// The counts of one API.
@@ -89,7 +96,23 @@ pub struct CallCount {
     pub attempts: u64,
 }
 
+impl std::fmt::Debug for ApiCalls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiCalls")
+            .field("counts", &self.counts)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ApiCalls {
+    /// Counts that also feed `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> ApiCalls {
+        ApiCalls {
+            counts: Mutex::default(),
+            metrics: Some(metrics),
+        }
+    }
+
     /// The counts so far, by API name (`GetItem`, `Query`, ...).
     pub fn snapshot(&self) -> BTreeMap<String, CallCount> {
         self.counts
@@ -103,30 +126,74 @@ impl ApiCalls {
         self.snapshot().values().map(|c| c.calls).sum()
     }
 
-    fn bump(&self, cfg: &ConfigBag, field: fn(&mut CallCount) -> &mut u64) {
-        let api = cfg.load::<Metadata>().map_or("unknown", |m| m.name());
-        let mut counts = self.counts.lock().expect("api call counts poisoned");
-        *field(counts.entry(api.to_owned()).or_default()) += 1;
+    fn finished(&self, api: &str, call: &CallState, outcome: CallOutcome) {
+        {
+            let mut counts = self.counts.lock().expect("api call counts poisoned");
+            let c = counts.entry(api.to_owned()).or_default();
+            c.calls += 1;
+            c.attempts += call.attempts;
+        }
+        if let Some(m) = &self.metrics {
+            m.dynamodb_call(
+                api,
+                outcome,
+                call.started.elapsed(),
+                call.attempts,
+                call.throttled,
+            );
+        }
     }
 }
 
+/// One call in progress, kept in the SDK's config bag between the interceptor's hooks.
+#[derive(Clone, Debug)]
+struct CallState {
+    started: Instant,
+    attempts: u64,
+    throttled: u64,
+    last_throttled: bool,
+}
+
+impl Storable for CallState {
+    type Storer = StoreReplace<Self>;
+}
+
+/// The error types DynamoDB answers with when it throttles.
+const THROTTLING: [&[u8]; 4] = [
+    b"ThrottlingException",
+    b"ProvisionedThroughputExceededException",
+    b"RequestLimitExceeded",
+    b"LimitExceededException",
+];
+
 #[derive(Debug)]
 struct CountCalls(Arc<ApiCalls>);
+
+impl CountCalls {
+    fn update(cfg: &mut ConfigBag, change: impl FnOnce(&mut CallState)) {
+        if let Some(mut call) = cfg.load::<CallState>().cloned() {
+            change(&mut call);
+            cfg.interceptor_state().store_put(call);
+        }
+    }
+}
 
 impl Intercept for CountCalls {
     fn name(&self) -> &'static str {
         "ddbcached::CountCalls"
     }
 
-    // Counted when the call ends (however it ends): the operation's name is in the
-    // config bag only once execution has begun.
-    fn read_after_execution(
+    fn read_before_execution(
         &self,
-        _: &FinalizerInterceptorContextRef<'_>,
-        _: &RuntimeComponents,
+        _: &BeforeSerializationInterceptorContextRef<'_>,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        self.0.bump(cfg, |c| &mut c.calls);
+        cfg.interceptor_state().store_put(CallState {
+            started: Instant::now(),
+            attempts: 0,
+            throttled: 0,
+            last_throttled: false,
+        });
         Ok(())
     }
 
@@ -136,7 +203,52 @@ impl Intercept for CountCalls {
         _: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        self.0.bump(cfg, |c| &mut c.attempts);
+        Self::update(cfg, |c| c.attempts += 1);
+        Ok(())
+    }
+
+    fn read_before_deserialization(
+        &self,
+        ctx: &BeforeDeserializationInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let response = ctx.response();
+        let throttled = response.status().as_u16() == 400
+            && response.body().bytes().is_some_and(|body| {
+                THROTTLING
+                    .iter()
+                    .any(|t| body.windows(t.len()).any(|w| w == *t))
+            });
+        Self::update(cfg, |c| {
+            c.throttled += u64::from(throttled);
+            c.last_throttled = throttled;
+        });
+        Ok(())
+    }
+
+    // The operation's name is in the config bag only once execution has begun, so the
+    // call is counted when it ends (however it ends).
+    fn read_after_execution(
+        &self,
+        ctx: &FinalizerInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let api = cfg
+            .load::<Metadata>()
+            .map_or("unknown", |m| m.name())
+            .to_owned();
+        let Some(call) = cfg.load::<CallState>().cloned() else {
+            return Ok(());
+        };
+        let outcome = match ctx.output_or_error() {
+            Some(Ok(_)) => CallOutcome::Ok,
+            Some(Err(e)) if e.is_timeout_error() => CallOutcome::Timeout,
+            _ if call.last_throttled => CallOutcome::Throttled,
+            _ => CallOutcome::Error,
+        };
+        self.0.finished(&api, &call, outcome);
         Ok(())
     }
 }

@@ -36,6 +36,8 @@ pub struct ClientArgs {
 enum ClientCommand {
     /// Check that the daemon answers.
     Ping,
+    /// Check that the daemon is ready (exit 0), or say why not (exit 1).
+    Health,
     /// The key-value store.
     #[command(subcommand)]
     Kv(KvCommand),
@@ -105,6 +107,7 @@ enum LogCommand {
 /// What a command produced, before formatting.
 enum Output {
     Done,
+    Health { ready: bool, detail: String },
     NotFound,
     Value { ts: i64, value: Bytes },
     Number(i64),
@@ -138,6 +141,10 @@ async fn execute(args: &ClientArgs, config: &Config) -> Result<Output, String> {
     let e = |e: ClientError| e.to_string();
     Ok(match &args.command {
         ClientCommand::Ping => client.ping().await.map(|()| Output::Done).map_err(e)?,
+        ClientCommand::Health => {
+            let (ready, detail) = client.health().await.map_err(e)?;
+            Output::Health { ready, detail }
+        }
         ClientCommand::Kv(cmd) => match cmd {
             KvCommand::Put { ns, key, value, ts } => {
                 client
@@ -216,13 +223,14 @@ fn parse_bytes(s: &str, hex: bool) -> Result<Bytes, String> {
 }
 
 fn print(args: &ClientArgs, out: Output) -> Result<ExitCode, String> {
-    let found = !matches!(out, Output::NotFound);
+    let found = !matches!(out, Output::NotFound | Output::Health { ready: false, .. });
     let mut stdout = std::io::stdout().lock();
     let io = |e: std::io::Error| format!("writing output: {e}");
     if args.json {
         let text = |b: &Bytes| text_json(b, args.hex);
         let doc = match out {
             Output::Done => json!({ "ok": true }),
+            Output::Health { ready, detail } => json!({ "ready": ready, "detail": detail }),
             Output::NotFound => json!({ "found": false }),
             Output::Value { ts, value } => {
                 json!({ "found": true, "ts": ts, "value": text(&value)? })
@@ -241,6 +249,7 @@ fn print(args: &ClientArgs, out: Output) -> Result<ExitCode, String> {
         let show = |b: &Bytes| display(b, args.hex);
         match out {
             Output::Done | Output::NotFound => {}
+            Output::Health { detail, .. } => writeln!(stdout, "{detail}").map_err(io)?,
             Output::Value { value, .. } if args.hex => {
                 writeln!(stdout, "{}", hex::encode(value)).map_err(io)?
             }

@@ -24,6 +24,7 @@ pub struct Config {
     pub dynamodb: DynamoConfig,
     pub cache: CacheConfig,
     pub streams: StreamsConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
@@ -45,6 +46,13 @@ pub struct ServerConfig {
     pub max_in_flight_per_connection: usize,
     /// On shutdown, how long requests in progress get to finish.
     pub shutdown_grace_ms: u64,
+    /// A connection with nothing in flight and no frame for this long is closed; 0: never.
+    pub idle_timeout_ms: u64,
+    /// If not empty, only peers running as one of these uids (or in `allowed_gids`) may
+    /// connect; checked with the peer's credentials (SO_PEERCRED).
+    pub allowed_uids: Vec<u32>,
+    /// If not empty, peers whose gid is one of these may connect too.
+    pub allowed_gids: Vec<u32>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +64,9 @@ impl Default for ServerConfig {
             max_connections: 1024,
             max_in_flight_per_connection: 128,
             shutdown_grace_ms: 5000,
+            idle_timeout_ms: 300_000,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
         }
     }
 }
@@ -183,6 +194,23 @@ impl StreamsConfig {
     }
     pub fn discovery_interval(&self) -> Duration {
         Duration::from_millis(self.discovery_interval_ms)
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint serving `/metrics` and `/ready`; empty turns it off
+    /// (so that several daemons can share a host).
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
     }
 }
 
@@ -368,6 +396,13 @@ impl Config {
             "must be at least 1",
         )?;
         check(
+            "metrics.listen",
+            &self.metrics.listen,
+            self.metrics.listen.is_empty()
+                || self.metrics.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "must be empty or an address like 127.0.0.1:9464",
+        )?;
+        check(
             "log.format",
             &self.log.format,
             matches!(self.log.format.as_str(), "text" | "json"),
@@ -438,6 +473,14 @@ fn apply_env(
                     .parse()
                     .map_err(|_| invalid("expected true or false"))?,
             ),
+            toml::Value::Array(_) => toml::Value::Array(
+                value
+                    .split(',')
+                    .filter(|v| !v.trim().is_empty())
+                    .map(|v| parse_int(v.trim()).map(toml::Value::Integer))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| invalid("expected integers separated by commas"))?,
+            ),
             _ => toml::Value::String(value.clone()),
         };
         table
@@ -505,6 +548,8 @@ mod tests {
                 ("DDBCACHED_DYNAMODB_ENDPOINT", "http://127.0.0.1:9"),
                 ("DDBCACHED_SERVER_SOCKET_MODE", "0o600"),
                 ("DDBCACHED_DYNAMODB_USE_DUMMY_CREDENTIALS", "true"),
+                ("DDBCACHED_SERVER_ALLOWED_UIDS", "0, 1000"),
+                ("DDBCACHED_METRICS_LISTEN", ""),
                 ("DDBCACHED_TEST_ENDPOINT", "ignored"),
             ]),
         )
@@ -513,6 +558,11 @@ mod tests {
         assert_eq!(c.dynamodb.endpoint, "http://127.0.0.1:9");
         assert_eq!(c.server.socket_mode, 0o600);
         assert!(c.dynamodb.use_dummy_credentials);
+        assert_eq!(c.server.allowed_uids, vec![0, 1000]);
+        assert_eq!(
+            c.metrics.listen, "",
+            "an empty value turns the endpoint off"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! One client connection: the handshake, then requests read in order and served
-//! concurrently, with replies written as they finish.
+//! One client connection: the peer check, the handshake, then requests read in order and
+//! served concurrently, with replies written as they finish.
 //!
 //! The reader takes a permit from a per-connection semaphore before each request, so at
 //! most `max_in_flight_per_connection` run at once and a client that floods the socket is
@@ -9,13 +9,14 @@
 //! socket's write half and batches frames into few system calls.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ddbcached_protocol::codec::{decode_request, encode_reply, frame_codec, is_frame_too_large};
 use ddbcached_protocol::message::PROTOCOL_VERSION;
 use ddbcached_protocol::{ErrorCode, Items, Reply, Request};
 use futures::{SinkExt, StreamExt};
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -23,20 +24,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
+use crate::metrics::Rejection;
 use crate::service::{error_reply, Outcome, Service};
 
 /// Frames queued for the writer; a bound keeps a client that does not read from making the
 /// daemon buffer its replies without limit.
 const OUTBOX_FRAMES: usize = 256;
 
-/// Serves one connection until the client closes it, a protocol error ends it, or
-/// `shutdown` fires (then requests already read still complete).
+/// Serves one connection until the client closes it, a protocol error ends it, it idles
+/// past `idle_timeout_ms`, or `shutdown` fires (then requests already read still complete).
 pub async fn serve(
     stream: UnixStream,
     service: Arc<Service>,
     config: ServerConfig,
     shutdown: CancellationToken,
 ) {
+    if !peer_allowed(&stream, &config, &service) {
+        return;
+    }
+    service.metrics().connection_opened();
+    let idle = (config.idle_timeout_ms > 0).then(|| Duration::from_millis(config.idle_timeout_ms));
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, frame_codec(config.max_frame_bytes));
     let (outbox, queued) = mpsc::channel::<Bytes>(OUTBOX_FRAMES);
@@ -45,19 +52,35 @@ pub async fn serve(
         queued,
     ));
 
-    if handshake(&mut frames, &outbox, &config).await {
+    let greeted = match idle {
+        // A client that connects and never says hello is idle too.
+        Some(limit) => {
+            tokio::time::timeout(limit, handshake(&mut frames, &outbox, &config, &service))
+                .await
+                .unwrap_or(false)
+        }
+        None => handshake(&mut frames, &outbox, &config, &service).await,
+    };
+    if greeted {
         let requests = TaskTracker::new();
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight_per_connection));
         loop {
             let next = tokio::select! {
                 next = frames.next() => next,
                 _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(idle.unwrap_or_default()), if idle.is_some() => {
+                    if in_flight.available_permits() == config.max_in_flight_per_connection {
+                        tracing::debug!("closing an idle connection");
+                        break;
+                    }
+                    continue;
+                }
             };
             let body = match next {
                 None => break,
                 Some(Ok(body)) => body,
                 Some(Err(e)) => {
-                    refuse_frame(&e, &outbox, &config).await;
+                    refuse_frame(&e, &outbox, &config, &service).await;
                     break;
                 }
             };
@@ -65,6 +88,12 @@ pub async fn serve(
                 Ok(ok) => ok,
                 Err(e) => {
                     // The frame boundary is intact, so the connection stays usable.
+                    let m = service.metrics();
+                    m.request("invalid", Some(e.code), Duration::ZERO);
+                    m.frame_rejected(match e.code {
+                        ErrorCode::UnknownOperation => Rejection::UnknownOperation,
+                        _ => Rejection::Malformed,
+                    });
                     let reply = Reply::error(e.code, e.message);
                     let _ = outbox.send(encode_reply(e.id, &reply)).await;
                     continue;
@@ -77,7 +106,10 @@ pub async fn serve(
             let service = service.clone();
             let outbox = outbox.clone();
             requests.spawn(async move {
-                respond(id, request, &service, &outbox).await;
+                let started = Instant::now();
+                let op = request.op();
+                let error = respond(id, request, &service, &outbox).await;
+                service.metrics().request(op, error, started.elapsed());
                 drop(permit);
             });
         }
@@ -87,20 +119,48 @@ pub async fn serve(
     drop(outbox);
     // The writer ends once every queued reply is written (or the client has gone).
     let _ = writer.await;
+    service.metrics().connection_closed();
+}
+
+/// Whether the peer may use the daemon: with an allow-list configured, its uid or gid
+/// (from SO_PEERCRED) must be on it. A refused peer is logged, counted and disconnected.
+fn peer_allowed(stream: &UnixStream, config: &ServerConfig, service: &Service) -> bool {
+    if config.allowed_uids.is_empty() && config.allowed_gids.is_empty() {
+        return true;
+    }
+    match stream.peer_cred() {
+        Ok(cred)
+            if config.allowed_uids.contains(&cred.uid())
+                || config.allowed_gids.contains(&cred.gid()) =>
+        {
+            true
+        }
+        Ok(cred) => {
+            tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer not on the allow-list");
+            service.metrics().peer_refused();
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a peer whose credentials cannot be read");
+            service.metrics().peer_refused();
+            false
+        }
+    }
 }
 
 /// Reads the first frame, which must be `hello` with a version this server speaks.
 /// Answers it; returns whether the connection may go on.
 async fn handshake(
-    frames: &mut FramedRead<tokio::net::unix::OwnedReadHalf, LengthDelimitedCodec>,
+    frames: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
     outbox: &mpsc::Sender<Bytes>,
     config: &ServerConfig,
+    service: &Service,
 ) -> bool {
     let body = match frames.next().await {
         None => return false,
         Some(Ok(body)) => body,
         Some(Err(e)) => {
-            refuse_frame(&e, outbox, config).await;
+            refuse_frame(&e, outbox, config, service).await;
             return false;
         }
     };
@@ -125,6 +185,9 @@ async fn handshake(
         Ok((id, _)) => (Some(id), handshake_required(), false),
         Err(e) => (e.id, handshake_required(), false),
     };
+    if !ok {
+        service.metrics().frame_rejected(Rejection::Handshake);
+    }
     let _ = outbox.send(encode_reply(id, &reply)).await;
     ok
 }
@@ -138,8 +201,14 @@ fn handshake_required() -> Reply {
 
 /// Answers a frame the codec refused. Only an oversized frame gets an answer (addressed to
 /// no id: its body was never read); for other I/O errors there is no one to answer.
-async fn refuse_frame(e: &std::io::Error, outbox: &mpsc::Sender<Bytes>, config: &ServerConfig) {
+async fn refuse_frame(
+    e: &std::io::Error,
+    outbox: &mpsc::Sender<Bytes>,
+    config: &ServerConfig,
+    service: &Service,
+) {
     if is_frame_too_large(e) {
+        service.metrics().frame_rejected(Rejection::TooLarge);
         let reply = Reply::error(
             ErrorCode::FrameTooLarge,
             format!(
@@ -153,11 +222,21 @@ async fn refuse_frame(e: &std::io::Error, outbox: &mpsc::Sender<Bytes>, config: 
     }
 }
 
-/// Runs one request and queues its reply frames.
-async fn respond(id: u64, request: Request, service: &Service, outbox: &mpsc::Sender<Bytes>) {
+/// Runs one request and queues its reply frames; returns the error code it ended with.
+async fn respond(
+    id: u64,
+    request: Request,
+    service: &Service,
+    outbox: &mpsc::Sender<Bytes>,
+) -> Option<ErrorCode> {
     match service.handle(request).await {
         Outcome::Reply(reply) => {
+            let code = match &reply {
+                Reply::Error(e) => Some(e.known_code().unwrap_or(ErrorCode::Internal)),
+                _ => None,
+            };
             let _ = outbox.send(encode_reply(Some(id), &reply)).await;
+            code
         }
         Outcome::Stream(mut pieces) => {
             // Hold one piece back so the last one can be marked `more: false`.
@@ -167,8 +246,9 @@ async fn respond(id: u64, request: Request, service: &Service, outbox: &mpsc::Se
                     Ok(p) if p.is_empty() => continue,
                     Ok(p) => p,
                     Err(e) => {
+                        let code = e.code();
                         let _ = outbox.send(encode_reply(Some(id), &error_reply(e))).await;
-                        return;
+                        return Some(code);
                     }
                 };
                 if let Some(prev) = held.replace(piece) {
@@ -177,7 +257,7 @@ async fn respond(id: u64, request: Request, service: &Service, outbox: &mpsc::Se
                         more: true,
                     };
                     if outbox.send(encode_reply(Some(id), &reply)).await.is_err() {
-                        return;
+                        return None;
                     }
                 }
             }
@@ -186,6 +266,7 @@ async fn respond(id: u64, request: Request, service: &Service, outbox: &mpsc::Se
                 more: false,
             };
             let _ = outbox.send(encode_reply(Some(id), &last)).await;
+            None
         }
     }
 }

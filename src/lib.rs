@@ -12,12 +12,15 @@
 //! - [`stream`]: the DynamoDB Streams tailers that keep the cache in line with others' writes.
 //! - [`connection`]: one client connection: handshake, pipelining, streamed replies.
 //! - [`server`]: the socket, the accept loop and shutdown.
+//! - [`metrics`]: Prometheus metrics; [`http`]: the endpoint serving them and readiness.
 
 pub mod aws;
 pub mod cache;
 pub mod config;
 pub mod connection;
+pub mod http;
 pub mod locks;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;

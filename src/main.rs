@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ddbcached::config::Config;
-use ddbcached::{aws, server, service::Service, tables};
+use ddbcached::{aws, http, server, service::Service, tables};
 use tokio_util::sync::CancellationToken;
 
 /// EX_USAGE from sysexits.h: the configuration is bad.
@@ -121,6 +121,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .start_tailers(shutdown.clone())
         .await
         .context("starting the stream tailers")?;
+    if !config.metrics.listen.is_empty() {
+        let addr = &config.metrics.listen;
+        let endpoint = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint on {addr} (metrics.listen)"))?;
+        tracing::info!(%addr, "metrics endpoint listening");
+        tokio::spawn(http::serve(endpoint, service.clone(), shutdown.clone()));
+    }
     let listener = server::bind(&config.server)?;
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     server::run(listener, service, config.server, shutdown.clone()).await;

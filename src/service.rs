@@ -27,6 +27,7 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use crate::aws::{self, ApiCalls};
 use crate::cache::{Cache, CacheKey, Cached, KeyVersions, Known, ReadOp, Served, TopicTail};
 use crate::config::{Config, StreamsConfig};
+use crate::metrics::Metrics;
 use crate::store::{KvStore, LogStore, StoreError};
 use crate::stream::api::SdkStreams;
 use crate::stream::{ItemKey, StartError, Table, TailState, Tailer};
@@ -56,6 +57,10 @@ pub struct Service {
     tail: Arc<TailState>,
     tables: [String; 2],
     streams_config: StreamsConfig,
+    metrics: Arc<Metrics>,
+    /// Set once the tailers have taken their positions: from then on the daemon can
+    /// serve reads from the cache.
+    ready: std::sync::atomic::AtomicBool,
     fill_max_versions: u32,
     /// Payload budget of one streamed piece: half a frame leaves room for the envelope.
     piece_bytes: usize,
@@ -65,7 +70,8 @@ impl Service {
     /// A service on the DynamoDB that `config` names.
     pub async fn connect(config: &Config) -> Arc<Service> {
         let d = &config.dynamodb;
-        let api_calls = Arc::new(ApiCalls::default());
+        let metrics = Arc::new(Metrics::new());
+        let api_calls = Arc::new(ApiCalls::with_metrics(metrics.clone()));
         let sdk = aws::sdk_config(d).await;
         let client = aws::dynamodb_client_from(&sdk, api_calls.clone());
         let streams = Arc::new(SdkStreams {
@@ -74,7 +80,12 @@ impl Service {
         });
         Arc::new(Service {
             streams,
-            tail: Arc::new(TailState::new(config.cache.max_staleness_ms)),
+            tail: Arc::new(TailState::new(
+                config.cache.max_staleness_ms,
+                metrics.stream_lag(),
+            )),
+            metrics,
+            ready: Default::default(),
             tables: [d.kv_table.clone(), d.log_table.clone()],
             streams_config: config.streams.clone(),
             kv: KvStore::new(client.clone(), d.kv_table.clone(), d.batch_max_attempts),
@@ -105,6 +116,43 @@ impl Service {
     /// The cache (its counters, and the invalidation interface for the stream tailer).
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The Prometheus exposition of every metric, brought up to date.
+    pub async fn render_metrics(&self) -> String {
+        self.metrics
+            .render(&self.cache.stats().await, &self.tail.snapshot())
+    }
+
+    /// Whether the daemon is ready (tables checked, tailers positioned), and in words.
+    pub fn health(&self) -> (bool, String) {
+        if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
+            return (
+                false,
+                "not ready: the stream tailers have not taken their positions".into(),
+            );
+        }
+        let behind: Vec<&str> = Table::ALL
+            .into_iter()
+            .filter(|t| self.tail.must_bypass(*t))
+            .map(Table::name)
+            .collect();
+        if behind.is_empty() {
+            (true, "ready".into())
+        } else {
+            (
+                true,
+                format!(
+                    "ready; the stream tailer of {} is behind, its reads bypass the cache",
+                    behind.join(" and ")
+                ),
+            )
+        }
     }
 
     /// The stream tailers' shared state (freshness, counters).
@@ -140,6 +188,7 @@ impl Service {
             tailers.spawn(tailer.run(shutdown.clone()));
         }
         tailers.close();
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
         Ok(tailers)
     }
 
@@ -150,6 +199,10 @@ impl Service {
                 "hello is only valid as the first frame of a connection".into(),
             )),
             Request::Ping => Ok(Reply::Done),
+            Request::Health => {
+                let (ready, detail) = self.health();
+                Ok(Reply::Health { ready, detail })
+            }
 
             // Reads.
             Request::KvGet {

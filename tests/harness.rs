@@ -114,6 +114,8 @@ pub fn dynamo_config(endpoint: &str) -> Config {
     c.dynamodb.endpoint = endpoint.to_owned();
     c.dynamodb.region = "us-east-1".into();
     c.dynamodb.use_dummy_credentials = true;
+    // Tests that scrape metrics start their own endpoint.
+    c.metrics.listen = String::new();
     c
 }
 
@@ -215,6 +217,23 @@ impl Daemon {
     /// tailer then rightly flushes, which tests counting DynamoDB calls must notice.
     pub fn flushes(&self) -> u64 {
         self.service.tail_state().snapshot().flushes.iter().sum()
+    }
+
+    /// Starts the metrics endpoint on a free loopback port; returns its address.
+    pub async fn metrics_endpoint(&self) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(ddbcached::http::serve(
+            listener,
+            self.service.clone(),
+            self.shutdown.clone(),
+        ));
+        addr
+    }
+
+    /// Signals shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
     }
 
     /// Stops the daemon and waits until it has.

@@ -11,6 +11,7 @@ mod faults;
 mod harness;
 mod kv;
 mod log;
+mod ops;
 mod protocol;
 mod stream;
 mod tables;

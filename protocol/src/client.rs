@@ -191,6 +191,14 @@ impl Client {
         self.call(Request::Ping).await.map(drop)
     }
 
+    /// `health`: whether the daemon is ready, and why not.
+    pub async fn health(&self) -> Result<(bool, String), ClientError> {
+        match self.call(Request::Health).await? {
+            Reply::Health { ready, detail } => Ok((ready, detail)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// `kv.put`: returns once the version is durable in DynamoDB.
     pub async fn kv_put(
         &self,
@@ -448,6 +456,12 @@ fn reply_of(request: &Request, frame: ResponseFrame) -> Result<Reply, ClientErro
                 ))
             }
         }),
+        Request::Health => Reply::Health {
+            ready: frame
+                .ready
+                .ok_or_else(|| ClientError::Protocol("health answer lacks `ready`".into()))?,
+            detail: frame.detail.unwrap_or_default(),
+        },
         Request::LogPut { .. } | Request::LogPosition { .. } => Reply::Index(
             frame
                 .index

@@ -50,7 +50,7 @@ pub fn encode_request(id: u64, request: &Request) -> Bytes {
             w.version = Some(*version);
             w.client = client.as_deref();
         }
-        Request::Ping => {}
+        Request::Ping | Request::Health => {}
         Request::KvPut { ns, key, value, ts } => {
             w.ns = Some(ns);
             w.key = Some(key);
@@ -136,6 +136,7 @@ impl Fields {
                 client: self.w.client.take(),
             },
             "ping" => Request::Ping,
+            "health" => Request::Health,
             "kv.put" => Request::KvPut {
                 ns: self.name("kv.put", "ns")?,
                 key: self.key("kv.put")?,
@@ -262,6 +263,10 @@ pub fn encode_reply(id: Option<u64>, reply: &Reply) -> Bytes {
             w.max_frame_bytes = Some(*max_frame_bytes);
         }
         Reply::Done => {}
+        Reply::Health { ready, detail } => {
+            w.ready = Some(*ready);
+            w.detail = Some(detail);
+        }
         Reply::Value(v) => {
             w.found = Some(v.is_some());
             if let Some(v) = v {

@@ -25,6 +25,9 @@ pub enum Request {
     },
     /// Liveness check; answered with an empty success.
     Ping,
+    /// Readiness: whether the daemon serves from its cache with its stream tailers
+    /// positioned.
+    Health,
     /// Store `value` as the version `ts` of `key` in namespace `ns`.
     KvPut {
         ns: String,
@@ -73,6 +76,7 @@ impl Request {
         match self {
             Request::Hello { .. } => "hello",
             Request::Ping => "ping",
+            Request::Health => "health",
             Request::KvPut { .. } => "kv.put",
             Request::KvGet { .. } => "kv.get",
             Request::KvLatestTs { .. } => "kv.latest_ts",
@@ -142,6 +146,8 @@ pub enum Reply {
     },
     /// Success with no data (`ping`, `kv.put`, `kv.delete`, `log.delete`).
     Done,
+    /// Answer to `health`.
+    Health { ready: bool, detail: String },
     /// `kv.get`: the version found, if any.
     Value(Option<Versioned>),
     /// `kv.latest_ts`: the largest timestamp, if any.
@@ -236,6 +242,10 @@ pub(crate) struct WireResponseOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_frame_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub found: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ts: Option<i64>,
@@ -260,6 +270,8 @@ pub struct ResponseFrame {
     pub version: Option<u32>,
     pub server: Option<String>,
     pub max_frame_bytes: Option<u64>,
+    pub ready: Option<bool>,
+    pub detail: Option<String>,
     pub found: Option<bool>,
     pub ts: Option<i64>,
     pub value: Option<ByteBuf>,

@@ -48,8 +48,6 @@ const FULL_PAGE: usize = 1000;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Own writes remembered for measuring how long their records take to come back.
 const ECHOES_REMEMBERED: usize = 4096;
-/// Upper bounds (ms) of the visibility-lag histogram's buckets; a last bucket takes the rest.
-pub const LAG_BUCKETS_MS: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
 
 /// The two tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -111,6 +109,8 @@ pub struct TailState {
     caught_up_ms: [AtomicU64; 2],
     bypassing: [AtomicBool; 2],
     echoes: Mutex<Echoes>,
+    /// Where the visibility lag of own writes is recorded.
+    lag: metrics::Histogram,
     stats: TailStats,
 }
 
@@ -128,8 +128,6 @@ struct TailStats {
     errors: [AtomicU64; 2],
     bypass_switches: AtomicU64,
     shards: [AtomicU64; 2],
-    lag_buckets: [AtomicU64; LAG_BUCKETS_MS.len() + 1],
-    lag_sum_us: AtomicU64,
 }
 
 /// A snapshot of the tailers' counters.
@@ -150,14 +148,13 @@ pub struct TailSnapshot {
     pub shards: [u64; 2],
     /// Seconds since each table was last proven caught up (`None`: never).
     pub seconds_since_caught_up: [Option<f64>; 2],
-    /// Visibility lag of own writes: counts per bucket of [`LAG_BUCKETS_MS`] (+ overflow).
-    pub lag_buckets: Vec<u64>,
-    pub lag_sum_seconds: f64,
 }
 
 impl TailState {
-    pub fn new(max_staleness_ms: u64) -> TailState {
+    /// `lag` receives the visibility lag of each own write whose record comes back.
+    pub fn new(max_staleness_ms: u64, lag: metrics::Histogram) -> TailState {
         TailState {
+            lag,
             clock: Instant::now(),
             max_staleness_ms,
             caught_up_ms: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
@@ -217,16 +214,7 @@ impl TailState {
             .written
             .remove(item);
         if let Some(at) = written {
-            let lag = at.elapsed();
-            let ms = lag.as_millis() as u64;
-            let bucket = LAG_BUCKETS_MS
-                .iter()
-                .position(|b| ms <= *b)
-                .unwrap_or(LAG_BUCKETS_MS.len());
-            self.stats.lag_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .lag_sum_us
-                .fetch_add(lag.as_micros() as u64, Ordering::Relaxed);
+            self.lag.record(at.elapsed().as_secs_f64());
         }
     }
 
@@ -251,8 +239,6 @@ impl TailState {
                 u64::MAX => None,
                 at => Some(now.saturating_sub(at) as f64 / 1000.0),
             }),
-            lag_buckets: s.lag_buckets.iter().map(load).collect(),
-            lag_sum_seconds: load(&s.lag_sum_us) as f64 / 1e6,
         }
     }
 }

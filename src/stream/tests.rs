@@ -22,7 +22,10 @@ struct Rig {
 async fn rig(fake: FakeStreams) -> Rig {
     let fake = Arc::new(fake);
     let cache = Arc::new(Cache::new(&CacheConfig::default()));
-    let state = Arc::new(TailState::new(CacheConfig::default().max_staleness_ms));
+    let state = Arc::new(TailState::new(
+        CacheConfig::default().max_staleness_ms,
+        metrics::Histogram::noop(),
+    ));
     let tailer = Tailer::start(
         fake.clone(),
         "t".into(),
