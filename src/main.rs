@@ -82,10 +82,26 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Libraries whose debug and trace output can carry request and response bodies (keys,
+/// values, signed headers): capped at info whatever the filter says, so data and
+/// credentials never reach the logs.
+const WIRE_LEVEL_TARGETS: [&str; 6] = [
+    "aws_smithy_runtime",
+    "aws_smithy_http",
+    "aws_smithy_http_client",
+    "aws_sigv4",
+    "hyper",
+    "h2",
+];
+
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter =
+    let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    for target in WIRE_LEVEL_TARGETS {
+        // Cannot fail: a literal target with a level is a valid directive.
+        filter = filter.add_directive(format!("{target}=info").parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
