@@ -3,8 +3,9 @@
 //!
 //! The reader takes a permit from a per-connection semaphore before each request, so at
 //! most `max_in_flight_per_connection` run at once and a client that floods the socket is
-//! slowed down (it is simply not read) instead of buffered without bound. Each request runs
-//! in its own task, so a slow DynamoDB call does not hold up the answers behind it;
+//! slowed down (it is simply not read) instead of buffered without bound. A read the
+//! cache answers is answered by the reader itself; every other request runs in its own
+//! task, so a slow DynamoDB call does not hold up the answers behind it;
 //! replies carry the request id and may leave in any order. One writer task owns the
 //! socket's write half and batches frames into few system calls.
 
@@ -99,6 +100,17 @@ pub async fn serve(
                     continue;
                 }
             };
+            // A hit is answered here: spawning a task for it would cost more than the hit.
+            let started = Instant::now();
+            if let Some(reply) = service.answer_from_cache(&request).await {
+                if outbox.send(encode_reply(Some(id), &reply)).await.is_err() {
+                    break;
+                }
+                service
+                    .metrics()
+                    .request(request.op(), None, started.elapsed());
+                continue;
+            }
             let permit = tokio::select! {
                 permit = in_flight.clone().acquire_owned() => permit.expect("never closed"),
                 _ = shutdown.cancelled() => break,

@@ -281,7 +281,7 @@ async fn a_consistent_read_bypasses_and_refreshes_the_cache() {
     let ns = name();
     c.kv_put(&ns, b("k"), b("mine"), 1).await.unwrap();
     assert_eq!(c.kv_get(&ns, b("k"), None).await.unwrap(), v(1, "mine"));
-    d.stop_tailers();
+    d.stop_tailers().await;
     // A write the daemon cannot know of.
     let other = KvStore::new(
         ddbcached::aws::dynamodb_client(&dynamo_config(endpoint()).dynamodb, Default::default())

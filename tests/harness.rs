@@ -127,6 +127,7 @@ pub struct Daemon {
     pub service: Arc<Service>,
     shutdown: CancellationToken,
     tailers: CancellationToken,
+    tailer_tasks: Option<tokio_util::task::TaskTracker>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
@@ -165,9 +166,11 @@ impl Daemon {
         let service = Service::connect(&config).await;
         let shutdown = CancellationToken::new();
         let tailers = shutdown.child_token();
-        if tail {
-            service.start_tailers(tailers.clone()).await.unwrap();
-        }
+        let tailer_tasks = if tail {
+            Some(service.start_tailers(tailers.clone()).await.unwrap())
+        } else {
+            None
+        };
         let listener = server::bind(&config.server).unwrap();
         let task = tokio::spawn(server::run(
             listener,
@@ -181,6 +184,7 @@ impl Daemon {
             service,
             shutdown,
             tailers,
+            tailer_tasks,
             task: Some(task),
             _dir: dir,
         }
@@ -191,9 +195,13 @@ impl Daemon {
         Client::connect(&self.socket).await.unwrap()
     }
 
-    /// Stops the daemon's stream tailers (the daemon goes on serving).
-    pub fn stop_tailers(&self) {
+    /// Stops the daemon's stream tailers and waits until they have (the daemon goes on
+    /// serving).
+    pub async fn stop_tailers(&self) {
         self.tailers.cancel();
+        if let Some(tasks) = &self.tailer_tasks {
+            tasks.wait().await;
+        }
     }
 
     /// Waits until both tailers have proven themselves caught up, so that reads are

