@@ -22,7 +22,14 @@ cargo build --release --locked --bins >&2
 bin=target/release
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  status=$?
+  if [ "$status" -ne 0 ]; then
+    for log in "$work"/*.log; do echo "== $log" >&2; { grep -v "stream call failed" "$log" || true; } | tail -n 20 >&2; done
+  fi
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -46,17 +53,18 @@ TOML
 }
 config "$work/daemon.sock" 268435456 >"$work/daemon.toml"
 "$bin/ddbcached" init-tables -c "$work/daemon.toml" >/dev/null
-"$bin/ddbcached" serve -c "$work/daemon.toml" 2>"$work/daemon.log" &
+RUST_LOG=ddbcached=debug "$bin/ddbcached" serve -c "$work/daemon.toml" 2>"$work/daemon.log" &
 pids+=($!)
-"$bin/ddbcached-bench" echo-server --socket "$work/echo64.sock" --value-bytes 64 &
+"$bin/ddbcached-bench" echo-server --socket "$work/echo64.sock" --value-bytes 64 2>"$work/echo64.log" &
 pids+=($!)
-"$bin/ddbcached-bench" echo-server --socket "$work/echo4k.sock" --value-bytes 4096 &
+"$bin/ddbcached-bench" echo-server --socket "$work/echo4k.sock" --value-bytes 4096 2>"$work/echo4k.log" &
 pids+=($!)
 redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no >"$work/redis.log" &
 pids+=($!)
 for s in daemon echo64 echo4k redis; do until [ -S "$work/$s.sock" ]; do sleep 0.2; done; done
 
 run() { # target socket workload c d bytes
+  echo "  $*" >&2
   "$bin/ddbcached-bench" run --json --seconds "$SECONDS_PER_RUN" --target "$1" --socket "$work/$2.sock" \
     --config "$work/daemon.toml" --workload "$3" -c "$4" -d "$5" --value-bytes "$6"
 }

@@ -466,9 +466,15 @@ impl Service {
     ) -> Result<(), StoreError> {
         let ck = CacheKey::Kv(ns.clone(), key.clone());
         let _writing = self.cache.lock_write(&ck).await;
+        // Registered before the call: DynamoDB makes the record visible before its
+        // acknowledgement arrives here, and the tailer must recognise it as ours.
+        let item = ItemKey::Kv(ns.clone(), key.clone(), ts);
+        self.tail.note_write(item.clone(), &value);
         let result = self.kv.put(&ns, &key, value.clone(), ts).await;
-        if result.is_ok() {
-            self.tail.note_write(ItemKey::Kv(ns, key, ts));
+        match result {
+            // Again, to time the record's return from the acknowledgement.
+            Ok(()) => self.tail.note_write(item, &value),
+            Err(_) => self.tail.forget_write(&item),
         }
         self.after_write(ck, &result, |_, current| match current {
             Some(Cached::Kv(v)) => Some(Cached::Kv(Arc::new(v.with_put(ts, value)))),
@@ -506,7 +512,10 @@ impl Service {
         };
         let result = self.log.put(&topic, value.clone(), known).await;
         if let Ok(index) = result {
-            self.tail.note_write(ItemKey::Log(topic, index));
+            self.tail
+                .note_write(ItemKey::Log(topic.clone(), index), &value);
+            self.tail
+                .note_write(ItemKey::Counter(topic), &index.to_be_bytes());
         }
         let capacity = self.cache.tail_capacity();
         self.after_write(ck, &result, |&index, current| {

@@ -279,9 +279,9 @@ async fn a_consistent_read_bypasses_and_refreshes_the_cache() {
     let d = Daemon::start_with(|c| c.cache.max_staleness_ms = 600_000).await;
     let c = d.client().await;
     let ns = name();
+    d.stop_tailers().await;
     c.kv_put(&ns, b("k"), b("mine"), 1).await.unwrap();
     assert_eq!(c.kv_get(&ns, b("k"), None).await.unwrap(), v(1, "mine"));
-    d.stop_tailers().await;
     // A write the daemon cannot know of.
     let other = KvStore::new(
         ddbcached::aws::dynamodb_client(&dynamo_config(endpoint()).dynamodb, Default::default())

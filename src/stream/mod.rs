@@ -28,6 +28,7 @@ pub mod shards;
 mod tests;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -94,11 +95,13 @@ impl FlushCause {
     }
 }
 
-/// An item this daemon wrote, to recognise its record when it comes back.
+/// An item this daemon wrote, to recognise its record when it comes back: a key-value
+/// version, a log entry, or a topic's counter.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ItemKey {
     Kv(String, bytes::Bytes, i64),
     Log(String, i64),
+    Counter(String),
 }
 
 /// What the tailers and the read path share: freshness, counters, own writes in flight.
@@ -114,10 +117,14 @@ pub struct TailState {
     stats: TailStats,
 }
 
+/// Own writes whose records have not come back yet: when each was acknowledged, and a
+/// digest of what it wrote.
 #[derive(Default)]
 struct Echoes {
-    written: HashMap<ItemKey, Instant>,
+    written: HashMap<ItemKey, (Instant, u64)>,
     order: VecDeque<ItemKey>,
+    /// Keyed per process, so digests cannot be aimed at by whoever writes the tables.
+    hasher: std::collections::hash_map::RandomState,
 }
 
 #[derive(Default)]
@@ -193,10 +200,15 @@ impl TailState {
         stale
     }
 
-    /// Remembers an acknowledged write, to time its record's return.
-    pub fn note_write(&self, item: ItemKey) {
+    /// Remembers an acknowledged write of `written` (a value, or a counter's bytes), to
+    /// recognise its record when it comes back and to time it.
+    pub fn note_write(&self, item: ItemKey, written: &[u8]) {
         let mut e = self.echoes.lock().expect("echo map poisoned");
-        if e.written.insert(item.clone(), Instant::now()).is_none() {
+        let digest = e.hasher.hash_one(written);
+        if e.written
+            .insert(item.clone(), (Instant::now(), digest))
+            .is_none()
+        {
             e.order.push_back(item);
         }
         while e.order.len() > ECHOES_REMEMBERED {
@@ -206,15 +218,24 @@ impl TailState {
         }
     }
 
-    fn record_echo(&self, item: &ItemKey) {
-        let written = self
-            .echoes
-            .lock()
-            .expect("echo map poisoned")
-            .written
-            .remove(item);
-        if let Some(at) = written {
-            self.lag.record(at.elapsed().as_secs_f64());
+    /// Forgets a write that failed: no record of it will come.
+    pub fn forget_write(&self, item: &ItemKey) {
+        self.echoes.lock().expect("echo map poisoned").written.remove(item);
+    }
+
+    /// Whether a record of `item` now holding `content` is the echo of one of this
+    /// daemon's writes (then it times its return). Only the exact content counts: a
+    /// record of the same item with other content is someone else's write.
+    fn is_echo(&self, item: &ItemKey, content: &[u8]) -> bool {
+        let mut e = self.echoes.lock().expect("echo map poisoned");
+        let digest = e.hasher.hash_one(content);
+        match e.written.get(item) {
+            Some((at, d)) if *d == digest => {
+                self.lag.record(at.elapsed().as_secs_f64());
+                e.written.remove(item);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -537,15 +558,33 @@ impl<A: StreamsApi> Tailer<A> {
         let Some(change) = Change::of(self.table, record) else {
             return;
         };
-        match &change {
-            Change::KvVersion { ns, key, ts, .. } => {
-                self.state
-                    .record_echo(&ItemKey::Kv(ns.clone(), key.clone(), *ts))
-            }
-            Change::LogEntry { topic, index, .. } => {
-                self.state.record_echo(&ItemKey::Log(topic.clone(), *index))
-            }
-            _ => {}
+        // The echo of this daemon's own write: the cache holds it, or is about to (the
+        // record may overtake the update that follows DynamoDB's acknowledgement), so
+        // there is nothing to do, and above all nothing to evict.
+        let echo = match &change {
+            Change::KvVersion {
+                ns,
+                key,
+                ts,
+                value: Some(v),
+            } => self
+                .state
+                .is_echo(&ItemKey::Kv(ns.clone(), key.clone(), *ts), v),
+            Change::LogEntry {
+                topic,
+                index,
+                value: Some(v),
+            } => self.state.is_echo(&ItemKey::Log(topic.clone(), *index), v),
+            Change::LogCounter {
+                topic,
+                position: Some(p),
+            } => self
+                .state
+                .is_echo(&ItemKey::Counter(topic.clone()), &p.to_be_bytes()),
+            _ => false,
+        };
+        if echo {
+            return;
         }
         if change.apply(&self.cache).await {
             self.state.stats.invalidations[t].fetch_add(1, Ordering::Relaxed);

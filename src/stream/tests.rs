@@ -300,3 +300,24 @@ async fn sustained_throttling_backs_off_and_reads_bypass_until_caught_up() {
     // Start-up (bypassing until the first caught-up round) -> cache -> bypass -> cache.
     assert_eq!(r.state.snapshot().bypass_switches, 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_echo_that_overtakes_the_cache_update_evicts_nothing() {
+    let fake = FakeStreams::new("arn1");
+    fake.add_shard("a", None);
+    let mut r = rig(fake).await;
+    let key = r.cache_key("k", "v1").await;
+    // DynamoDB acknowledged this daemon's write of version 2; the cache update that
+    // follows has not happened yet when the record arrives.
+    r.state.note_write(
+        crate::stream::ItemKey::Kv("ns".into(), Bytes::from_static(b"k"), 2),
+        b"v2",
+    );
+    r.fake.put("a", "ns", b"k", 2, b"v2");
+    r.tailer.round().await;
+    assert!(r.cache.get(&key).await.is_some(), "the echo kept the entry");
+    // The same item with other content is someone else's write: the key goes.
+    r.fake.put("a", "ns", b"k", 2, b"theirs");
+    r.tailer.round().await;
+    assert!(r.cache.get(&key).await.is_none());
+}

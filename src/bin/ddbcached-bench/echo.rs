@@ -19,8 +19,20 @@ pub async fn serve(socket: &Path, value_bytes: usize) -> anyhow::Result<()> {
     let listener = UnixListener::bind(socket)?;
     let value = Bytes::from(vec![b'v'; value_bytes]);
     loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(answer(stream, value.clone()));
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let value = value.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, value).await {
+                        eprintln!("echo connection failed: {e:#}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("echo accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
     }
 }
 
@@ -37,5 +49,7 @@ async fn answer(stream: UnixStream, value: Bytes) -> anyhow::Result<()> {
             SinkExt::<Bytes>::flush(&mut sink).await?;
         }
     }
+    // Replies fed after the last flush must still leave before the connection closes.
+    SinkExt::<Bytes>::flush(&mut sink).await?;
     Ok(())
 }

@@ -75,7 +75,7 @@ pub async fn run(
     while sent.is_none_or(|s| received < s) {
         tokio::select! {
             frame = frames.next() => {
-                let frame = frame.context("connection closed")??;
+                let frame = frame.with_context(|| format!("connection closed after {received} replies ({sent:?} requests sent)"))??;
                 let reply = decode_response(&frame)?;
                 ensure!(reply.code == 0, "error reply: {:?}", reply.message);
                 let id = reply.id.context("reply without id")?;

@@ -123,12 +123,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "counts must be positive"
     );
     let value = Bytes::from(vec![b'v'; args.value_bytes]);
-    preload(&args, &value).await?;
+    preload(&args, &value)
+        .await
+        .context("preloading the keys")?;
     let warm_until = Instant::now() + Duration::from_secs(1);
     let stop_at = warm_until + Duration::from_secs(args.seconds);
     let loops = (0..args.connections).map(|c| {
         let (args, value) = (args.clone(), value.clone());
-        tokio::spawn(async move { connection(&args, c, value, warm_until, stop_at).await })
+        tokio::spawn(async move {
+            connection(&args, c, value, warm_until, stop_at)
+                .await
+                .with_context(|| format!("connection {c}"))
+        })
     });
     let mut latencies: Vec<u64> = Vec::new();
     for l in try_join_all(loops).await? {
