@@ -220,7 +220,11 @@ impl TailState {
 
     /// Forgets a write that failed: no record of it will come.
     pub fn forget_write(&self, item: &ItemKey) {
-        self.echoes.lock().expect("echo map poisoned").written.remove(item);
+        self.echoes
+            .lock()
+            .expect("echo map poisoned")
+            .written
+            .remove(item);
     }
 
     /// Whether a record of `item` now holding `content` is the echo of one of this
