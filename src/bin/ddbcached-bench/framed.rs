@@ -75,7 +75,17 @@ pub async fn run(
     while sent.is_none_or(|s| received < s) {
         tokio::select! {
             frame = frames.next() => {
-                let frame = frame.with_context(|| format!("connection closed after {received} replies ({sent:?} requests sent)"))??;
+                let Some(frame) = frame else {
+                    // The server closes once the writer has stopped and every reply is
+                    // out; the end of the stream can come before the writer's result.
+                    let sent = match sent {
+                        Some(sent) => sent,
+                        None => (&mut writer).await??,
+                    };
+                    ensure!(received == sent, "connection closed after {received} of {sent} replies");
+                    break;
+                };
+                let frame = frame?;
                 let reply = decode_response(&frame)?;
                 ensure!(reply.code == 0, "error reply: {:?}", reply.message);
                 let id = reply.id.context("reply without id")?;

@@ -84,7 +84,15 @@ pub async fn run(
             n = rd.read(&mut chunk) => {
                 let n = n?;
                 if n == 0 {
-                    bail!("redis closed the connection");
+                    // As in the framed loop: the end can come before the writer's result.
+                    let sent = match sent {
+                        Some(sent) => sent,
+                        None => (&mut writer).await??,
+                    };
+                    if received != sent {
+                        bail!("redis closed the connection after {received} of {sent} replies");
+                    }
+                    break;
                 }
                 pending.extend_from_slice(&chunk[..n]);
                 while let Some(used) = reply_len(&pending)? {
