@@ -119,12 +119,15 @@ async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
         "slowest: {:?}",
         lags.last().unwrap()
     );
-    // B served them from its cache (not by bypassing it), refreshed by the stream: key by
-    // key, unless DynamoDB Local's spurious trim made its tailer drop them all at once.
+    // B served them from its cache (not by bypassing it), refreshed by the stream key by
+    // key: each cached entry was dropped by a record, or was never stored because a record
+    // of the setup writes raced its fill; unless DynamoDB Local's spurious trim made the
+    // tailer drop them all at once.
     let tail = b_.service.tail_state().snapshot();
+    let rejected = b_.service.cache().stats().await.rejected_fills;
     assert!(
-        tail.invalidations[Table::Kv as usize] >= 200 || b_.flushes() > 0,
-        "{tail:?}"
+        tail.invalidations[Table::Kv as usize] + rejected >= 200 || b_.flushes() > 0,
+        "{tail:?}, {rejected} fills rejected"
     );
     assert!(!b_.service.tail_state().must_bypass(Table::Kv));
     assert!(b_.service.cache().stats().await.total(Served::Hit) > hits_before);
