@@ -121,11 +121,6 @@ impl ApiCalls {
             .clone()
     }
 
-    /// Calls of every API together.
-    pub fn total_calls(&self) -> u64 {
-        self.snapshot().values().map(|c| c.calls).sum()
-    }
-
     fn finished(&self, api: &str, call: &CallState, outcome: CallOutcome) {
         {
             let mut counts = self.counts.lock().expect("api call counts poisoned");

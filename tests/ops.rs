@@ -217,23 +217,23 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
+/// `ddbcached client health` against a daemon.
+fn client_health(d: &Daemon) -> std::process::Output {
+    tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_ddbcached"))
+            .args(["client", "--socket", d.socket.to_str().unwrap(), "health"])
+            .output()
+            .unwrap()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_follows_the_tailers() {
     let ready = Daemon::start().await;
     let addr = ready.metrics_endpoint().await;
     assert_eq!(get(addr, "/ready").await.0, "HTTP/1.1 200 OK");
     assert!(ready.client().await.health().await.unwrap().0);
-    let out = tokio::task::block_in_place(|| {
-        Command::new(env!("CARGO_BIN_EXE_ddbcached"))
-            .args([
-                "client",
-                "--socket",
-                ready.socket.to_str().unwrap(),
-                "health",
-            ])
-            .output()
-            .unwrap()
-    });
+    let out = client_health(&ready);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -246,17 +246,7 @@ async fn readiness_follows_the_tailers() {
     let (status, body) = get(addr, "/ready").await;
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
     assert!(body.contains("not ready"), "{body}");
-    let out = tokio::task::block_in_place(|| {
-        Command::new(env!("CARGO_BIN_EXE_ddbcached"))
-            .args([
-                "client",
-                "--socket",
-                not_ready.socket.to_str().unwrap(),
-                "health",
-            ])
-            .output()
-            .unwrap()
-    });
+    let out = client_health(&not_ready);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("not ready"));
 }
