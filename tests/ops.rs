@@ -108,12 +108,10 @@ async fn metrics_cover_the_readme_table_and_move_with_the_workload() {
         delta(r#"ddbcached_server_frames_rejected_total{reason="malformed"}"#),
         1.0
     );
-    assert!(
-        sample(
-            &after,
-            r#"ddbcached_server_request_duration_seconds_bucket{op="kv.get",le="0.00001"}"#
-        ) >= 0.0
-    );
+    // The histogram has its 10 µs bucket.
+    assert!(after.contains_key(
+        r#"ddbcached_server_request_duration_seconds_bucket{op="kv.get",le="0.00001"}"#
+    ));
     assert!(
         sample(
             &after,
