@@ -46,7 +46,8 @@ pub struct ServerConfig {
     pub max_in_flight_per_connection: usize,
     /// On shutdown, how long requests in progress get to finish.
     pub shutdown_grace_ms: u64,
-    /// A connection with nothing in flight and no frame for this long is closed; 0: never.
+    /// A connection with nothing in flight and no frame for this long is closed, and so is
+    /// one whose client has not read its replies for this long; 0: never.
     pub idle_timeout_ms: u64,
     /// If not empty, only peers running as one of these uids (or in `allowed_gids`) may
     /// connect; checked with the peer's credentials (SO_PEERCRED).

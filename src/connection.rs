@@ -9,6 +9,7 @@
 //! replies carry the request id and may leave in any order. One writer task owns the
 //! socket's write half and batches frames into few system calls.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,7 @@ pub async fn serve(
     let writer = tokio::spawn(write_frames(
         FramedWrite::new(wr, frame_codec(config.max_frame_bytes)),
         queued,
+        idle,
     ));
 
     let greeted = match idle {
@@ -287,18 +289,32 @@ async fn respond(
 async fn write_frames(
     mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
     mut queued: mpsc::Receiver<Bytes>,
+    stall: Option<Duration>,
 ) {
     while let Some(frame) = queued.recv().await {
-        if sink.feed(frame).await.is_err() {
+        if !in_time(stall, sink.feed(frame)).await {
             return;
         }
         while let Ok(frame) = queued.try_recv() {
-            if sink.feed(frame).await.is_err() {
+            if !in_time(stall, sink.feed(frame)).await {
                 return;
             }
         }
-        if SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
+        if !in_time(stall, SinkExt::<Bytes>::flush(&mut sink)).await {
             return;
         }
+    }
+}
+
+/// Whether a write finished within `stall`. A client that stops reading its replies
+/// would otherwise hold its connection, its queued replies and its in-flight requests
+/// forever; giving up closes the outbox, which ends the connection.
+async fn in_time(
+    stall: Option<Duration>,
+    write: impl Future<Output = std::io::Result<()>>,
+) -> bool {
+    match stall {
+        Some(limit) => matches!(tokio::time::timeout(limit, write).await, Ok(Ok(()))),
+        None => write.await.is_ok(),
     }
 }

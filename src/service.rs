@@ -17,7 +17,9 @@
 //! Results that may be long (timestamps, scans) are produced as a stream of [`Items`]
 //! pieces, each small enough for one frame.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
@@ -62,6 +64,8 @@ pub struct Service {
     /// serve reads from the cache.
     ready: std::sync::atomic::AtomicBool,
     fill_max_versions: u32,
+    /// Longest wait for a key's lock (the DynamoDB operation timeout).
+    lock_wait: Duration,
     /// Payload budget of one streamed piece: half a frame leaves room for the envelope.
     piece_bytes: usize,
 }
@@ -99,6 +103,7 @@ impl Service {
             api_calls,
             cache: Arc::new(Cache::new(&config.cache)),
             fill_max_versions: config.cache.fill_max_versions,
+            lock_wait: d.operation_timeout(),
             piece_bytes: config.server.max_frame_bytes / 2,
         })
     }
@@ -376,7 +381,7 @@ impl Service {
                 return Ok((v, Served::Hit));
             }
         }
-        let (_filling, waited) = self.cache.lock_fill(&ck).await;
+        let (_filling, waited) = self.wait_for(self.cache.lock_fill(&ck)).await?;
         if waited && !fresh {
             if let Some(Cached::Kv(v)) = self.cache.get(&ck).await {
                 return Ok((v, Served::Coalesced));
@@ -403,7 +408,7 @@ impl Service {
             self.cache.record(ReadOp::LogPosition, Served::Hit);
             return Ok(t.position());
         }
-        let (_filling, waited) = self.cache.lock_fill(&ck).await;
+        let (_filling, waited) = self.wait_for(self.cache.lock_fill(&ck)).await?;
         if waited {
             if let Some(Cached::Log(t)) = self.cache.get(&ck).await {
                 self.cache.record(ReadOp::LogPosition, Served::Coalesced);
@@ -465,7 +470,7 @@ impl Service {
         ts: i64,
     ) -> Result<(), StoreError> {
         let ck = CacheKey::Kv(ns.clone(), key.clone());
-        let _writing = self.cache.lock_write(&ck).await;
+        let _writing = self.wait_for(self.cache.lock_write(&ck)).await?;
         // Registered before the call: DynamoDB makes the record visible before its
         // acknowledgement arrives here, and the tailer must recognise it as ours.
         let item = ItemKey::Kv(ns.clone(), key.clone(), ts);
@@ -491,7 +496,7 @@ impl Service {
         marker: Option<i64>,
     ) -> Result<(), StoreError> {
         let ck = CacheKey::Kv(ns.clone(), key.clone());
-        let _writing = self.cache.lock_write(&ck).await;
+        let _writing = self.wait_for(self.cache.lock_write(&ck)).await?;
         let result = self.kv.delete(&ns, &key, marker).await;
         self.after_write(ck, &result, |_, current| match (current, marker) {
             // All versions are gone: the key's state is known exactly, cached or not.
@@ -505,7 +510,7 @@ impl Service {
 
     async fn log_put(&self, topic: String, value: Bytes) -> Result<i64, StoreError> {
         let ck = CacheKey::Log(topic.clone());
-        let _writing = self.cache.lock_write(&ck).await;
+        let _writing = self.wait_for(self.cache.lock_write(&ck)).await?;
         let known = match self.cache.get(&ck).await {
             Some(Cached::Log(t)) => Some(t.position()),
             _ => None,
@@ -532,11 +537,22 @@ impl Service {
 
     async fn log_delete(&self, topic: String) -> Result<(), StoreError> {
         let ck = CacheKey::Log(topic.clone());
-        let _writing = self.cache.lock_write(&ck).await;
+        let _writing = self.wait_for(self.cache.lock_write(&ck)).await?;
         let result = self.log.delete(&topic).await;
         let deleted = Cached::Log(Arc::new(TopicTail::deleted(self.cache.tail_capacity())));
         self.after_write(ck, &result, |_, _| Some(deleted)).await;
         result
+    }
+
+    /// Waits for a key's lock, no longer than the operation timeout: while DynamoDB
+    /// stalls, requests to one key would otherwise queue, each waiting out every call
+    /// before it. Past the wait the request fails having sent nothing.
+    async fn wait_for<G>(&self, lock: impl Future<Output = G>) -> Result<G, StoreError> {
+        tokio::time::timeout(self.lock_wait, lock)
+            .await
+            .map_err(|_| StoreError::Queued {
+                waited_ms: self.lock_wait.as_millis() as u64,
+            })
     }
 
     /// Brings the cache in line with a write's outcome: on success `change` applies it; on

@@ -34,6 +34,9 @@ pub enum StoreError {
     /// The call did not finish in time; for a write the outcome is unknown.
     #[error("DynamoDB {api} did not finish within the configured timeout (the write may or may not have been applied)")]
     Timeout { api: &'static str },
+    /// The request waited too long behind earlier ones on the same key; nothing was sent.
+    #[error("gave up after {waited_ms} ms behind earlier requests on the same key (DynamoDB is slow or unreachable); nothing was sent")]
+    Queued { waited_ms: u64 },
     /// DynamoDB could not be reached.
     #[error("DynamoDB {api} unreachable: {detail}")]
     Unavailable { api: &'static str, detail: String },
@@ -61,7 +64,7 @@ impl StoreError {
         match self {
             StoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             StoreError::ItemTooLarge { .. } => ErrorCode::ValueTooLarge,
-            StoreError::Timeout { .. } => ErrorCode::Timeout,
+            StoreError::Timeout { .. } | StoreError::Queued { .. } => ErrorCode::Timeout,
             StoreError::Unavailable { .. } => ErrorCode::Unavailable,
             StoreError::Throttled { .. } => ErrorCode::Throttled,
             StoreError::Conflict { .. } => ErrorCode::Conflict,
