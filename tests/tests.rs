@@ -6,6 +6,7 @@
 //! share the tables and run in parallel.
 
 mod cache;
+mod check;
 mod cli;
 mod faults;
 mod harness;

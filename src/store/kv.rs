@@ -126,6 +126,31 @@ impl KvStore {
         Ok(out)
     }
 
+    /// Every version of the key with its value, ascending: what an audit compares
+    /// against (`ddbcached-check`), never on a request path.
+    pub async fn versions_with_values(
+        &self,
+        ns: &str,
+        key: &[u8],
+    ) -> Result<Vec<(i64, Bytes)>, StoreError> {
+        let pk = kv_partition_key(ns, key)?;
+        let query = self
+            .versions(pk, None, true)
+            .projection_expression("#k, #t, #v")
+            .expression_attribute_names("#v", KV_VALUE);
+        let mut pages = Pages::new(query);
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await? {
+            for mut item in page {
+                out.push((
+                    get_num(&self.table, &item, KV_TIMESTAMP)?,
+                    take_bin(&self.table, &mut item, KV_VALUE)?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// One (key, newest value) per key of the namespace, in no particular order.
     pub async fn scan(&self, ns: &str) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
         let mut newest: HashMap<Bytes, (i64, Bytes)> = HashMap::new();
