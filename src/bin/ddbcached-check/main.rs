@@ -195,17 +195,14 @@ struct Report<'a> {
 /// Staleness percentiles reported.
 const PERCENTILES: [f64; 5] = [50.0, 99.0, 99.9, 99.99, 100.0];
 
+/// Staleness thresholds (ms) at which consistency is counted in nines; the bound is added.
+const WITHIN_MS: [u64; 4] = [0, 100, 500, 1000];
+
 impl Report<'_> {
     fn stats(&self) -> Stats {
         let mut staleness = self.verdict.staleness.clone();
         staleness.sort_unstable();
         let reads = staleness.len();
-        let stale = staleness.iter().filter(|&&s| s > 0).count();
-        let fresh = if reads == 0 {
-            1.0
-        } else {
-            (reads - stale) as f64 / reads as f64
-        };
         let percentile = |p: f64| {
             if reads == 0 {
                 return 0;
@@ -213,11 +210,17 @@ impl Report<'_> {
             let rank = ((p / 100.0) * reads as f64).ceil() as usize;
             staleness[rank.clamp(1, reads) - 1]
         };
+        let bound_ms = self.bound.as_millis() as u64;
+        let within = WITHIN_MS
+            .iter()
+            .copied()
+            .filter(|&t| t < bound_ms)
+            .chain([bound_ms])
+            .map(|t| (t, staleness.partition_point(|&s| s <= t * 1_000_000)))
+            .collect();
         Stats {
             reads,
-            stale,
-            fresh,
-            nines: nines(fresh),
+            within,
             percentiles: PERCENTILES.iter().map(|&p| (p, percentile(p))).collect(),
         }
     }
@@ -253,13 +256,15 @@ impl Report<'_> {
             "after quiescence: {} daemon answers compared with DynamoDB",
             self.compared
         );
-        println!(
-            "reads possibly the latest at their start: {} of {} ({:.6}%, {})",
-            s.reads - s.stale,
-            s.reads,
-            s.fresh * 100.0,
-            s.nines_text()
-        );
+        // Staleness 0: the version read may still have been the latest when the read began.
+        for &(t, n) in &s.within {
+            println!(
+                "reads within {t} ms of the latest: {n} of {} ({:.6}%, {})",
+                s.reads,
+                s.fraction(n) * 100.0,
+                nines_text(s.fraction(n))
+            );
+        }
         let pct: Vec<String> = s
             .percentiles
             .iter()
@@ -299,9 +304,7 @@ impl Report<'_> {
             },
             "compared_after_quiescence": self.compared,
             "reads": s.reads,
-            "stale_reads": s.stale,
-            "fresh_fraction": s.fresh,
-            "nines": s.nines,
+            "within_ms": s.within.iter().map(|&(t, n)| json!({"ms": t, "reads": n, "fraction": s.fraction(n), "nines": nines(s.fraction(n))})).collect::<Vec<_>>(),
             "staleness_ms": s.percentiles.iter().map(|(p, v)| (format!("p{p}"), json!(*v as f64 / 1e6))).collect::<serde_json::Map<_, _>>(),
             "violations": self.verdict.violations.iter().take(self.args.show).map(|v| json!({"kind": v.kind, "history": v.history})).collect::<Vec<_>>(),
             "violation_count": self.verdict.violations.len(),
@@ -311,22 +314,30 @@ impl Report<'_> {
 
 struct Stats {
     reads: usize,
-    stale: usize,
-    fresh: f64,
-    nines: Option<f64>,
+    /// (threshold in ms, reads at most that stale).
+    within: Vec<(u64, usize)>,
     percentiles: Vec<(f64, Nanos)>,
 }
 
 impl Stats {
-    fn nines_text(&self) -> String {
-        match self.nines {
-            Some(n) => format!("{n:.2} nines"),
-            None => "no stale read".to_owned(),
+    fn fraction(&self, n: usize) -> f64 {
+        if self.reads == 0 {
+            1.0
+        } else {
+            n as f64 / self.reads as f64
         }
     }
 }
 
-/// Consistency in nines: -log10 of the fraction of stale reads (`None` when there were none).
-fn nines(fresh: f64) -> Option<f64> {
-    (fresh < 1.0).then(|| -(1.0 - fresh).log10())
+/// Consistency in nines: -log10 of the fraction of reads that fall short (`None` when
+/// none does).
+fn nines(fraction: f64) -> Option<f64> {
+    (fraction < 1.0).then(|| -(1.0 - fraction).log10())
+}
+
+fn nines_text(fraction: f64) -> String {
+    match nines(fraction) {
+        Some(n) => format!("{n:.2} nines"),
+        None => "all".to_owned(),
+    }
 }
