@@ -58,15 +58,29 @@ fn start_local() -> Local {
 }
 
 fn spawn_local() -> Local {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("scripts/dynamodb-local.sh"))
-        .arg("install")
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/dynamodb-local.sh install");
-    assert!(out.status.success(), "installing DynamoDB Local failed");
-    let dir = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let port = free_port();
+    let mut child = spawn_java(port, &["-inMemory"]);
+    Local {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        _lifeline: Some(Mutex::new(child.stdin.take().unwrap())),
+        _process: Some(Mutex::new(child)),
+    }
+}
+
+/// Starts DynamoDB Local on `port` with `storage` options, under a shell that kills it
+/// (SIGKILL, as a crash would) when its stdin closes; returns once it accepts connections.
+fn spawn_java(port: u16, storage: &[&str]) -> Child {
+    static JAR_DIR: OnceLock<String> = OnceLock::new();
+    let dir = JAR_DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join("scripts/dynamodb-local.sh"))
+            .arg("install")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/dynamodb-local.sh install");
+        assert!(out.status.success(), "installing DynamoDB Local failed");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    });
     let log = std::fs::File::create(
         std::env::temp_dir().join(format!("ddbcached-test-dynamodb-{port}.log")),
     )
@@ -74,11 +88,14 @@ fn spawn_local() -> Local {
     let mut child = Command::new("sh")
         .args([
             "-c",
-            r#"java -Djava.library.path="$1/DynamoDBLocal_lib" -jar "$1/DynamoDBLocal.jar" -inMemory -port "$2" & pid=$!; read _; kill $pid"#,
+            r#"dir=$1 port=$2; shift 2
+java -Djava.library.path="$dir/DynamoDBLocal_lib" -jar "$dir/DynamoDBLocal.jar" -port "$port" "$@" & pid=$!
+read _; kill -9 $pid; wait $pid"#,
             "sh",
-            &dir,
+            dir,
             &port.to_string(),
         ])
+        .args(storage)
         .stdin(Stdio::piped())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -90,12 +107,72 @@ fn spawn_local() -> Local {
             Instant::now() < deadline,
             "DynamoDB Local did not start within 60 s"
         );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "DynamoDB Local exited at start"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    Local {
-        endpoint: format!("http://127.0.0.1:{port}"),
-        _lifeline: Some(Mutex::new(child.stdin.take().unwrap())),
-        _process: Some(Mutex::new(child)),
+    child
+}
+
+/// A DynamoDB Local of one test's own, keeping its data in a directory, that the test can
+/// kill and start again on the same port with the same data: a backend outage.
+pub struct OwnLocal {
+    pub endpoint: String,
+    port: u16,
+    data: tempfile::TempDir,
+    process: Option<Child>,
+}
+
+impl OwnLocal {
+    /// Starts it and creates the tables.
+    pub async fn start() -> OwnLocal {
+        let port = free_port();
+        let data = tempfile::tempdir().unwrap();
+        let mut local = OwnLocal {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            data,
+            process: None,
+        };
+        local.restart().await;
+        let config = dynamo_config(&local.endpoint);
+        let client = aws::dynamodb_client(&config.dynamodb, Default::default()).await;
+        tables::init_tables(&client, &config.dynamodb)
+            .await
+            .unwrap();
+        local
+    }
+
+    /// Kills it with SIGKILL and waits until it is gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            drop(child.stdin.take());
+            tokio::task::spawn_blocking(move || child.wait())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Starts it (again) on its port with its data.
+    pub async fn restart(&mut self) {
+        let port = self.port;
+        let data = self.data.path().to_str().unwrap().to_owned();
+        let child = tokio::task::spawn_blocking(move || spawn_java(port, &["-dbPath", &data]))
+            .await
+            .unwrap();
+        self.process = Some(child);
+    }
+}
+
+impl Drop for OwnLocal {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
     }
 }
 

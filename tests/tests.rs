@@ -8,11 +8,13 @@
 mod cache;
 mod check;
 mod cli;
+mod clients;
 mod faults;
 mod harness;
 mod kv;
 mod log;
 mod ops;
+mod outage;
 mod protocol;
 mod stream;
 mod tables;
