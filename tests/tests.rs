@@ -9,6 +9,7 @@ mod cache;
 mod check;
 mod cli;
 mod clients;
+mod corpus;
 mod faults;
 mod harness;
 mod kv;

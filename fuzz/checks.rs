@@ -1,0 +1,81 @@
+//! What each fuzz target checks, shared with the test that replays the committed corpus
+//! (`tests/corpus.rs`), so that every input a fuzzer kept or crashed on stays a regression
+//! test without a fuzzer in CI.
+//!
+//! A check panics when the property fails; returning means the input was handled.
+
+// Each fuzz target uses one of these.
+#![allow(dead_code)]
+
+use bytes::BytesMut;
+use ddbcached_protocol::codec::{
+    decode_request, decode_response, encode_reply, encode_request, frame_codec, is_frame_too_large,
+};
+use ddbcached_protocol::Reply;
+use tokio_util::codec::Decoder;
+
+/// Small, so that inputs reach the oversized-frame path as well as whole frames.
+const MAX_FRAME_BYTES: usize = 4096;
+
+/// A connection's bytes, as the daemon reads them: the first byte picks the size of the
+/// reads (1 to 64 bytes), the rest is the stream. Every frame is decoded as a request, a
+/// bad length is the codec's oversized-frame error and nothing else, and a trailing
+/// partial frame is an error at end of stream, not a frame.
+pub fn frames(data: &[u8]) {
+    let Some((&cut, stream)) = data.split_first() else {
+        return;
+    };
+    let mut codec = frame_codec(MAX_FRAME_BYTES);
+    let mut buf = BytesMut::new();
+    for read in stream.chunks(usize::from(cut % 64) + 1) {
+        buf.extend_from_slice(read);
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    assert!(frame.len() <= MAX_FRAME_BYTES);
+                    request(&frame);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    assert!(is_frame_too_large(&e), "unexpected codec error: {e}");
+                    return;
+                }
+            }
+        }
+    }
+    match codec.decode_eof(&mut buf) {
+        Ok(Some(frame)) => panic!("a frame appeared at end of stream: {} bytes", frame.len()),
+        Ok(None) => assert!(buf.is_empty()),
+        Err(_) => assert!(
+            !buf.is_empty(),
+            "an error at end of stream with nothing left"
+        ),
+    }
+}
+
+/// One request body: either it decodes, and then encoding the request again gives a body
+/// that decodes to the same request and id, or it is refused with a message and a code
+/// whose error reply encodes.
+pub fn request(body: &[u8]) {
+    match decode_request(body) {
+        Ok((id, req)) => {
+            let again = encode_request(id, &req);
+            assert_eq!(decode_request(&again), Ok((id, req)));
+        }
+        Err(e) => {
+            assert!(!e.message.is_empty());
+            let reply = encode_reply(e.id, &Reply::error(e.code, e.message));
+            let frame = decode_response(&reply).expect("an error reply decodes");
+            assert_eq!(frame.id, e.id);
+            assert_eq!(frame.error().and_then(|s| s.known_code()), Some(e.code));
+        }
+    }
+}
+
+/// One response body, as the client reads it: decoding never panics, and an error code
+/// maps to an error whatever its number.
+pub fn response(body: &[u8]) {
+    if let Ok(frame) = decode_response(body) {
+        assert_eq!(frame.error().is_some(), frame.code != 0);
+    }
+}
