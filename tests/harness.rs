@@ -68,7 +68,7 @@ fn spawn_local() -> Local {
 }
 
 /// Starts DynamoDB Local on `port` with `storage` options, under a shell that kills it
-/// (SIGKILL, as a crash would) when its stdin closes; returns once it accepts connections.
+/// (SIGTERM) when its stdin closes; returns once it accepts connections.
 fn spawn_java(port: u16, storage: &[&str]) -> Child {
     static JAR_DIR: OnceLock<String> = OnceLock::new();
     let dir = JAR_DIR.get_or_init(|| {
@@ -90,7 +90,7 @@ fn spawn_java(port: u16, storage: &[&str]) -> Child {
             "-c",
             r#"dir=$1 port=$2; shift 2
 java -Djava.library.path="$dir/DynamoDBLocal_lib" -jar "$dir/DynamoDBLocal.jar" -port "$port" "$@" & pid=$!
-read _; kill -9 $pid; wait $pid"#,
+read _; kill $pid; wait $pid"#,
             "sh",
             dir,
             &port.to_string(),
@@ -145,7 +145,8 @@ impl OwnLocal {
         local
     }
 
-    /// Kills it with SIGKILL and waits until it is gone.
+    /// Kills it (SIGTERM: with SIGKILL, DynamoDB Local loses transactions it acknowledged
+    /// a few milliseconds before) and waits until it is gone.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.process.take() {
             drop(child.stdin.take());
