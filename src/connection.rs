@@ -71,6 +71,9 @@ pub async fn serve(
             let next = tokio::select! {
                 next = frames.next() => next,
                 _ = shutdown.cancelled() => break,
+                // The writer gave up on a client that stopped reading: nothing read from
+                // now on could be answered, so its queued requests are not run.
+                _ = outbox.closed() => break,
                 _ = tokio::time::sleep(idle.unwrap_or_default()), if idle.is_some() => {
                     if in_flight.available_permits() == config.max_in_flight_per_connection {
                         tracing::debug!("closing an idle connection");
@@ -116,6 +119,7 @@ pub async fn serve(
             let permit = tokio::select! {
                 permit = in_flight.clone().acquire_owned() => permit.expect("never closed"),
                 _ = shutdown.cancelled() => break,
+                _ = outbox.closed() => break,
             };
             let service = service.clone();
             let outbox = outbox.clone();
