@@ -18,13 +18,11 @@ mod workload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use ddbcached::aws::{dynamodb_client, ApiCalls};
+use ddbcached::aws::dynamodb_client;
 use ddbcached::config::Config;
-use ddbcached::metrics::Metrics;
 use ddbcached::store::kv::KvStore;
 use ddbcached::store::log::LogStore;
 use serde_json::json;
@@ -132,11 +130,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     // Quiescence: with no writes for the staleness bound, every daemon must have caught up.
     tokio::time::sleep(bound + Duration::from_millis(100)).await;
-    let client = dynamodb_client(
-        &config.dynamodb,
-        Arc::new(ApiCalls::with_metrics(Arc::new(Metrics::new()))),
-    )
-    .await;
+    let client = dynamodb_client(&config.dynamodb, Default::default()).await;
     let truth = Truth {
         kv: KvStore::new(
             client.clone(),

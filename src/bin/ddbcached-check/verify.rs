@@ -124,15 +124,12 @@ fn check_kv_read(v: &mut Verdict, key: &KeyWrites, r: &KvRead, run: &str, bound:
             Some(_) => None,
         };
         if let Some(what) = wrong {
-            let mut history = vec![format!("read  {}", show_kv_read(r))];
+            let mut history = vec![
+                format!("returned {what}"),
+                format!("read  {}", show_kv_read(r)),
+            ];
             history.extend(write.map(|w| format!("write {}", show_kv_write(w))));
-            v.violation(
-                "kv: wrong value",
-                vec![format!("returned {what}")]
-                    .into_iter()
-                    .chain(history)
-                    .collect(),
-            );
+            v.violation("kv: wrong value", history);
             return;
         }
     }
