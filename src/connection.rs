@@ -131,6 +131,10 @@ pub async fn serve(
                 drop(permit);
             });
         }
+        // Nothing more is read. If the writer has given up too, this closes the socket
+        // now rather than after the requests in flight, which run to the end (a write
+        // cut short would leave the cache unsure of DynamoDB).
+        drop(frames);
         requests.close();
         requests.wait().await;
     }

@@ -177,6 +177,18 @@ impl Drop for OwnLocal {
     }
 }
 
+/// An HTTP/1.1 GET on loopback: the status line and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
 /// A loopback port nobody listens on at the moment.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

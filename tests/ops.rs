@@ -11,22 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use ddbcached::cache::{CacheKey, HookPoint};
 use ddbcached_protocol::Client;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, Notify};
 
-use crate::harness::{dynamo_config, name, Daemon, Raw};
-
-/// One HTTP GET; returns (status line, body).
-async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
-}
+use crate::harness::{dynamo_config, http_get, name, Daemon, Raw};
 
 /// Exposition samples: `name{labels}` -> value.
 fn samples(text: &str) -> BTreeMap<String, f64> {
@@ -73,7 +60,7 @@ async fn metrics_cover_the_readme_table_and_move_with_the_workload() {
         .unwrap();
     c.kv_get(&ns, Bytes::from_static(b"k"), None).await.unwrap();
     c.log_put(&topic, Bytes::from_static(b"e")).await.unwrap();
-    let before = samples(&get(addr, "/metrics").await.1);
+    let before = samples(&http_get(addr, "/metrics").await.1);
 
     // One hit, one write, one rejected frame.
     c.kv_get(&ns, Bytes::from_static(b"k"), None).await.unwrap();
@@ -83,7 +70,7 @@ async fn metrics_cover_the_readme_table_and_move_with_the_workload() {
     let mut raw = Raw::ready(&d.socket).await;
     raw.send(b"\xc1").await;
     raw.recv().await.unwrap();
-    let (status, text) = get(addr, "/metrics").await;
+    let (status, text) = http_get(addr, "/metrics").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
     let after = samples(&text);
 
@@ -131,7 +118,7 @@ async fn metrics_cover_the_readme_table_and_move_with_the_workload() {
     // The writes' records come back through the stream within a poll or two.
     let echoed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let now = samples(&get(addr, "/metrics").await.1);
+            let now = samples(&http_get(addr, "/metrics").await.1);
             if now.get(r#"ddbcached_stream_records_total{table="kv",event="insert"}"#) >= Some(&1.0)
                 && now.get("ddbcached_stream_visibility_lag_seconds_count") >= Some(&1.0)
             {
@@ -174,7 +161,7 @@ async fn every_dashboard_expression_names_an_exported_metric() {
     c.kv_get(&name(), Bytes::from_static(b"k"), None)
         .await
         .unwrap();
-    let exported = exported_families(&get(addr, "/metrics").await.1);
+    let exported = exported_families(&http_get(addr, "/metrics").await.1);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/grafana-dashboard.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -229,7 +216,7 @@ fn client_health(d: &Daemon) -> std::process::Output {
 async fn readiness_follows_the_tailers() {
     let ready = Daemon::start().await;
     let addr = ready.metrics_endpoint().await;
-    assert_eq!(get(addr, "/ready").await.0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(addr, "/ready").await.0, "HTTP/1.1 200 OK");
     assert!(ready.client().await.health().await.unwrap().0);
     let out = client_health(&ready);
     assert_eq!(
@@ -241,7 +228,7 @@ async fn readiness_follows_the_tailers() {
 
     let not_ready = Daemon::start_without_tailers(dynamo_config(crate::harness::endpoint())).await;
     let addr = not_ready.metrics_endpoint().await;
-    let (status, body) = get(addr, "/ready").await;
+    let (status, body) = http_get(addr, "/ready").await;
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
     assert!(body.contains("not ready"), "{body}");
     let out = client_health(&not_ready);
@@ -315,7 +302,7 @@ async fn a_peer_outside_the_allow_list_is_refused() {
     let addr = d.metrics_endpoint().await;
     assert_eq!(
         sample(
-            &samples(&get(addr, "/metrics").await.1),
+            &samples(&http_get(addr, "/metrics").await.1),
             "ddbcached_server_peers_refused_total"
         ),
         1.0
