@@ -71,9 +71,6 @@ pub async fn serve(
             let next = tokio::select! {
                 next = frames.next() => next,
                 _ = shutdown.cancelled() => break,
-                // The writer gave up on a client that stopped reading: nothing read from
-                // now on could be answered, so its queued requests are not run.
-                _ = outbox.closed() => break,
                 _ = tokio::time::sleep(idle.unwrap_or_default()), if idle.is_some() => {
                     if in_flight.available_permits() == config.max_in_flight_per_connection {
                         tracing::debug!("closing an idle connection");
@@ -101,7 +98,9 @@ pub async fn serve(
                         _ => Rejection::Malformed,
                     });
                     let reply = Reply::error(e.code, e.message);
-                    let _ = outbox.send(encode_reply(e.id, &reply)).await;
+                    if outbox.send(encode_reply(e.id, &reply)).await.is_err() {
+                        break;
+                    }
                     continue;
                 }
             };
@@ -116,10 +115,15 @@ pub async fn serve(
                     .request(request.op(), None, started.elapsed());
                 continue;
             }
+            // The writer gave up on a client that stopped reading: nothing read from now
+            // on could be answered, so its queued requests are not run. (A hit finds out
+            // when its reply cannot be queued.)
+            if outbox.is_closed() {
+                break;
+            }
             let permit = tokio::select! {
                 permit = in_flight.clone().acquire_owned() => permit.expect("never closed"),
                 _ = shutdown.cancelled() => break,
-                _ = outbox.closed() => break,
             };
             let service = service.clone();
             let outbox = outbox.clone();
