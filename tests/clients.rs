@@ -1,8 +1,8 @@
 //! Misbehaving clients against a daemon running as its own process (so that its file
 //! descriptors and memory can be read from /proc): clients that disconnect mid-request,
 //! send half a frame and stall, never read their replies, or connect and disconnect
-//! 10,000 times. The daemon's descriptors and memory return to their baseline, and a
-//! well-behaved client beside them is served throughout.
+//! more than 10,000 times. The daemon's descriptors and memory return to their baseline,
+//! and a well-behaved client beside them is served throughout.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -188,10 +188,10 @@ async fn misbehaving_clients_leave_no_trace_and_do_not_disturb_others() {
         before: None,
         consistent: true,
     });
-    // Four rounds of 2,500 connections: the first rounds grow the allocator's pools to
+    // Six rounds of 1,700 connections: the first round grows the allocator's pools to
     // what this load needs; a leak would keep growing them.
     let mut rounds = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         rounds.push(misbehave(&socket, &get, pid, metrics, &base).await);
     }
     stop.store(true, Ordering::Relaxed);
@@ -215,19 +215,22 @@ async fn misbehaving_clients_leave_no_trace_and_do_not_disturb_others() {
         // The others are the SDK's pooled DynamoDB connections, which come and go.
         assert!(round.fds <= base.fds + 16, "descriptors leaked");
     }
-    // Measured with one arena: RSS levels off after the first round, then moves by up
-    // to 3 MiB either way (the well-behaved client's traffic, the tailer's buffers). A
-    // leak of 2 KiB per connection would add 10 MiB over these 5,000 connections.
-    let growth = rounds[3].rss as i64 - rounds[1].rss as i64;
+    // Measured with one arena: RSS levels off after the first round, then moves by a few
+    // MiB either way, and under a loaded machine once jumped by 9 MiB in one round (the
+    // heap's top after a peak of replies in flight). The smaller of two rounds filters
+    // such a spike; from the first two rounds to the last two, 5,100 or more
+    // connections pass: a leak of 1.2 KiB per connection would add 6 MiB.
+    let low = |pair: &[Usage]| pair.iter().map(|u| u.rss).min().expect("two rounds");
+    let growth = low(&rounds[4..]) as i64 - low(&rounds[..2]) as i64;
     assert!(
-        growth < 8 << 20,
-        "memory grew by {growth} bytes over the last two rounds"
+        growth < 6 << 20,
+        "memory grew by {growth} bytes from the first two rounds to the last two"
     );
     assert!(served > 10, "the good client was starved");
     assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
 }
 
-/// One round: 2,500 connections that end badly, 20 that stall mid-frame and 4 that never
+/// One round: 1,700 connections that end badly, 20 that stall mid-frame and 4 that never
 /// read; returns the daemon's usage once it has closed all of them.
 async fn misbehave(
     socket: &Path,
@@ -242,7 +245,7 @@ async fn misbehave(
     for t in 0..10 {
         let (socket, hello, get) = (socket.to_owned(), hello(), get.to_vec());
         tasks.push(tokio::spawn(async move {
-            for n in 0..250 {
+            for n in 0..170 {
                 let mut s = connect(&socket).await;
                 let _ = match (t + n) % 5 {
                     0 => Ok(()),
