@@ -42,10 +42,13 @@ async fn spawn_daemon(dir: &Path) -> (Child, PathBuf, SocketAddr) {
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
-        // One malloc arena: with one per thread, glibc's pools keep growing for a while
-        // under this load (0.5 MiB a round over twelve rounds, measured), which would hide
-        // or fake a leak.
+        // Memory that glibc keeps after a peak would hide or fake a leak: one arena (with
+        // one per thread the pools kept growing, 0.5 MiB a round over twelve rounds), and
+        // fixed thresholds (glibc otherwise raises them after large frees), so that
+        // blocks from 64 KiB are mapped and unmapped and a freed heap top is returned.
         .env("MALLOC_ARENA_MAX", "1")
+        .env("MALLOC_MMAP_THRESHOLD_", "65536")
+        .env("MALLOC_TRIM_THRESHOLD_", "131072")
         .kill_on_drop(true)
         .spawn()
         .unwrap();
