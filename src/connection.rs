@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -320,11 +321,17 @@ async fn write_frames(
 
 /// Whether a write finished within `stall`. A client that stops reading its replies
 /// would otherwise hold its connection, its queued replies and its in-flight requests
-/// forever; giving up closes the outbox, which ends the connection.
+/// forever; giving up closes the outbox, which ends the connection. Most writes finish
+/// at once (a frame into the buffer, a flush into the socket), so the timer, and its
+/// clock read, is only started for one that has to wait.
 async fn in_time(
     stall: Option<Duration>,
     write: impl Future<Output = std::io::Result<()>>,
 ) -> bool {
+    let mut write = std::pin::pin!(write);
+    if let Poll::Ready(done) = futures::poll!(write.as_mut()) {
+        return done.is_ok();
+    }
     match stall {
         Some(limit) => matches!(tokio::time::timeout(limit, write).await, Ok(Ok(()))),
         None => write.await.is_ok(),

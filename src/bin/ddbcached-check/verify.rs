@@ -224,6 +224,11 @@ impl<'a> TopicAppends<'a> {
         }
     }
 
+    /// The highest acknowledged index.
+    fn top(&self) -> i64 {
+        self.after_all.len() as i64 - 1
+    }
+
     fn after(list: &[Nanos], last: i64) -> Nanos {
         usize::try_from(last)
             .ok()
@@ -259,7 +264,7 @@ fn check_log_read(v: &mut Verdict, topic: &TopicAppends, r: &LogRead, bound: Nan
     }
     let last = r.from + r.values.len() as i64 - 1;
     if TopicAppends::after(&topic.after_daemon[r.daemon], last) < r.start {
-        let newer = (last + 1..)
+        let newer = (last + 1..=topic.top())
             .filter_map(|i| topic.by_index.get(&i))
             .find(|a| a.daemon == r.daemon && a.end < r.start)
             .expect("the suffix minimum comes from such an append");
@@ -277,7 +282,7 @@ fn check_log_read(v: &mut Verdict, topic: &TopicAppends, r: &LogRead, bound: Nan
     let superseded = TopicAppends::after(&topic.after_all, last);
     let staleness = r.start.saturating_sub(superseded);
     if staleness > bound {
-        let newer = (last + 1..)
+        let newer = (last + 1..=topic.top())
             .filter_map(|i| topic.by_index.get(&i))
             .find(|a| a.end == superseded)
             .expect("the suffix minimum comes from such an append");
