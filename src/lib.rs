@@ -2,6 +2,7 @@
 //! DynamoDB to local executors over a Unix socket.
 //!
 //! Layout:
+//! - [`daemon`]: the whole daemon built from a configuration, and run until shutdown.
 //! - [`config`]: settings and their environment overrides.
 //! - [`aws`]: the AWS SDK configuration (endpoint, credentials, timeouts, retries).
 //! - [`tables`]: creating and checking the two tables.
@@ -18,6 +19,7 @@ pub mod aws;
 pub mod cache;
 pub mod config;
 pub mod connection;
+pub mod daemon;
 pub mod http;
 pub mod locks;
 pub mod metrics;

@@ -7,10 +7,10 @@ mod cli;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ddbcached::config::Config;
-use ddbcached::{aws, http, server, service::Service, tables};
+use ddbcached::daemon::Daemon;
+use ddbcached::{aws, tables};
 use tokio_util::sync::CancellationToken;
 
 /// EX_USAGE from sysexits.h: the configuration is bad.
@@ -126,30 +126,10 @@ async fn init_tables(config: Config) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
-    let service = Service::connect(&config).await;
-    tables::check_tables(service.dynamodb(), &config.dynamodb)
-        .await
-        .context("checking the tables")?;
+    let daemon = Daemon::start(&config).await?;
     let shutdown = CancellationToken::new();
-    // Positions in the streams are taken before the socket exists, so no read is served
-    // from the cache before every later write is sure to reach it.
-    let tailers = service
-        .start_tailers(shutdown.clone())
-        .await
-        .context("starting the stream tailers")?;
-    if !config.metrics.listen.is_empty() {
-        let addr = &config.metrics.listen;
-        let endpoint = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics endpoint on {addr} (metrics.listen)"))?;
-        tracing::info!(%addr, "metrics endpoint listening");
-        tokio::spawn(http::serve(endpoint, service.clone(), shutdown.clone()));
-    }
-    let listener = server::bind(&config.server)?;
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    server::run(listener, service, config.server, shutdown.clone()).await;
-    shutdown.cancel();
-    tailers.wait().await;
+    daemon.run(shutdown).await;
     Ok(())
 }
 

@@ -478,6 +478,11 @@ impl Metrics {
         h.retries.increment(attempts.saturating_sub(1));
     }
 
+    /// Folds the histograms' pending samples into their buckets, which frees them.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The exposition text, with the cache's and tailers' counters brought up to date.
     pub fn render(&self, cache: &StatsSnapshot, tail: &TailSnapshot) -> String {
         for op in ReadOp::ALL {

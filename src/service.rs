@@ -124,7 +124,7 @@ impl Service {
     }
 
     /// The daemon's metrics.
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 

@@ -5,7 +5,7 @@
 //! and a well-behaved client beside them is served throughout.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,55 +15,10 @@ use ddbcached_protocol::codec::encode_request;
 use ddbcached_protocol::{Client, Request};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
 
-use crate::harness::{endpoint, free_port, http_get, name};
+use crate::harness::{free_port, http_get, name, rss, spawn_daemon};
 
 const IDLE_TIMEOUT: Duration = Duration::from_millis(1000);
-
-/// The daemon binary, serving on a socket in `dir`; returns it, the socket and its
-/// metrics endpoint.
-async fn spawn_daemon(dir: &Path) -> (Child, PathBuf, SocketAddr) {
-    let socket = dir.join("ddbcached.sock");
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = dir.join("ddbcached.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nsocket_path = {socket:?}\nidle_timeout_ms = {}\n\
-             [dynamodb]\nendpoint = \"{}\"\nregion = \"us-east-1\"\nuse_dummy_credentials = true\n\
-             [metrics]\nlisten = \"{metrics}\"\n",
-            IDLE_TIMEOUT.as_millis(),
-            endpoint()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_ddbcached"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        // Memory that glibc keeps after a peak would hide or fake a leak: one arena (with
-        // one per thread the pools kept growing, 0.5 MiB a round over twelve rounds), and
-        // fixed thresholds (glibc otherwise raises them after large frees), so that
-        // blocks from 64 KiB are mapped and unmapped and a freed heap top is returned.
-        .env("MALLOC_ARENA_MAX", "1")
-        .env("MALLOC_MMAP_THRESHOLD_", "65536")
-        .env("MALLOC_TRIM_THRESHOLD_", "131072")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(c) = Client::connect(&socket).await {
-            if c.health().await.is_ok_and(|(ready, _)| ready) {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "the daemon did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (child, socket, metrics)
-}
 
 /// What a process holds.
 struct Usage {
@@ -95,12 +50,6 @@ async fn usage(pid: u32, metrics: SocketAddr) -> Usage {
         .filter_map(|l| l.strip_prefix("socket:[")?.strip_suffix(']'))
         .filter(|inode| unix.contains(*inode))
         .count();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
     let exposition = http_get(metrics, "/metrics").await.1;
     let connections = exposition
         .lines()
@@ -110,7 +59,7 @@ async fn usage(pid: u32, metrics: SocketAddr) -> Usage {
     Usage {
         fds: links.len(),
         unix_fds,
-        rss: kib * 1024,
+        rss: rss(pid),
         connections,
     }
 }
@@ -145,7 +94,12 @@ async fn connect(socket: &Path) -> UnixStream {
 #[tokio::test(flavor = "multi_thread")]
 async fn misbehaving_clients_leave_no_trace_and_do_not_disturb_others() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut daemon, socket, metrics) = spawn_daemon(dir.path()).await;
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = format!(
+        "[server]\nidle_timeout_ms = {}\n[metrics]\nlisten = \"{metrics}\"\n",
+        IDLE_TIMEOUT.as_millis()
+    );
+    let (mut daemon, socket) = spawn_daemon(dir.path(), &config).await;
     let pid = daemon.id().unwrap();
     let ns = name();
     // A cached 64 KiB value: its replies fill a socket buffer quickly.

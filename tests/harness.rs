@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ddbcached::config::Config;
-use ddbcached::{aws, server, service::Service, tables};
+use ddbcached::daemon::{Daemon as RootDaemon, Tailers};
+use ddbcached::{aws, service::Service, tables};
 use ddbcached_protocol::Client;
 use rand::distr::{Alphanumeric, SampleString};
 use rand::Rng;
@@ -189,6 +190,55 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String
     (head.lines().next().unwrap().to_owned(), body.to_owned())
 }
 
+/// The daemon binary as a process of its own (so that its memory and descriptors can be
+/// read from /proc), on DynamoDB Local with a socket in `dir` and `config` as its
+/// configuration file; returns once it is ready, with its socket.
+pub async fn spawn_daemon(dir: &Path, config: &str) -> (tokio::process::Child, PathBuf) {
+    let socket = dir.join("ddbcached.sock");
+    let file = dir.join("ddbcached.toml");
+    std::fs::write(&file, config).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ddbcached"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .env("DDBCACHED_SOCKET", &socket)
+        .env("DDBCACHED_DYNAMODB_ENDPOINT", endpoint())
+        .env("DDBCACHED_DYNAMODB_REGION", "us-east-1")
+        .env("DDBCACHED_DYNAMODB_USE_DUMMY_CREDENTIALS", "true")
+        // Memory that glibc keeps after a peak would hide or fake a leak: one arena (with
+        // one per thread the pools kept growing, 0.5 MiB a round over twelve rounds), and
+        // fixed thresholds (glibc otherwise raises them after large frees), so that
+        // blocks from 64 KiB are mapped and unmapped and a freed heap top is returned.
+        .env("MALLOC_ARENA_MAX", "1")
+        .env("MALLOC_MMAP_THRESHOLD_", "65536")
+        .env("MALLOC_TRIM_THRESHOLD_", "131072")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(c) = Client::connect(&socket).await {
+            if c.health().await.is_ok_and(|(ready, _)| ready) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the daemon did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (child, socket)
+}
+
+/// A process's resident memory, bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
 /// A loopback port nobody listens on at the moment.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -209,15 +259,16 @@ pub fn dynamo_config(endpoint: &str) -> Config {
     c
 }
 
-/// A daemon running in this test's runtime, on its own socket.
+/// A daemon running in this test's runtime, on its own socket, built by the same root
+/// as the binary's.
 pub struct Daemon {
     pub socket: PathBuf,
     pub config: Config,
     /// The daemon's internals, for counters and test hooks.
     pub service: Arc<Service>,
+    metrics: std::net::SocketAddr,
     shutdown: CancellationToken,
-    tailers: CancellationToken,
-    tailer_tasks: Option<tokio_util::task::TaskTracker>,
+    tailers: Option<Tailers>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
@@ -235,8 +286,8 @@ impl Daemon {
         Self::start_config(config).await
     }
 
-    /// A daemon with exactly this configuration (its socket path is replaced), its stream
-    /// tailers positioned and caught up.
+    /// A daemon with exactly this configuration (its socket path and metrics address are
+    /// replaced), its stream tailers positioned and caught up.
     pub async fn start_config(config: Config) -> Daemon {
         let d = Self::launch(config, true).await;
         d.wait_until_fresh().await;
@@ -252,30 +303,23 @@ impl Daemon {
     async fn launch(mut config: Config, tail: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         config.server.socket_path = dir.path().join("ddbcached.sock");
+        config.metrics.listen = "127.0.0.1:0".into();
         config.validate().unwrap();
-        let service = Service::connect(&config).await;
-        let shutdown = CancellationToken::new();
-        let tailers = shutdown.child_token();
-        let tailer_tasks = if tail {
-            Some(service.start_tailers(tailers.clone()).await.unwrap())
+        let daemon = if tail {
+            RootDaemon::start(&config).await
         } else {
-            None
-        };
-        let listener = server::bind(&config.server).unwrap();
-        let task = tokio::spawn(server::run(
-            listener,
-            service.clone(),
-            config.server.clone(),
-            shutdown.clone(),
-        ));
+            RootDaemon::start_without_tailers(&config).await
+        }
+        .unwrap();
+        let shutdown = CancellationToken::new();
         Daemon {
             socket: config.server.socket_path.clone(),
             config,
-            service,
+            service: daemon.service().clone(),
+            metrics: daemon.metrics_addr().unwrap(),
+            tailers: daemon.tailers(),
+            task: Some(tokio::spawn(daemon.run(shutdown.clone()))),
             shutdown,
-            tailers,
-            tailer_tasks,
-            task: Some(task),
             _dir: dir,
         }
     }
@@ -288,9 +332,8 @@ impl Daemon {
     /// Stops the daemon's stream tailers and waits until they have (the daemon goes on
     /// serving).
     pub async fn stop_tailers(&self) {
-        self.tailers.cancel();
-        if let Some(tasks) = &self.tailer_tasks {
-            tasks.wait().await;
+        if let Some(tailers) = &self.tailers {
+            tailers.stop().await;
         }
     }
 
@@ -317,16 +360,9 @@ impl Daemon {
         self.service.tail_state().snapshot().flushes.iter().sum()
     }
 
-    /// Starts the metrics endpoint on a free loopback port; returns its address.
+    /// The address of the daemon's metrics endpoint (on a free loopback port).
     pub async fn metrics_endpoint(&self) -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(ddbcached::http::serve(
-            listener,
-            self.service.clone(),
-            self.shutdown.clone(),
-        ));
-        addr
+        self.metrics
     }
 
     /// Signals shutdown without waiting for it.

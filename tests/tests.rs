@@ -14,6 +14,7 @@ mod faults;
 mod harness;
 mod kv;
 mod log;
+mod memory;
 mod ops;
 mod outage;
 mod protocol;
