@@ -35,7 +35,8 @@ use crate::service::{error_reply, Outcome, Service};
 const OUTBOX_FRAMES: usize = 256;
 
 /// Serves one connection until the client closes it, a protocol error ends it, it idles
-/// past `idle_timeout_ms`, or `shutdown` fires (then requests already read still complete).
+/// past `idle_timeout_ms`, or `shutdown` fires: then requests already running complete,
+/// and any that arrive meanwhile are answered `shutting_down` without being run.
 pub async fn serve(
     stream: UnixStream,
     service: Arc<Service>,
@@ -68,10 +69,20 @@ pub async fn serve(
     if greeted {
         let requests = TaskTracker::new();
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight_per_connection));
+        // Once the daemon is stopping, requests still arriving are answered
+        // `shutting_down` (not run: safe to send elsewhere) until those in flight are done.
+        let mut draining = false;
         loop {
             let next = tokio::select! {
+                // Shutdown first: a frame read after it began is never run.
+                biased;
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    requests.close();
+                    continue;
+                }
+                _ = requests.wait(), if draining => break,
                 next = frames.next() => next,
-                _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(idle.unwrap_or_default()), if idle.is_some() => {
                     if in_flight.available_permits() == config.max_in_flight_per_connection {
                         tracing::debug!("closing an idle connection");
@@ -105,6 +116,12 @@ pub async fn serve(
                     continue;
                 }
             };
+            if draining {
+                if !refuse_stopping(id, &request, &outbox, &service).await {
+                    break;
+                }
+                continue;
+            }
             // A hit is answered here: spawning a task for it would cost more than the hit.
             let started = Instant::now();
             if let Some(reply) = service.answer_from_cache(&request).await {
@@ -124,7 +141,12 @@ pub async fn serve(
             }
             let permit = tokio::select! {
                 permit = in_flight.clone().acquire_owned() => permit.expect("never closed"),
-                _ = shutdown.cancelled() => break,
+                // Stopping while waiting for a slot: this request was read, so it is
+                // answered like any other that arrives now.
+                _ = shutdown.cancelled() => {
+                    refuse_stopping(id, &request, &outbox, &service).await;
+                    continue;
+                }
             };
             let service = service.clone();
             let outbox = outbox.clone();
@@ -147,6 +169,24 @@ pub async fn serve(
     // The writer ends once every queued reply is written (or the client has gone).
     let _ = writer.await;
     service.metrics().connection_closed();
+}
+
+/// Answers a request that arrived while the daemon is stopping, without running it;
+/// returns whether the reply could be queued.
+async fn refuse_stopping(
+    id: u64,
+    request: &Request,
+    outbox: &mpsc::Sender<Bytes>,
+    service: &Service,
+) -> bool {
+    service
+        .metrics()
+        .request(request.op(), Some(ErrorCode::ShuttingDown), Duration::ZERO);
+    let reply = Reply::error(
+        ErrorCode::ShuttingDown,
+        "the server is stopping; this request was not run",
+    );
+    outbox.send(encode_reply(Some(id), &reply)).await.is_ok()
 }
 
 /// Whether the peer may use the daemon: with an allow-list configured, its uid or gid

@@ -88,8 +88,8 @@ pub fn bind(config: &ServerConfig) -> Result<Listener, BindError> {
     Ok(listener)
 }
 
-/// Accepts and serves connections until `shutdown` fires; then stops accepting, lets
-/// requests in progress finish for up to `shutdown_grace_ms`, and removes the socket.
+/// Accepts and serves connections until `shutdown` fires; then closes and removes the
+/// socket at once, and lets requests in progress finish for up to `shutdown_grace_ms`.
 pub async fn run(
     listener: Listener,
     service: Arc<Service>,
@@ -129,6 +129,10 @@ pub async fn run(
             }
         }
     }
+    // Refuse newcomers at once: with the socket still bound they would queue in the
+    // backlog, unanswered, until the grace period ended.
+    drop(listener);
+    tracing::info!("stopped accepting; finishing requests in progress");
     connections.close();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     if tokio::time::timeout(grace, connections.wait())
@@ -140,6 +144,5 @@ pub async fn run(
             "shutdown grace period over; abandoning connections still busy"
         );
     }
-    drop(listener);
     tracing::info!("stopped");
 }

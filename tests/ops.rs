@@ -13,7 +13,7 @@ use ddbcached::cache::{CacheKey, HookPoint};
 use ddbcached_protocol::Client;
 use tokio::sync::{oneshot, Notify};
 
-use crate::harness::{dynamo_config, http_get, name, Daemon, Raw};
+use crate::harness::{dynamo_config, field, http_get, msgpack_map, name, Daemon, Raw, Val};
 
 /// Exposition samples: `name{labels}` -> value.
 fn samples(text: &str) -> BTreeMap<String, f64> {
@@ -237,7 +237,7 @@ async fn readiness_follows_the_tailers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn shutdown_lets_a_request_in_progress_finish_and_removes_the_socket() {
+async fn shutdown_refuses_newcomers_and_waits_for_requests_in_progress() {
     let d = Daemon::start().await;
     let c = d.client().await;
     let ns = name();
@@ -264,29 +264,63 @@ async fn shutdown_lets_a_request_in_progress_finish_and_removes_the_socket() {
             }
         })
     }));
-    let read = tokio::spawn({
-        let (c, ns) = (c.clone(), ns.clone());
-        async move { c.kv_get(&ns, Bytes::from_static(b"k"), None).await }
-    });
+    // The held read, on a connection spoken by hand.
+    let mut raw = Raw::ready(&d.socket).await;
+    raw.send(&msgpack_map(&[
+        ("id", Val::U(1)),
+        ("op", Val::S("kv.get")),
+        ("ns", Val::S(&ns)),
+        ("key", Val::B(b"k")),
+    ]))
+    .await;
+    // An open connection with nothing in flight: it is closed at once.
+    let mut idle = Raw::ready(&d.socket).await;
     reached.await.unwrap();
     d.begin_shutdown();
-    // New connections are no longer served...
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while Client::connect(&d.socket).await.is_ok() {
+    assert!(idle.closed().await);
+    // A request sent after shutdown began, beside the one in progress, is answered
+    // without being run.
+    raw.send(&msgpack_map(&[("id", Val::U(9)), ("op", Val::S("ping"))]))
+        .await;
+    let refused = raw.recv().await.expect("an answer to the late request");
+    assert_eq!(field(&refused, "id"), Some(rmpv::Value::from(9)));
+    assert_eq!(field(&refused, "code"), Some(rmpv::Value::from(21)));
+    // Newcomers are refused, not left waiting in the backlog: while the request above is
+    // held, the socket is closed and removed (a bound socket accepts connections into
+    // its backlog even when nobody accepts them).
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while tokio::net::UnixStream::connect(&d.socket).await.is_ok() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
-    .expect("the daemon stops accepting");
-    // ...but the request in progress completes.
-    release.notify_one();
-    assert_eq!(
-        read.await.unwrap().unwrap().unwrap().value,
-        Bytes::from_static(b"v")
+    .expect("new connections are refused while stopping");
+    assert!(!d.socket.exists());
+    // The server waits for the request in progress: it has not stopped while the
+    // request is held (it would within milliseconds if it did not wait)...
+    let mut stopping = tokio::spawn(d.stop());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut stopping)
+            .await
+            .is_err(),
+        "the server stopped with a request still in progress"
     );
-    let socket = d.socket.clone();
-    d.stop().await;
-    assert!(!socket.exists());
+    // ...which completes once released; then the connection closes and the server stops.
+    release.notify_one();
+    let done = raw
+        .recv()
+        .await
+        .expect("the answer to the request in progress");
+    assert_eq!(field(&done, "id"), Some(rmpv::Value::from(1)));
+    assert_eq!(
+        field(&done, "value"),
+        Some(rmpv::Value::Binary(b"v".to_vec()))
+    );
+    assert!(raw.closed().await);
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the server stops once the request is done")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
