@@ -10,13 +10,16 @@
 //! - [`cache`]: the versioned cache and its guards against stale fills.
 //! - [`locks`]: per-key async locks.
 //! - [`service`]: one request in, its replies out: the read path and the write path.
-//! - [`stream`]: the DynamoDB Streams tailers that keep the cache in line with others' writes.
+//! - [`coherence`]: what a change in the tables means for the cache (own writes' echoes,
+//!   reconcile or drop, flush on lost continuity, freshness).
+//! - [`stream`]: the DynamoDB Streams tailers, which hand what they read to a sink.
 //! - [`connection`]: one client connection: handshake, pipelining, streamed replies.
 //! - [`server`]: the socket, the accept loop and shutdown.
 //! - [`metrics`]: Prometheus metrics; [`http`]: the endpoint serving them and readiness.
 
 pub mod aws;
 pub mod cache;
+pub mod coherence;
 pub mod config;
 pub mod connection;
 pub mod daemon;

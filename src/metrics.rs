@@ -20,6 +20,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::cache::{ReadOp, Served, StatsSnapshot};
+use crate::coherence::CoherenceSnapshot;
 use crate::stream::{FlushCause, Table, TailSnapshot};
 
 /// Latency buckets, 10 µs to 10 s.
@@ -484,7 +485,12 @@ impl Metrics {
     }
 
     /// The exposition text, with the cache's and tailers' counters brought up to date.
-    pub fn render(&self, cache: &StatsSnapshot, tail: &TailSnapshot) -> String {
+    pub fn render(
+        &self,
+        cache: &StatsSnapshot,
+        tail: &TailSnapshot,
+        coherence: &CoherenceSnapshot,
+    ) -> String {
         for op in ReadOp::ALL {
             for (i, served) in [Served::Hit, Served::Coalesced, Served::Miss, Served::Bypass]
                 .into_iter()
@@ -503,16 +509,18 @@ impl Metrics {
             for (e, counter) in self.stream_records[i].iter().enumerate() {
                 counter.absolute(tail.records[i][e]);
             }
-            self.stream_invalidations[i].absolute(tail.invalidations[i]);
+            self.stream_invalidations[i].absolute(coherence.invalidations[i]);
             self.stream_errors[i].absolute(tail.errors[i]);
-            self.stream_bypassing[i].set(if tail.bypassing[i] { 1.0 } else { 0.0 });
+            self.stream_bypassing[i].set(if coherence.bypassing[i] { 1.0 } else { 0.0 });
             self.stream_shards[i].set(tail.shards[i] as f64);
-            self.stream_since_caught_up[i].set(tail.seconds_since_caught_up[i].unwrap_or(f64::NAN));
+            self.stream_since_caught_up[i]
+                .set(coherence.seconds_since_caught_up[i].unwrap_or(f64::NAN));
         }
         for (c, counter) in self.stream_flushes.iter().enumerate() {
-            counter.absolute(tail.flushes[c]);
+            counter.absolute(coherence.flushes[c]);
         }
-        self.stream_bypass_switches.absolute(tail.bypass_switches);
+        self.stream_bypass_switches
+            .absolute(coherence.bypass_switches);
         self.handle.render()
     }
 }

@@ -28,11 +28,12 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use crate::aws::{self, ApiCalls};
 use crate::cache::{Cache, CacheKey, Cached, KeyVersions, Known, ReadOp, Served, TopicTail};
+use crate::coherence::{Coherence, ItemKey};
 use crate::config::{Config, StreamsConfig};
 use crate::metrics::Metrics;
 use crate::store::{KvStore, LogStore, StoreError};
 use crate::stream::api::SdkStreams;
-use crate::stream::{ItemKey, StartError, Table, TailState, Tailer};
+use crate::stream::{StartError, Table, TailStats, Tailer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -56,7 +57,8 @@ pub struct Service {
     kv: KvStore,
     log: LogStore,
     cache: Arc<Cache>,
-    tail: Arc<TailState>,
+    coherence: Arc<Coherence>,
+    tail_stats: Arc<TailStats>,
     tables: [String; 2],
     streams_config: StreamsConfig,
     metrics: Arc<Metrics>,
@@ -82,12 +84,15 @@ impl Service {
             dynamodb: client.clone(),
             streams: aws::streams_client_from(&sdk, api_calls.clone()),
         });
+        let cache = Arc::new(Cache::new(&config.cache));
         Arc::new(Service {
             streams,
-            tail: Arc::new(TailState::new(
+            coherence: Arc::new(Coherence::new(
+                cache.clone(),
                 config.cache.max_staleness_ms,
                 metrics.stream_lag(),
             )),
+            tail_stats: Arc::default(),
             metrics,
             ready: Default::default(),
             tables: [d.kv_table.clone(), d.log_table.clone()],
@@ -101,7 +106,7 @@ impl Service {
             ),
             dynamodb: client,
             api_calls,
-            cache: Arc::new(Cache::new(&config.cache)),
+            cache,
             fill_max_versions: config.cache.fill_max_versions,
             lock_wait: d.operation_timeout(),
             piece_bytes: config.server.max_frame_bytes / 2,
@@ -130,8 +135,11 @@ impl Service {
 
     /// The Prometheus exposition of every metric, brought up to date.
     pub async fn render_metrics(&self) -> String {
-        self.metrics
-            .render(&self.cache.stats().await, &self.tail.snapshot())
+        self.metrics.render(
+            &self.cache.stats().await,
+            &self.tail_stats.snapshot(),
+            &self.coherence.snapshot(),
+        )
     }
 
     /// Whether the daemon is ready (tables checked, tailers positioned), and in words.
@@ -144,7 +152,7 @@ impl Service {
         }
         let behind: Vec<&str> = Table::ALL
             .into_iter()
-            .filter(|t| self.tail.must_bypass(*t))
+            .filter(|t| self.coherence.must_bypass(*t))
             .map(Table::name)
             .collect();
         if behind.is_empty() {
@@ -160,9 +168,14 @@ impl Service {
         }
     }
 
-    /// The stream tailers' shared state (freshness, counters).
-    pub fn tail_state(&self) -> &TailState {
-        &self.tail
+    /// The cache's coherence with the tables (freshness, echoes, flushes).
+    pub fn coherence(&self) -> &Coherence {
+        &self.coherence
+    }
+
+    /// The stream tailers' counters.
+    pub fn tail_stats(&self) -> &TailStats {
+        &self.tail_stats
     }
 
     /// Starts a stream tailer per table. When this returns, both have taken their
@@ -185,8 +198,8 @@ impl Service {
                 self.streams.clone(),
                 self.tables[table as usize].clone(),
                 table,
-                self.cache.clone(),
-                self.tail.clone(),
+                self.coherence.clone(),
+                self.tail_stats.clone(),
                 self.streams_config.clone(),
             )
             .await?;
@@ -221,7 +234,7 @@ impl Service {
                 };
                 (ReadOp::KvLatestTs, Reply::Timestamp(answer))
             }
-            Request::LogPosition { topic } if !self.tail.must_bypass(Table::Log) => {
+            Request::LogPosition { topic } if !self.coherence.must_bypass(Table::Log) => {
                 let Some(Cached::Log(t)) = self.cache.get(&CacheKey::Log(topic.clone())).await
                 else {
                     return None;
@@ -236,7 +249,7 @@ impl Service {
 
     /// A key's cached versions, if the key-value cache may be used now.
     async fn cached_versions(&self, ns: &str, key: &Bytes) -> Option<Arc<KeyVersions>> {
-        if self.tail.must_bypass(Table::Kv) {
+        if self.coherence.must_bypass(Table::Kv) {
             return None;
         }
         match self
@@ -321,7 +334,11 @@ impl Service {
         consistent: bool,
     ) -> Result<Option<Versioned>, StoreError> {
         let (versions, served) = self
-            .key_versions(&ns, &key, consistent || self.tail.must_bypass(Table::Kv))
+            .key_versions(
+                &ns,
+                &key,
+                consistent || self.coherence.must_bypass(Table::Kv),
+            )
             .await?;
         match versions.latest(before) {
             Known::Yes(answer) => {
@@ -337,7 +354,7 @@ impl Service {
 
     async fn kv_latest_ts(&self, ns: String, key: Bytes) -> Result<Option<i64>, StoreError> {
         let (versions, served) = self
-            .key_versions(&ns, &key, self.tail.must_bypass(Table::Kv))
+            .key_versions(&ns, &key, self.coherence.must_bypass(Table::Kv))
             .await?;
         match versions.latest_ts() {
             Known::Yes(answer) => {
@@ -353,7 +370,7 @@ impl Service {
 
     async fn kv_timestamps(&self, ns: String, key: Bytes) -> Result<Vec<i64>, StoreError> {
         let (versions, served) = self
-            .key_versions(&ns, &key, self.tail.must_bypass(Table::Kv))
+            .key_versions(&ns, &key, self.coherence.must_bypass(Table::Kv))
             .await?;
         match versions.timestamps() {
             Known::Yes(answer) => {
@@ -399,7 +416,7 @@ impl Service {
     }
 
     async fn log_position(&self, topic: String) -> Result<i64, StoreError> {
-        if self.tail.must_bypass(Table::Log) {
+        if self.coherence.must_bypass(Table::Log) {
             self.cache.record(ReadOp::LogPosition, Served::Bypass);
             return self.log.position(&topic).await;
         }
@@ -427,7 +444,7 @@ impl Service {
     }
 
     async fn log_scan(&self, topic: String, from: i64, until: i64) -> Outcome {
-        if self.tail.must_bypass(Table::Log) {
+        if self.coherence.must_bypass(Table::Log) {
             self.cache.record(ReadOp::LogScan, Served::Bypass);
             return self.stream_values(self.log.scan(&topic, from, until));
         }
@@ -471,16 +488,11 @@ impl Service {
     ) -> Result<(), StoreError> {
         let ck = CacheKey::Kv(ns.clone(), key.clone());
         let _writing = self.wait_for(self.cache.lock_write(&ck)).await?;
-        // Registered before the call: DynamoDB makes the record visible before its
-        // acknowledgement arrives here, and the tailer must recognise it as ours.
         let item = ItemKey::Kv(ns.clone(), key.clone(), ts);
-        self.tail.note_write(item.clone(), &value);
-        let result = self.kv.put(&ns, &key, value.clone(), ts).await;
-        match result {
-            // Again, to time the record's return from the acknowledgement.
-            Ok(()) => self.tail.note_write(item, &value),
-            Err(_) => self.tail.forget_write(&item),
-        }
+        let result = self
+            .coherence
+            .own_write(item, &value, self.kv.put(&ns, &key, value.clone(), ts))
+            .await;
         self.after_write(ck, &result, |_, current| match current {
             Some(Cached::Kv(v)) => Some(Cached::Kv(Arc::new(v.with_put(ts, value)))),
             _ => None,
@@ -517,9 +529,10 @@ impl Service {
         };
         let result = self.log.put(&topic, value.clone(), known).await;
         if let Ok(index) = result {
-            self.tail
+            // The index is known only from the acknowledgement, so only then registered.
+            self.coherence
                 .note_write(ItemKey::Log(topic.clone(), index), &value);
-            self.tail
+            self.coherence
                 .note_write(ItemKey::Counter(topic), &index.to_be_bytes());
         }
         let capacity = self.cache.tail_capacity();

@@ -749,7 +749,7 @@ async fn step_loop(d: &Daemon) -> bool {
         misses,
         flows as u64,
         "only each flow's first read of its variable misses: {s:?} {:?}",
-        d.service.tail_state().snapshot()
+        d.service.coherence().snapshot()
     );
     println!(
         "step loop: {reads} reads, {} hits, {misses} misses: hit ratio {:.2}%",

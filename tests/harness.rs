@@ -344,7 +344,7 @@ impl Daemon {
         tokio::time::timeout(Duration::from_secs(30), async {
             while Table::ALL
                 .iter()
-                .any(|t| self.service.tail_state().must_bypass(*t))
+                .any(|t| self.service.coherence().must_bypass(*t))
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -357,7 +357,7 @@ impl Daemon {
     /// reports stream records as trimmed when none were (aws/aws-sdk-java#2923); the
     /// tailer then rightly flushes, which tests counting DynamoDB calls must notice.
     pub fn flushes(&self) -> u64 {
-        self.service.tail_state().snapshot().flushes.iter().sum()
+        self.service.coherence().snapshot().flushes.iter().sum()
     }
 
     /// The address of the daemon's metrics endpoint (on a free loopback port).

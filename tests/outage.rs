@@ -135,7 +135,7 @@ async fn an_outage_fails_requests_in_time_and_the_daemon_recovers_without_a_rest
     tokio::time::sleep(bound + Duration::from_millis(2000)).await;
     for table in Table::ALL {
         assert!(
-            d.service.tail_state().must_bypass(table),
+            d.service.coherence().must_bypass(table),
             "{table:?}: reads still served from the cache {:?} into the outage",
             killed.elapsed()
         );

@@ -123,13 +123,13 @@ async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
     // key: each cached entry was dropped by a record, or was never stored because a record
     // of the setup writes raced its fill; unless DynamoDB Local's spurious trim made the
     // tailer drop them all at once.
-    let tail = b_.service.tail_state().snapshot();
+    let tail = b_.service.coherence().snapshot();
     let rejected = b_.service.cache().stats().await.rejected_fills;
     assert!(
         tail.invalidations[Table::Kv as usize] + rejected >= 200 || b_.flushes() > 0,
         "{tail:?}, {rejected} fills rejected"
     );
-    assert!(!b_.service.tail_state().must_bypass(Table::Kv));
+    assert!(!b_.service.coherence().must_bypass(Table::Kv));
     assert!(b_.service.cache().stats().await.total(Served::Hit) > hits_before);
 }
 
@@ -219,7 +219,7 @@ async fn reads_bypass_the_cache_once_the_tailer_falls_behind() {
         || async {
             Table::ALL
                 .iter()
-                .all(|t| d.service.tail_state().must_bypass(*t))
+                .all(|t| d.service.coherence().must_bypass(*t))
         },
         |s| *s,
     )
@@ -235,7 +235,7 @@ async fn reads_bypass_the_cache_once_the_tailer_falls_behind() {
     let stats = d.service.cache().stats().await;
     assert!(stats.total(Served::Bypass) >= 2, "{stats:?}");
     assert!(
-        d.service.tail_state().snapshot().bypass_switches >= 2,
+        d.service.coherence().snapshot().bypass_switches >= 2,
         "start-up switch, then this one"
     );
 }

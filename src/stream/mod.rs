@@ -1,54 +1,51 @@
-//! The DynamoDB Streams tailer: one per table, it applies what other nodes (or anything
-//! else) write to the tables to the cache, and tells the read path whether the cache can
-//! be trusted right now.
+//! The DynamoDB Streams tailer: one per table, it reads what other nodes (or anything
+//! else) write to the table and hands it, in order, to a [`Sink`] (applying it to the
+//! local cache is [`crate::coherence`]'s; publishing it to other hosts is another sink).
 //!
 //! - [`api`]: the Streams calls, behind a trait (real SDK or a scripted fake).
 //! - [`shards`]: the shard graph (lineage, discovery, readiness).
-//! - [`apply`]: a record's meaning for the cache.
+//! - [`change`]: what a record says changed.
 //!
 //! The loop follows `shared/design/streams.md`: positions are taken (LATEST on open
 //! shards) before the daemon serves any read from the cache; each round polls every shard
-//! being read, applies records in shard order and checkpoints them; a closed shard's
-//! children are looked up with the child-shard filter, and the whole stream is
+//! being read, hands the records over in shard order and checkpoints them once the sink
+//! has accepted them (a refused page is read again from the same iterator); a closed
+//! shard's children are looked up with the child-shard filter, and the whole stream is
 //! re-described periodically; an expired iterator resumes after the checkpoint; trimmed
-//! records, an unknown sequence number or a replaced stream invalidate the whole cache;
-//! throttling and errors back off. Invalidations after lost continuity are per table.
+//! records, an unknown sequence number or a replaced stream are reported as lost
+//! continuity (the sink flushes the table); throttling and errors back off.
 //!
 //! Bounded staleness: a round that finds a shard caught up (fewer records than a full
-//! page) proves that every record written before the round began has been applied. The
-//! oldest such proof among the shards being read is the table's freshness; when it is
-//! older than `cache.max_staleness_ms`, reads of that table bypass the cache.
+//! page) proves that every record written before the round began has been handed over.
+//! The oldest such proof among the shards being read is reported to the sink after every
+//! round as the table's freshness.
 
 pub mod api;
-pub mod apply;
+pub mod change;
 #[cfg(test)]
 mod fake;
 pub mod shards;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::Cache;
+use crate::coherence::{Seen, Sink};
 use crate::config::StreamsConfig;
 use api::{ShardInfo, StartAt, StreamError, StreamsApi};
-use apply::Change;
 use shards::Shards;
 
 /// Records per GetRecords call; a page this full means the shard is not caught up.
 const FULL_PAGE: usize = 1000;
 /// The longest pause after repeated errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// Own writes remembered for measuring how long their records take to come back.
-const ECHOES_REMEMBERED: usize = 4096;
 
 /// The two tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -95,45 +92,11 @@ impl FlushCause {
     }
 }
 
-/// An item this daemon wrote, to recognise its record when it comes back: a key-value
-/// version, a log entry, or a topic's counter.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum ItemKey {
-    Kv(String, bytes::Bytes, i64),
-    Log(String, i64),
-    Counter(String),
-}
-
-/// What the tailers and the read path share: freshness, counters, own writes in flight.
-pub struct TailState {
-    clock: Instant,
-    max_staleness_ms: u64,
-    /// Per table: ms (on `clock`) since which every record is applied; `u64::MAX`: never.
-    caught_up_ms: [AtomicU64; 2],
-    bypassing: [AtomicBool; 2],
-    echoes: Mutex<Echoes>,
-    /// Where the visibility lag of own writes is recorded.
-    lag: metrics::Histogram,
-    stats: TailStats,
-}
-
-/// Own writes whose records have not come back yet: when each was acknowledged, and a
-/// digest of what it wrote.
+/// What the tailers count: records read, failed calls, shards tracked.
 #[derive(Default)]
-struct Echoes {
-    written: HashMap<ItemKey, (Instant, u64)>,
-    order: VecDeque<ItemKey>,
-    /// Keyed per process, so digests cannot be aimed at by whoever writes the tables.
-    hasher: std::collections::hash_map::RandomState,
-}
-
-#[derive(Default)]
-struct TailStats {
+pub struct TailStats {
     records: [[AtomicU64; 3]; 2],
-    invalidations: [AtomicU64; 2],
-    flushes: [AtomicU64; 3],
     errors: [AtomicU64; 2],
-    bypass_switches: AtomicU64,
     shards: [AtomicU64; 2],
 }
 
@@ -142,128 +105,20 @@ struct TailStats {
 pub struct TailSnapshot {
     /// `[table][event]`: insert, modify, remove.
     pub records: [[u64; 3]; 2],
-    /// Keys dropped because a record showed news, per table.
-    pub invalidations: [u64; 2],
-    /// Whole-cache invalidations by [`FlushCause`].
-    pub flushes: [u64; 3],
     /// Failed Streams calls per table.
     pub errors: [u64; 2],
-    /// Switches between serving from the cache and bypassing it, both ways.
-    pub bypass_switches: u64,
-    pub bypassing: [bool; 2],
     /// Shards tracked per table.
     pub shards: [u64; 2],
-    /// Seconds since each table was last proven caught up (`None`: never).
-    pub seconds_since_caught_up: [Option<f64>; 2],
 }
 
-impl TailState {
-    /// `lag` receives the visibility lag of each own write whose record comes back.
-    pub fn new(max_staleness_ms: u64, lag: metrics::Histogram) -> TailState {
-        TailState {
-            lag,
-            clock: Instant::now(),
-            max_staleness_ms,
-            caught_up_ms: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
-            bypassing: [AtomicBool::new(true), AtomicBool::new(true)],
-            echoes: Mutex::default(),
-            stats: TailStats::default(),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.clock.elapsed().as_millis() as u64
-    }
-
-    /// Whether reads of `table` must bypass the cache: its tailer has not proven itself
-    /// caught up within the staleness bound. Logs and counts each switch.
-    pub fn must_bypass(&self, table: Table) -> bool {
-        let caught_up = self.caught_up_ms[table as usize].load(Ordering::Acquire);
-        let stale = caught_up == u64::MAX
-            || self.now_ms().saturating_sub(caught_up) > self.max_staleness_ms;
-        let flag = &self.bypassing[table as usize];
-        if flag.load(Ordering::Relaxed) != stale && flag.swap(stale, Ordering::Relaxed) != stale {
-            self.stats.bypass_switches.fetch_add(1, Ordering::Relaxed);
-            if stale {
-                tracing::warn!(
-                    table = table.name(),
-                    max_staleness_ms = self.max_staleness_ms,
-                    "stream tailer is behind: reads bypass the cache"
-                );
-            } else {
-                tracing::info!(
-                    table = table.name(),
-                    "stream tailer caught up: reads use the cache again"
-                );
-            }
-        }
-        stale
-    }
-
-    /// Remembers an acknowledged write of `written` (a value, or a counter's bytes), to
-    /// recognise its record when it comes back and to time it.
-    pub fn note_write(&self, item: ItemKey, written: &[u8]) {
-        let mut e = self.echoes.lock().expect("echo map poisoned");
-        let digest = e.hasher.hash_one(written);
-        if e.written
-            .insert(item.clone(), (Instant::now(), digest))
-            .is_none()
-        {
-            e.order.push_back(item);
-        }
-        while e.order.len() > ECHOES_REMEMBERED {
-            if let Some(old) = e.order.pop_front() {
-                e.written.remove(&old);
-            }
-        }
-    }
-
-    /// Forgets a write that failed: no record of it will come.
-    pub fn forget_write(&self, item: &ItemKey) {
-        self.echoes
-            .lock()
-            .expect("echo map poisoned")
-            .written
-            .remove(item);
-    }
-
-    /// Whether a record of `item` now holding `content` is the echo of one of this
-    /// daemon's writes (then it times its return). Only the exact content counts: a
-    /// record of the same item with other content is someone else's write.
-    fn is_echo(&self, item: &ItemKey, content: &[u8]) -> bool {
-        let mut e = self.echoes.lock().expect("echo map poisoned");
-        let digest = e.hasher.hash_one(content);
-        match e.written.get(item) {
-            Some((at, d)) if *d == digest => {
-                self.lag.record(at.elapsed().as_secs_f64());
-                e.written.remove(item);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn set_caught_up(&self, table: Table, at: Option<u64>) {
-        self.caught_up_ms[table as usize].store(at.unwrap_or(u64::MAX), Ordering::Release);
-    }
-
+impl TailStats {
     /// The counters.
     pub fn snapshot(&self) -> TailSnapshot {
-        let s = &self.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let now = self.now_ms();
         TailSnapshot {
-            records: [0, 1].map(|t| [0, 1, 2].map(|e| load(&s.records[t][e]))),
-            invalidations: [0, 1].map(|t| load(&s.invalidations[t])),
-            flushes: [0, 1, 2].map(|c| load(&s.flushes[c])),
-            errors: [0, 1].map(|t| load(&s.errors[t])),
-            bypass_switches: load(&s.bypass_switches),
-            bypassing: [0, 1].map(|t| self.bypassing[t].load(Ordering::Relaxed)),
-            shards: [0, 1].map(|t| load(&s.shards[t])),
-            seconds_since_caught_up: [0, 1].map(|t| match load(&self.caught_up_ms[t]) {
-                u64::MAX => None,
-                at => Some(now.saturating_sub(at) as f64 / 1000.0),
-            }),
+            records: [0, 1].map(|t| [0, 1, 2].map(|e| load(&self.records[t][e]))),
+            errors: [0, 1].map(|t| load(&self.errors[t])),
+            shards: [0, 1].map(|t| load(&self.shards[t])),
         }
     }
 }
@@ -282,12 +137,16 @@ pub enum StartError {
 }
 
 /// The tailer of one table's stream.
-pub struct Tailer<A: StreamsApi> {
+pub struct Tailer<A: StreamsApi, S: Sink> {
     api: Arc<A>,
     table_name: String,
     table: Table,
-    cache: Arc<Cache>,
-    state: Arc<TailState>,
+    sink: Arc<S>,
+    stats: Arc<TailStats>,
+    /// The origin of the shards' caught-up times.
+    clock: Instant,
+    /// Lost continuity the sink has not accepted yet: until it has, nothing is proven.
+    pending_loss: Option<FlushCause>,
     config: StreamsConfig,
     stream_arn: String,
     shards: Shards,
@@ -297,17 +156,17 @@ pub struct Tailer<A: StreamsApi> {
     backoff: Duration,
 }
 
-impl<A: StreamsApi> Tailer<A> {
+impl<A: StreamsApi, S: Sink> Tailer<A, S> {
     /// Finds the table's stream and takes positions on its open shards; once this
     /// returns, every write made afterwards will be seen.
     pub async fn start(
         api: Arc<A>,
         table_name: String,
         table: Table,
-        cache: Arc<Cache>,
-        state: Arc<TailState>,
+        sink: Arc<S>,
+        stats: Arc<TailStats>,
         config: StreamsConfig,
-    ) -> Result<Tailer<A>, StartError> {
+    ) -> Result<Tailer<A, S>, StartError> {
         let fail = |source| StartError::Api {
             table: table_name.clone(),
             source,
@@ -325,14 +184,16 @@ impl<A: StreamsApi> Tailer<A> {
             api,
             table_name: table_name.clone(),
             table,
-            cache,
-            state,
+            sink,
+            stats,
+            clock: Instant::now(),
+            pending_loss: None,
             config,
             orphaned_parents: BTreeSet::new(),
             backoff: Duration::ZERO,
         };
         tailer.take_iterators().await.map_err(fail)?;
-        tailer.state.stats.shards[table as usize]
+        tailer.stats.shards[table as usize]
             .store(tailer.shards.tracked() as u64, Ordering::Relaxed);
         tracing::info!(table = %table_name, shards = tailer.shards.tracked(), "stream tailer positioned");
         Ok(tailer)
@@ -358,6 +219,9 @@ impl<A: StreamsApi> Tailer<A> {
     /// whether a shard had more records than one call returns (poll again at once).
     pub async fn round(&mut self) -> bool {
         let mut failed = false;
+        if let Some(cause) = self.pending_loss.take() {
+            self.flush(cause).await;
+        }
         if Instant::now() >= self.next_discovery {
             failed |= self.discover().await.is_err();
         }
@@ -372,9 +236,21 @@ impl<A: StreamsApi> Tailer<A> {
         } else {
             Duration::ZERO
         };
-        self.state
-            .set_caught_up(self.table, self.shards.caught_up_at());
-        self.state.stats.shards[self.table as usize]
+        let caught_up = match self.pending_loss {
+            Some(_) => None,
+            None => self
+                .shards
+                .caught_up_at()
+                .map(|ms| self.clock + Duration::from_millis(ms)),
+        };
+        if let Err(e) = self
+            .sink
+            .accept(self.table, Seen::CaughtUp(caught_up))
+            .await
+        {
+            tracing::warn!(table = %self.table_name, error = %e, "the sink refused the freshness proof");
+        }
+        self.stats.shards[self.table as usize]
             .store(self.shards.tracked() as u64, Ordering::Relaxed);
         busy
     }
@@ -458,10 +334,10 @@ impl<A: StreamsApi> Tailer<A> {
         Ok(())
     }
 
-    /// Polls every shard that has an iterator, at once, then applies what came back
-    /// shard by shard, in order. Returns (a full page was seen, a call failed).
+    /// Polls every shard that has an iterator, at once, then hands what came back to the
+    /// sink shard by shard, in order. Returns (a full page was seen, a call failed).
     async fn poll(&mut self) -> (bool, bool) {
-        let started = self.state.now_ms();
+        let started = self.clock.elapsed().as_millis() as u64;
         let polls: Vec<(String, String)> = self
             .shards
             .reading()
@@ -474,18 +350,26 @@ impl<A: StreamsApi> Tailer<A> {
             match page {
                 Ok(page) => {
                     let full = page.records.len() >= FULL_PAGE;
-                    busy |= full;
-                    let mut checkpoint = None;
-                    for record in &page.records {
-                        self.apply(record).await;
-                        checkpoint = Some(record.sequence_number.clone());
+                    if let Some(last) = page.records.last() {
+                        let seen = Seen::Records {
+                            shard: &id,
+                            records: &page.records,
+                        };
+                        if let Err(e) = self.sink.accept(self.table, seen).await {
+                            // Not checkpointed: the same iterator reads the page again.
+                            tracing::warn!(table = %self.table_name, shard = %id, error = %e, "the sink refused records");
+                            failed = true;
+                            continue;
+                        }
+                        self.count(&page.records);
+                        if let Some(cursor) = self.shards.cursor(&id) {
+                            cursor.checkpoint = Some(last.sequence_number.clone());
+                        }
                     }
+                    busy |= full;
                     let Some(cursor) = self.shards.cursor(&id) else {
                         continue;
                     };
-                    if checkpoint.is_some() {
-                        cursor.checkpoint = checkpoint;
-                    }
                     if !full {
                         cursor.caught_up_at = Some(started);
                     }
@@ -555,59 +439,29 @@ impl<A: StreamsApi> Tailer<A> {
         self.flush(FlushCause::Trimmed).await;
     }
 
-    async fn apply(&self, record: &api::Record) {
-        let t = self.table as usize;
-        let event = record.event as usize;
-        self.state.stats.records[t][event].fetch_add(1, Ordering::Relaxed);
-        let Some(change) = Change::of(self.table, record) else {
-            return;
-        };
-        // The echo of this daemon's own write: the cache holds it, or is about to (the
-        // record may overtake the update that follows DynamoDB's acknowledgement), so
-        // there is nothing to do, and above all nothing to evict.
-        let echo = match &change {
-            Change::KvVersion {
-                ns,
-                key,
-                ts,
-                value: Some(v),
-            } => self
-                .state
-                .is_echo(&ItemKey::Kv(ns.clone(), key.clone(), *ts), v),
-            Change::LogEntry {
-                topic,
-                index,
-                value: Some(v),
-            } => self.state.is_echo(&ItemKey::Log(topic.clone(), *index), v),
-            Change::LogCounter {
-                topic,
-                position: Some(p),
-            } => self
-                .state
-                .is_echo(&ItemKey::Counter(topic.clone()), &p.to_be_bytes()),
-            _ => false,
-        };
-        if echo {
-            return;
-        }
-        if change.apply(&self.cache).await {
-            self.state.stats.invalidations[t].fetch_add(1, Ordering::Relaxed);
+    fn count(&self, records: &[api::Record]) {
+        let counts = &self.stats.records[self.table as usize];
+        for record in records {
+            counts[record.event as usize].fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Continuity lost: forgets everything cached from this table (the other table's
-    /// stream is unaffected).
-    async fn flush(&self, cause: FlushCause) {
-        tracing::warn!(table = %self.table_name, cause = cause.name(), "stream continuity lost: invalidating the table's cache");
-        self.state.stats.flushes[cause as usize].fetch_add(1, Ordering::Relaxed);
-        match self.table {
-            Table::Kv => self.cache.invalidate_keys().await,
-            Table::Log => self.cache.invalidate_topics().await,
+    /// Continuity lost: the sink is told (it flushes the table); until it has accepted
+    /// that, no freshness is claimed.
+    async fn flush(&mut self, cause: FlushCause) {
+        tracing::warn!(table = %self.table_name, cause = cause.name(), "stream continuity lost");
+        if let Err(e) = self
+            .sink
+            .accept(self.table, Seen::ContinuityLost(cause))
+            .await
+        {
+            tracing::warn!(table = %self.table_name, error = %e, "the sink refused lost continuity; trying again next round");
+            self.pending_loss = Some(cause);
         }
     }
 
     fn note_error(&self, e: &StreamError) {
-        self.state.stats.errors[self.table as usize].fetch_add(1, Ordering::Relaxed);
+        self.stats.errors[self.table as usize].fetch_add(1, Ordering::Relaxed);
         tracing::debug!(table = %self.table_name, error = %e, "stream call failed");
     }
 

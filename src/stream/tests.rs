@@ -7,31 +7,35 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::cache::{Cache, CacheKey, Cached, KeyVersions};
+use crate::coherence::Coherence;
 use crate::config::{CacheConfig, StreamsConfig};
 use crate::stream::api::StreamError;
 use crate::stream::fake::FakeStreams;
-use crate::stream::{FlushCause, Table, TailState, Tailer, MAX_BACKOFF};
+use crate::stream::{FlushCause, Table, TailStats, Tailer, MAX_BACKOFF};
 
 struct Rig {
     fake: Arc<FakeStreams>,
     cache: Arc<Cache>,
-    state: Arc<TailState>,
-    tailer: Tailer<FakeStreams>,
+    coherence: Arc<Coherence>,
+    stats: Arc<TailStats>,
+    tailer: Tailer<FakeStreams, Coherence>,
 }
 
 async fn rig(fake: FakeStreams) -> Rig {
     let fake = Arc::new(fake);
     let cache = Arc::new(Cache::new(&CacheConfig::default()));
-    let state = Arc::new(TailState::new(
+    let coherence = Arc::new(Coherence::new(
+        cache.clone(),
         CacheConfig::default().max_staleness_ms,
         metrics::Histogram::noop(),
     ));
+    let stats = Arc::new(TailStats::default());
     let tailer = Tailer::start(
         fake.clone(),
         "t".into(),
         Table::Kv,
-        cache.clone(),
-        state.clone(),
+        coherence.clone(),
+        stats.clone(),
         StreamsConfig::default(),
     )
     .await
@@ -39,7 +43,8 @@ async fn rig(fake: FakeStreams) -> Rig {
     Rig {
         fake,
         cache,
-        state,
+        coherence,
+        stats,
         tailer,
     }
 }
@@ -47,7 +52,7 @@ async fn rig(fake: FakeStreams) -> Rig {
 impl Rig {
     /// Records applied so far.
     fn applied(&self) -> u64 {
-        self.state.snapshot().records[Table::Kv as usize]
+        self.stats.snapshot().records[Table::Kv as usize]
             .iter()
             .sum()
     }
@@ -75,7 +80,7 @@ impl Rig {
     }
 
     fn flushes(&self, cause: FlushCause) -> u64 {
-        self.state.snapshot().flushes[cause as usize]
+        self.coherence.snapshot().flushes[cause as usize]
     }
 }
 
@@ -163,7 +168,7 @@ async fn listings_longer_than_a_page_are_followed() {
         fake.add_shard(&format!("s{n:03}"), None);
     }
     let mut r = rig(fake).await;
-    assert_eq!(r.state.snapshot().shards[0], 250);
+    assert_eq!(r.stats.snapshot().shards[0], 250);
     r.fake.put("s230", "ns", b"k", 1, b"v");
     r.fake.put("s001", "ns", b"k", 2, b"v");
     r.tailer.round().await;
@@ -270,7 +275,7 @@ async fn sustained_throttling_backs_off_and_reads_bypass_until_caught_up() {
     let mut r = rig(fake).await;
     r.tailer.round().await;
     assert!(
-        !r.state.must_bypass(Table::Kv),
+        !r.coherence.must_bypass(Table::Kv),
         "caught up after a clean round"
     );
 
@@ -288,7 +293,7 @@ async fn sustained_throttling_backs_off_and_reads_bypass_until_caught_up() {
     assert!(pauses.windows(2).all(|w| w[1] >= w[0]), "{pauses:?}");
     assert_eq!(*pauses.last().unwrap(), MAX_BACKOFF);
     assert!(
-        r.state.must_bypass(Table::Kv),
+        r.coherence.must_bypass(Table::Kv),
         "behind past the staleness bound: bypass"
     );
 
@@ -296,9 +301,9 @@ async fn sustained_throttling_backs_off_and_reads_bypass_until_caught_up() {
     r.tailer.round().await;
     assert_eq!(r.tailer.backoff, Duration::ZERO);
     assert_eq!(r.applied(), 1);
-    assert!(!r.state.must_bypass(Table::Kv), "caught up again");
+    assert!(!r.coherence.must_bypass(Table::Kv), "caught up again");
     // Start-up (bypassing until the first caught-up round) -> cache -> bypass -> cache.
-    assert_eq!(r.state.snapshot().bypass_switches, 3);
+    assert_eq!(r.coherence.snapshot().bypass_switches, 3);
 }
 
 #[tokio::test(start_paused = true)]
@@ -309,8 +314,8 @@ async fn an_echo_that_overtakes_the_cache_update_evicts_nothing() {
     let key = r.cache_key("k", "v1").await;
     // DynamoDB acknowledged this daemon's write of version 2; the cache update that
     // follows has not happened yet when the record arrives.
-    r.state.note_write(
-        crate::stream::ItemKey::Kv("ns".into(), Bytes::from_static(b"k"), 2),
+    r.coherence.note_write(
+        crate::coherence::ItemKey::Kv("ns".into(), Bytes::from_static(b"k"), 2),
         b"v2",
     );
     r.fake.put("a", "ns", b"k", 2, b"v2");
@@ -320,4 +325,74 @@ async fn an_echo_that_overtakes_the_cache_update_evicts_nothing() {
     r.fake.put("a", "ns", b"k", 2, b"theirs");
     r.tailer.round().await;
     assert!(r.cache.get(&key).await.is_none());
+}
+
+/// A sink that refuses the first `refusals` pages of records and keeps the sequence
+/// numbers of those it accepts.
+struct RefusingSink {
+    refusals: std::sync::atomic::AtomicUsize,
+    accepted: std::sync::Mutex<Vec<String>>,
+}
+
+impl crate::coherence::Sink for RefusingSink {
+    async fn accept(
+        &self,
+        _table: Table,
+        seen: crate::coherence::Seen<'_>,
+    ) -> Result<(), crate::coherence::SinkError> {
+        use std::sync::atomic::Ordering;
+        if let crate::coherence::Seen::Records { records, .. } = seen {
+            if self.refusals.load(Ordering::Relaxed) > 0 {
+                self.refusals.fetch_sub(1, Ordering::Relaxed);
+                return Err(crate::coherence::SinkError("not now".into()));
+            }
+            let mut accepted = self.accepted.lock().unwrap();
+            accepted.extend(records.iter().map(|r| r.sequence_number.clone()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_a_sink_refuses_are_handed_over_again_not_skipped() {
+    let fake = Arc::new(FakeStreams::new("arn1"));
+    fake.add_shard("a", None);
+    let sink = Arc::new(RefusingSink {
+        refusals: 2.into(),
+        accepted: Default::default(),
+    });
+    let stats = Arc::new(TailStats::default());
+    let mut tailer = Tailer::start(
+        fake.clone(),
+        "t".into(),
+        Table::Kv,
+        sink.clone(),
+        stats.clone(),
+        StreamsConfig::default(),
+    )
+    .await
+    .unwrap();
+    fake.put("a", "ns", b"k", 1, b"v1");
+    fake.put("a", "ns", b"k", 2, b"v2");
+    tailer.round().await;
+    tailer.round().await;
+    assert!(sink.accepted.lock().unwrap().is_empty());
+    assert_eq!(
+        stats.snapshot().records[0],
+        [0, 0, 0],
+        "nothing counted yet"
+    );
+    tailer.round().await;
+    fake.put("a", "ns", b"k", 3, b"v3");
+    tailer.round().await;
+    let accepted = sink.accepted.lock().unwrap().clone();
+    assert_eq!(
+        accepted.len(),
+        3,
+        "each record once, none lost: {accepted:?}"
+    );
+    let mut unique = accepted.clone();
+    unique.dedup();
+    assert_eq!(unique, accepted);
+    assert_eq!(stats.snapshot().records[0].iter().sum::<u64>(), 3);
 }

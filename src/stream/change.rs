@@ -1,14 +1,10 @@
-//! Stream records to cache reconciliations.
-//!
-//! A record is applied idempotently and never blindly: if the cached entry already shows
-//! what the record says (the echo of this daemon's own write, or a record applied before),
-//! nothing changes and nothing is evicted; otherwise the key is dropped, so the next read
-//! fetches DynamoDB's current state. Dropping rather than applying is what keeps a record
-//! that is older than one of this daemon's later writes from undoing it.
+//! What a stream record says changed, read from its keys and new image: the change's
+//! item, and whether a cached entry already shows it. What to do about it is
+//! [`crate::coherence`]'s business.
 
 use bytes::Bytes;
 
-use crate::cache::{Cache, CacheKey, Cached};
+use crate::cache::{CacheKey, Cached};
 use crate::store::keys::{
     split_kv_partition_key, KV_KEY, KV_TIMESTAMP, KV_VALUE, LOG_COUNTER_INDEX, LOG_INDEX,
     LOG_TOPIC, LOG_VALUE,
@@ -145,13 +141,6 @@ impl Change {
             _ => false,
         }
     }
-
-    /// Reconciles the cache with the change; returns whether a cached entry was dropped.
-    pub async fn apply(&self, cache: &Cache) -> bool {
-        cache
-            .reconcile(self.cache_key(), |cached| self.reflected_by(cached))
-            .await
-    }
 }
 
 fn bin(image: &Image, name: &str) -> Option<Bytes> {
@@ -170,11 +159,7 @@ fn num(image: &Image, name: &str) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::cache::{KeyVersions, TopicTail};
-    use crate::config::CacheConfig;
     use crate::store::keys::kv_partition_key;
 
     fn kv_record(event: Event, ns: &str, key: &[u8], ts: i64, value: Option<&[u8]>) -> Record {
@@ -263,73 +248,5 @@ mod tests {
         r.keys
             .insert(KV_KEY.into(), Attr::B(Bytes::from_static(b"nsk")));
         assert_eq!(Change::of(Table::Kv, &r), None);
-    }
-
-    #[tokio::test]
-    async fn echoes_keep_the_entry_and_news_drop_it() {
-        let cache = Cache::new(&CacheConfig::default());
-        let key = CacheKey::Kv("ns".into(), Bytes::from_static(b"k"));
-        let t = cache.ticket(&key);
-        let entry = KeyVersions::from_fill(vec![(5, Bytes::from_static(b"v"))], true);
-        cache
-            .commit_fill(key.clone(), t, |_| Some(Cached::Kv(Arc::new(entry))))
-            .await;
-        let echo = Change::of(
-            Table::Kv,
-            &kv_record(Event::Insert, "ns", b"k", 5, Some(b"v")),
-        )
-        .unwrap();
-        assert!(
-            !echo.apply(&cache).await,
-            "the echo of a write the cache holds"
-        );
-        assert!(cache.get(&key).await.is_some());
-        let news = Change::of(
-            Table::Kv,
-            &kv_record(Event::Modify, "ns", b"k", 5, Some(b"w")),
-        )
-        .unwrap();
-        assert!(news.apply(&cache).await);
-        assert!(cache.get(&key).await.is_none());
-        // An uncached key: nothing to drop, but fills in flight are rejected.
-        let t = cache.ticket(&key);
-        assert!(!news.apply(&cache).await);
-        assert!(!cache.commit_fill(key.clone(), t, |_| None).await);
-
-        let topic = CacheKey::Log("t".into());
-        let t = cache.ticket(&topic);
-        let tail = TopicTail::at(0, 8)
-            .with_entry(1, Bytes::from_static(b"e1"))
-            .with_entry(2, Bytes::from_static(b"e2"));
-        cache
-            .commit_fill(topic.clone(), t, |_| Some(Cached::Log(Arc::new(tail))))
-            .await;
-        for echo in [
-            log_record(
-                Event::Insert,
-                "t",
-                1,
-                Some(Attr::B(Bytes::from_static(b"e1"))),
-            ),
-            log_record(Event::Modify, "t", -1, Some(Attr::N("1".into()))),
-            log_record(Event::Modify, "t", -1, Some(Attr::N("2".into()))),
-        ] {
-            assert!(
-                !Change::of(Table::Log, &echo).unwrap().apply(&cache).await,
-                "{echo:?}"
-            );
-        }
-        let foreign = log_record(
-            Event::Insert,
-            "t",
-            3,
-            Some(Attr::B(Bytes::from_static(b"e3"))),
-        );
-        assert!(
-            Change::of(Table::Log, &foreign)
-                .unwrap()
-                .apply(&cache)
-                .await
-        );
     }
 }

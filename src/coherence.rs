@@ -1,0 +1,443 @@
+//! What a change in the tables means for this daemon's cache, whoever reports it: the
+//! rules that keep cached answers correct against writes made elsewhere.
+//!
+//! - **Own writes** are registered here before they are sent (and again once DynamoDB
+//!   has acknowledged them); the record of one that comes back is its *echo* and changes
+//!   nothing: the cache holds the write already, or is about to (a record may overtake
+//!   the cache update that follows the acknowledgement), so evicting would only cost a
+//!   miss. Only the exact content counts: a record of the same item with other content is
+//!   someone else's write.
+//! - **Any other change** is reconciled, never applied blindly: if the cached entry
+//!   already shows it nothing happens, otherwise the key is dropped (and fills in flight
+//!   are rejected), so the next read fetches DynamoDB's state. A record older than one of
+//!   this daemon's later writes therefore cannot undo it.
+//! - **Lost continuity** (records trimmed, a stream replaced, an iterator lost) flushes
+//!   the table's entries: something was missed, and nobody knows what.
+//! - **Freshness**: whoever reads the changes proves from time to time that every change
+//!   made before an instant has reached this module; the oldest such proof is the
+//!   table's freshness, and reads bypass the cache while it is older than
+//!   `cache.max_staleness_ms`.
+//!
+//! Today's source of changes is the stream tailer ([`crate::stream`]), which emits what it
+//! reads into a [`Sink`]; this module is the sink that applies it to the local cache.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::cache::Cache;
+use crate::stream::api::Record;
+use crate::stream::change::Change;
+use crate::stream::{FlushCause, Table};
+
+/// Own writes remembered until their records come back.
+const ECHOES_REMEMBERED: usize = 4096;
+
+/// An item this daemon wrote, to recognise its record when it comes back: a key-value
+/// version, a log entry, or a topic's counter.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ItemKey {
+    Kv(String, Bytes, i64),
+    Log(String, i64),
+    Counter(String),
+}
+
+/// What a reader of changes saw, in the order it saw it, for one table.
+#[derive(Debug)]
+pub enum Seen<'a> {
+    /// Records of one shard, in shard order.
+    Records {
+        shard: &'a str,
+        records: &'a [Record],
+    },
+    /// Continuity was lost: some changes were never seen.
+    ContinuityLost(FlushCause),
+    /// Every change made before this instant has been handed over (`None`: no such
+    /// proof right now).
+    CaughtUp(Option<Instant>),
+}
+
+/// Why a sink did not take what it was given; the reader keeps its position and gives
+/// the same again later.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
+/// Where a reader of changes hands what it saw. It moves its checkpoint past something
+/// only once the sink has accepted it.
+pub trait Sink: Send + Sync + 'static {
+    fn accept(
+        &self,
+        table: Table,
+        seen: Seen<'_>,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// The coherence of one daemon's cache with the tables.
+pub struct Coherence {
+    cache: Arc<Cache>,
+    clock: Instant,
+    max_staleness_ms: u64,
+    /// Per table: ms (on `clock`) before which every change is applied; `u64::MAX`: never.
+    fresh_as_of_ms: [AtomicU64; 2],
+    bypassing: [AtomicBool; 2],
+    echoes: Mutex<Echoes>,
+    /// Where the visibility lag of own writes is recorded.
+    lag: metrics::Histogram,
+    stats: Stats,
+}
+
+/// Own writes whose records have not come back yet: when each was acknowledged, and a
+/// digest of what it wrote.
+#[derive(Default)]
+struct Echoes {
+    written: HashMap<ItemKey, (Instant, u64)>,
+    order: VecDeque<ItemKey>,
+    /// Keyed per process, so digests cannot be aimed at by whoever writes the tables.
+    hasher: std::collections::hash_map::RandomState,
+}
+
+#[derive(Default)]
+struct Stats {
+    invalidations: [AtomicU64; 2],
+    flushes: [AtomicU64; 3],
+    bypass_switches: AtomicU64,
+}
+
+/// A snapshot of the coherence counters and state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CoherenceSnapshot {
+    /// Keys dropped because a change showed news, per table.
+    pub invalidations: [u64; 2],
+    /// Whole-table invalidations by [`FlushCause`].
+    pub flushes: [u64; 3],
+    /// Switches between serving from the cache and bypassing it, both ways.
+    pub bypass_switches: u64,
+    pub bypassing: [bool; 2],
+    /// Seconds since each table was last proven fresh (`None`: never).
+    pub seconds_since_caught_up: [Option<f64>; 2],
+}
+
+impl Coherence {
+    /// `lag` receives the visibility lag of each own write whose record comes back.
+    pub fn new(cache: Arc<Cache>, max_staleness_ms: u64, lag: metrics::Histogram) -> Coherence {
+        Coherence {
+            cache,
+            clock: Instant::now(),
+            max_staleness_ms,
+            fresh_as_of_ms: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
+            bypassing: [AtomicBool::new(true), AtomicBool::new(true)],
+            echoes: Mutex::default(),
+            lag,
+            stats: Stats::default(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Whether reads of `table` must bypass the cache: nobody has proven it fresh within
+    /// the staleness bound. Logs and counts each switch.
+    pub fn must_bypass(&self, table: Table) -> bool {
+        let fresh_as_of = self.fresh_as_of_ms[table as usize].load(Ordering::Acquire);
+        let stale = fresh_as_of == u64::MAX
+            || self.now_ms().saturating_sub(fresh_as_of) > self.max_staleness_ms;
+        let flag = &self.bypassing[table as usize];
+        if flag.load(Ordering::Relaxed) != stale && flag.swap(stale, Ordering::Relaxed) != stale {
+            self.stats.bypass_switches.fetch_add(1, Ordering::Relaxed);
+            if stale {
+                tracing::warn!(
+                    table = table.name(),
+                    max_staleness_ms = self.max_staleness_ms,
+                    "stream tailer is behind: reads bypass the cache"
+                );
+            } else {
+                tracing::info!(
+                    table = table.name(),
+                    "stream tailer caught up: reads use the cache again"
+                );
+            }
+        }
+        stale
+    }
+
+    /// Runs an own write of `item` with `content`, registered before it is sent (DynamoDB
+    /// makes the record visible before its acknowledgement arrives here) and again once
+    /// acknowledged (to time the record's return from then); a failed write is forgotten.
+    pub async fn own_write<T, E>(
+        &self,
+        item: ItemKey,
+        content: &[u8],
+        write: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        self.note_write(item.clone(), content);
+        let result = write.await;
+        match &result {
+            Ok(_) => self.note_write(item, content),
+            Err(_) => self.forget_write(&item),
+        }
+        result
+    }
+
+    /// Remembers an acknowledged write of `content` (a value, or a counter's bytes), to
+    /// recognise its record when it comes back and to time it.
+    pub fn note_write(&self, item: ItemKey, content: &[u8]) {
+        let mut e = self.echoes.lock().expect("echo map poisoned");
+        let digest = e.hasher.hash_one(content);
+        if e.written
+            .insert(item.clone(), (Instant::now(), digest))
+            .is_none()
+        {
+            e.order.push_back(item);
+        }
+        while e.order.len() > ECHOES_REMEMBERED {
+            if let Some(old) = e.order.pop_front() {
+                e.written.remove(&old);
+            }
+        }
+    }
+
+    /// Forgets a write that failed: no record of it will come.
+    fn forget_write(&self, item: &ItemKey) {
+        self.echoes
+            .lock()
+            .expect("echo map poisoned")
+            .written
+            .remove(item);
+    }
+
+    /// Whether `change` is the echo of one of this daemon's writes (then it times its
+    /// return).
+    fn is_echo(&self, change: &Change) -> bool {
+        let (item, content): (ItemKey, &[u8]) = match change {
+            Change::KvVersion {
+                ns,
+                key,
+                ts,
+                value: Some(v),
+            } => (ItemKey::Kv(ns.clone(), key.clone(), *ts), v),
+            Change::LogEntry {
+                topic,
+                index,
+                value: Some(v),
+            } => (ItemKey::Log(topic.clone(), *index), v),
+            Change::LogCounter {
+                topic,
+                position: Some(p),
+            } => {
+                return self.is_echo_of(ItemKey::Counter(topic.clone()), &p.to_be_bytes());
+            }
+            _ => return false,
+        };
+        self.is_echo_of(item, content)
+    }
+
+    fn is_echo_of(&self, item: ItemKey, content: &[u8]) -> bool {
+        let mut e = self.echoes.lock().expect("echo map poisoned");
+        let digest = e.hasher.hash_one(content);
+        match e.written.get(&item) {
+            Some((at, d)) if *d == digest => {
+                self.lag.record(at.elapsed().as_secs_f64());
+                e.written.remove(&item);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Brings the cache in line with a change of `table`; returns whether a cached entry
+    /// was dropped.
+    pub async fn apply(&self, table: Table, change: &Change) -> bool {
+        if self.is_echo(change) {
+            return false;
+        }
+        let dropped = self
+            .cache
+            .reconcile(change.cache_key(), |cached| change.reflected_by(cached))
+            .await;
+        if dropped {
+            self.stats.invalidations[table as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        dropped
+    }
+
+    /// Continuity lost: forgets everything cached from `table` (the other table is
+    /// unaffected).
+    pub async fn flush(&self, table: Table, cause: FlushCause) {
+        tracing::warn!(
+            table = table.name(),
+            cause = cause.name(),
+            "continuity lost: invalidating the table's cache"
+        );
+        self.stats.flushes[cause as usize].fetch_add(1, Ordering::Relaxed);
+        match table {
+            Table::Kv => self.cache.invalidate_keys().await,
+            Table::Log => self.cache.invalidate_topics().await,
+        }
+    }
+
+    /// Every change of `table` made before `as_of` has been applied (`None`: not proven).
+    pub fn fresh_as_of(&self, table: Table, as_of: Option<Instant>) {
+        let ms = as_of.map_or(u64::MAX, |at| {
+            at.saturating_duration_since(self.clock).as_millis() as u64
+        });
+        self.fresh_as_of_ms[table as usize].store(ms, Ordering::Release);
+    }
+
+    /// The counters.
+    pub fn snapshot(&self) -> CoherenceSnapshot {
+        let s = &self.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        CoherenceSnapshot {
+            invalidations: [0, 1].map(|t| load(&s.invalidations[t])),
+            flushes: [0, 1, 2].map(|c| load(&s.flushes[c])),
+            bypass_switches: load(&s.bypass_switches),
+            bypassing: [0, 1].map(|t| self.bypassing[t].load(Ordering::Relaxed)),
+            seconds_since_caught_up: [0, 1].map(|t| match load(&self.fresh_as_of_ms[t]) {
+                u64::MAX => None,
+                at => Some(now.saturating_sub(at) as f64 / 1000.0),
+            }),
+        }
+    }
+}
+
+/// Applying what a tailer read to the local cache.
+impl Sink for Coherence {
+    async fn accept(&self, table: Table, seen: Seen<'_>) -> Result<(), SinkError> {
+        match seen {
+            Seen::Records { records, .. } => {
+                for record in records {
+                    // Items this daemon does not write (another layout) are never cached.
+                    if let Some(change) = Change::of(table, record) {
+                        self.apply(table, &change).await;
+                    }
+                }
+            }
+            Seen::ContinuityLost(cause) => self.flush(table, cause).await,
+            Seen::CaughtUp(as_of) => self.fresh_as_of(table, as_of),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{CacheKey, Cached, KeyVersions, TopicTail};
+    use crate::config::CacheConfig;
+
+    fn coherence() -> (Arc<Cache>, Coherence) {
+        let cache = Arc::new(Cache::new(&CacheConfig::default()));
+        let c = Coherence::new(cache.clone(), 2000, metrics::Histogram::noop());
+        (cache, c)
+    }
+
+    fn kv(ts: i64, value: Option<&'static [u8]>) -> Change {
+        Change::KvVersion {
+            ns: "ns".into(),
+            key: Bytes::from_static(b"k"),
+            ts,
+            value: value.map(Bytes::from_static),
+        }
+    }
+
+    async fn fill(cache: &Cache, key: &CacheKey, entry: Cached) {
+        let t = cache.ticket(key);
+        assert!(cache.commit_fill(key.clone(), t, |_| Some(entry)).await);
+    }
+
+    #[tokio::test]
+    async fn changes_the_cache_shows_keep_the_entry_and_news_drop_it() {
+        let (cache, c) = coherence();
+        let key = CacheKey::Kv("ns".into(), Bytes::from_static(b"k"));
+        let entry = KeyVersions::from_fill(vec![(5, Bytes::from_static(b"v"))], true);
+        fill(&cache, &key, Cached::Kv(Arc::new(entry))).await;
+        assert!(
+            !c.apply(Table::Kv, &kv(5, Some(b"v"))).await,
+            "shown already"
+        );
+        assert!(cache.get(&key).await.is_some());
+        assert!(c.apply(Table::Kv, &kv(5, Some(b"w"))).await);
+        assert!(cache.get(&key).await.is_none());
+        // An uncached key: nothing to drop, but fills in flight are rejected.
+        let t = cache.ticket(&key);
+        assert!(!c.apply(Table::Kv, &kv(5, Some(b"w"))).await);
+        assert!(!cache.commit_fill(key.clone(), t, |_| None).await);
+        assert_eq!(c.snapshot().invalidations, [1, 0]);
+
+        let topic = CacheKey::Log("t".into());
+        let tail = TopicTail::at(0, 8)
+            .with_entry(1, Bytes::from_static(b"e1"))
+            .with_entry(2, Bytes::from_static(b"e2"));
+        fill(&cache, &topic, Cached::Log(Arc::new(tail))).await;
+        let entry = |index, v: &'static [u8]| Change::LogEntry {
+            topic: "t".into(),
+            index,
+            value: Some(Bytes::from_static(v)),
+        };
+        let counter = |p| Change::LogCounter {
+            topic: "t".into(),
+            position: Some(p),
+        };
+        for shown in [entry(1, b"e1"), counter(1), counter(2)] {
+            assert!(!c.apply(Table::Log, &shown).await, "{shown:?}");
+        }
+        assert!(c.apply(Table::Log, &entry(3, b"e3")).await);
+    }
+
+    #[tokio::test]
+    async fn an_own_write_is_an_echo_once_and_only_with_its_content() {
+        let (cache, c) = coherence();
+        let key = CacheKey::Kv("ns".into(), Bytes::from_static(b"k"));
+        let item = ItemKey::Kv("ns".into(), Bytes::from_static(b"k"), 7);
+        let written: Result<(), ()> = c.own_write(item.clone(), b"mine", async { Ok(()) }).await;
+        assert!(written.is_ok());
+        // The cache holds an older state: a foreign record would drop it, the echo not.
+        let old = KeyVersions::from_fill(vec![(1, Bytes::from_static(b"old"))], true);
+        fill(&cache, &key, Cached::Kv(Arc::new(old.clone()))).await;
+        assert!(!c.apply(Table::Kv, &kv(7, Some(b"mine"))).await);
+        assert!(cache.get(&key).await.is_some());
+        // Recognised once: the same record again is news to reconcile.
+        assert!(c.apply(Table::Kv, &kv(7, Some(b"mine"))).await);
+        // Another content for the same item is someone else's write.
+        fill(&cache, &key, Cached::Kv(Arc::new(old.clone()))).await;
+        c.note_write(item.clone(), b"mine");
+        assert!(c.apply(Table::Kv, &kv(7, Some(b"theirs"))).await);
+        // A failed write leaves nothing to recognise.
+        fill(&cache, &key, Cached::Kv(Arc::new(old))).await;
+        let item = ItemKey::Kv("ns".into(), Bytes::from_static(b"k"), 8);
+        let failed: Result<(), ()> = c.own_write(item, b"lost", async { Err(()) }).await;
+        assert!(failed.is_err());
+        assert!(c.apply(Table::Kv, &kv(8, Some(b"lost"))).await);
+    }
+
+    #[tokio::test]
+    async fn freshness_follows_the_proofs_and_a_flush_drops_one_table() {
+        let (cache, c) = coherence();
+        assert!(c.must_bypass(Table::Kv), "no proof yet");
+        c.fresh_as_of(Table::Kv, Some(Instant::now()));
+        assert!(!c.must_bypass(Table::Kv));
+        assert!(c.must_bypass(Table::Log));
+        c.fresh_as_of(Table::Kv, None);
+        assert!(c.must_bypass(Table::Kv));
+        assert_eq!(c.snapshot().bypass_switches, 2);
+
+        let key = CacheKey::Kv("ns".into(), Bytes::from_static(b"k"));
+        let topic = CacheKey::Log("t".into());
+        fill(&cache, &key, Cached::Kv(Arc::new(KeyVersions::absent()))).await;
+        fill(&cache, &topic, Cached::Log(Arc::new(TopicTail::at(0, 8)))).await;
+        c.accept(Table::Kv, Seen::ContinuityLost(FlushCause::Trimmed))
+            .await
+            .unwrap();
+        assert!(cache.get(&key).await.is_none());
+        assert!(cache.get(&topic).await.is_some(), "the other table is kept");
+        assert_eq!(c.snapshot().flushes, [1, 0, 0]);
+    }
+}
