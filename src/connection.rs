@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
 use crate::metrics::Rejection;
-use crate::service::{error_reply, Outcome, Service};
+use crate::service::{error_reply, Outcome, Pending, Service};
 
 /// Frames queued for the writer; a bound keeps a client that does not read from making the
 /// daemon buffer its replies without limit.
@@ -117,22 +117,24 @@ pub async fn serve(
                 }
             };
             if draining {
-                if !refuse_stopping(id, &request, &outbox, &service).await {
+                if !refuse_stopping(id, request.op(), &outbox, &service).await {
                     break;
                 }
                 continue;
             }
             // A hit is answered here: spawning a task for it would cost more than the hit.
             let started = Instant::now();
-            if let Some(reply) = service.answer_from_cache(&request).await {
-                if outbox.send(encode_reply(Some(id), &reply)).await.is_err() {
-                    break;
+            let op = request.op();
+            let pending = match service.answer_from_cache(request).await {
+                Ok(reply) => {
+                    if outbox.send(encode_reply(Some(id), &reply)).await.is_err() {
+                        break;
+                    }
+                    service.metrics().request(op, None, started.elapsed());
+                    continue;
                 }
-                service
-                    .metrics()
-                    .request(request.op(), None, started.elapsed());
-                continue;
-            }
+                Err(pending) => pending,
+            };
             // The writer gave up on a client that stopped reading: nothing read from now
             // on could be answered, so its queued requests are not run. (A hit finds out
             // when its reply cannot be queued.)
@@ -144,7 +146,7 @@ pub async fn serve(
                 // Stopping while waiting for a slot: this request was read, so it is
                 // answered like any other that arrives now.
                 _ = shutdown.cancelled() => {
-                    refuse_stopping(id, &request, &outbox, &service).await;
+                    refuse_stopping(id, op, &outbox, &service).await;
                     continue;
                 }
             };
@@ -152,8 +154,7 @@ pub async fn serve(
             let outbox = outbox.clone();
             requests.spawn(async move {
                 let started = Instant::now();
-                let op = request.op();
-                let error = respond(id, request, &service, &outbox).await;
+                let error = respond(id, pending, &service, &outbox).await;
                 service.metrics().request(op, error, started.elapsed());
                 drop(permit);
             });
@@ -175,13 +176,13 @@ pub async fn serve(
 /// returns whether the reply could be queued.
 async fn refuse_stopping(
     id: u64,
-    request: &Request,
+    op: &str,
     outbox: &mpsc::Sender<Bytes>,
     service: &Service,
 ) -> bool {
     service
         .metrics()
-        .request(request.op(), Some(ErrorCode::ShuttingDown), Duration::ZERO);
+        .request(op, Some(ErrorCode::ShuttingDown), Duration::ZERO);
     let reply = Reply::error(
         ErrorCode::ShuttingDown,
         "the server is stopping; this request was not run",
@@ -292,11 +293,11 @@ async fn refuse_frame(
 /// Runs one request and queues its reply frames; returns the error code it ended with.
 async fn respond(
     id: u64,
-    request: Request,
+    pending: Pending,
     service: &Service,
     outbox: &mpsc::Sender<Bytes>,
 ) -> Option<ErrorCode> {
-    match service.handle(request).await {
+    match service.handle(pending).await {
         Outcome::Reply(reply) => {
             let code = match &reply {
                 Reply::Error(e) => Some(e.known_code().unwrap_or(ErrorCode::Internal)),

@@ -27,7 +27,9 @@ use ddbcached_protocol::{Items, Reply, Request, Versioned};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use crate::aws::{self, ApiCalls};
-use crate::cache::{Cache, CacheKey, Cached, KeyVersions, Known, ReadOp, Served, TopicTail};
+use crate::cache::{
+    Cache, CacheKey, Cached, KeyVersions, Known, Lookup, Queued, ReadOp, Served, TopicTail,
+};
 use crate::coherence::{Coherence, ItemKey};
 use crate::config::{Config, StreamsConfig};
 use crate::metrics::Metrics;
@@ -47,6 +49,23 @@ pub enum Outcome {
     Reply(Reply),
     /// Pieces of a streamed result, in order; an error ends the stream.
     Stream(BoxStream<'static, Result<Items, StoreError>>),
+}
+
+/// A request the cache could not answer at once, with what the cache was found to hold,
+/// so that the full path does not look again.
+pub struct Pending {
+    request: Request,
+    lookup: Lookup,
+}
+
+impl Pending {
+    /// A request that has not been looked up in the cache.
+    fn new(request: Request) -> Pending {
+        Pending {
+            request,
+            lookup: Lookup::Look,
+        }
+    }
 }
 
 /// The stores behind the socket, and the cache in front of them.
@@ -210,60 +229,82 @@ impl Service {
         Ok(tailers)
     }
 
-    /// The reply to a read the cache answers right now, without touching DynamoDB; `None`
-    /// when the request needs the full path (a miss, a write, a scan, a bypass). Cheap
-    /// enough to run in the connection's reader task, which saves hits a task each.
-    pub async fn answer_from_cache(&self, request: &Request) -> Option<Reply> {
-        let (op, reply) = match request {
+    /// The reply to a read the cache answers right now, without touching DynamoDB, or the
+    /// request with what the cache holds for it when it needs the full path (a miss, a
+    /// write, a scan, a bypass). Cheap enough to run in the connection's reader task,
+    /// which saves hits a task each; the one cache lookup of the request happens here.
+    pub async fn answer_from_cache(&self, request: Request) -> Result<Reply, Pending> {
+        let (op, lookup) = match &request {
             Request::KvGet {
                 ns,
                 key,
-                before,
-                consistent: false,
-            } => {
-                let versions = self.cached_versions(ns, key).await?;
-                let Known::Yes(answer) = versions.latest(*before) else {
-                    return None;
-                };
-                (ReadOp::KvGet, Reply::Value(answer))
-            }
+                consistent,
+                ..
+            } => (ReadOp::KvGet, self.kv_lookup(ns, key, *consistent).await),
             Request::KvLatestTs { ns, key } => {
-                let versions = self.cached_versions(ns, key).await?;
-                let Known::Yes(answer) = versions.latest_ts() else {
-                    return None;
-                };
-                (ReadOp::KvLatestTs, Reply::Timestamp(answer))
+                (ReadOp::KvLatestTs, self.kv_lookup(ns, key, false).await)
             }
-            Request::LogPosition { topic } if !self.coherence.must_bypass(Table::Log) => {
-                let Some(Cached::Log(t)) = self.cache.get(&CacheKey::Log(topic.clone())).await
-                else {
-                    return None;
-                };
-                (ReadOp::LogPosition, Reply::Index(t.position()))
-            }
-            _ => return None,
+            Request::LogPosition { topic } => (ReadOp::LogPosition, self.log_lookup(topic).await),
+            _ => return Err(Pending::new(request)),
         };
-        self.cache.record(op, Served::Hit);
-        Some(reply)
+        let reply = match (&request, &lookup) {
+            (Request::KvGet { before, .. }, Lookup::Looked(Some(Cached::Kv(v)))) => {
+                match v.latest(*before) {
+                    Known::Yes(answer) => Some(Reply::Value(answer)),
+                    Known::Unknown => None,
+                }
+            }
+            (Request::KvLatestTs { .. }, Lookup::Looked(Some(Cached::Kv(v)))) => {
+                match v.latest_ts() {
+                    Known::Yes(answer) => Some(Reply::Timestamp(answer)),
+                    Known::Unknown => None,
+                }
+            }
+            (Request::LogPosition { .. }, Lookup::Looked(Some(Cached::Log(t)))) => {
+                Some(Reply::Index(t.position()))
+            }
+            _ => None,
+        };
+        match reply {
+            Some(reply) => {
+                self.cache.record(op, Served::Hit);
+                Ok(reply)
+            }
+            None => Err(Pending { request, lookup }),
+        }
     }
 
-    /// A key's cached versions, if the key-value cache may be used now.
-    async fn cached_versions(&self, ns: &str, key: &Bytes) -> Option<Arc<KeyVersions>> {
-        if self.coherence.must_bypass(Table::Kv) {
-            return None;
+    /// Looks a key up, unless its read must bypass the cache.
+    async fn kv_lookup(&self, ns: &str, key: &Bytes, consistent: bool) -> Lookup {
+        if consistent || self.coherence.must_bypass(Table::Kv) {
+            return Lookup::Bypass;
         }
-        match self
-            .cache
-            .get(&CacheKey::Kv(ns.to_owned(), key.clone()))
-            .await?
-        {
-            Cached::Kv(v) => Some(v),
-            Cached::Log(_) => None,
+        Lookup::Looked(
+            self.cache
+                .get(&CacheKey::Kv(ns.to_owned(), key.clone()))
+                .await,
+        )
+    }
+
+    /// Looks a topic up, unless its read must bypass the cache.
+    async fn log_lookup(&self, topic: &str) -> Lookup {
+        if self.coherence.must_bypass(Table::Log) {
+            return Lookup::Bypass;
+        }
+        Lookup::Looked(self.cache.get(&CacheKey::Log(topic.to_owned())).await)
+    }
+
+    /// `lookup`, or a bypass when the table's freshness is not proven.
+    fn fresh(&self, lookup: Lookup, table: Table) -> Lookup {
+        match lookup {
+            Lookup::Look if self.coherence.must_bypass(table) => Lookup::Bypass,
+            other => other,
         }
     }
 
     /// Runs one request (never `Hello`, which the connection answers itself).
-    pub async fn handle(&self, request: Request) -> Outcome {
+    pub async fn handle(&self, pending: Pending) -> Outcome {
+        let Pending { request, lookup } = pending;
         let reply = match request {
             Request::Hello { .. } => Err(StoreError::InvalidArgument(
                 "hello is only valid as the first frame of a connection".into(),
@@ -280,15 +321,16 @@ impl Service {
                 key,
                 before,
                 consistent,
-            } => self
-                .kv_get(ns, key, before, consistent)
-                .await
-                .map(Reply::Value),
-            Request::KvLatestTs { ns, key } => {
-                self.kv_latest_ts(ns, key).await.map(Reply::Timestamp)
+            } => {
+                let lookup = if consistent { Lookup::Bypass } else { lookup };
+                self.kv_get(ns, key, before, lookup).await.map(Reply::Value)
             }
+            Request::KvLatestTs { ns, key } => self
+                .kv_latest_ts(ns, key, lookup)
+                .await
+                .map(Reply::Timestamp),
             Request::KvTimestamps { ns, key } => {
-                return match self.kv_timestamps(ns, key).await {
+                return match self.kv_timestamps(ns, key, lookup).await {
                     Ok(ts) => self.pieces(ts, |_| 8, Items::Timestamps),
                     Err(e) => Outcome::Reply(error_reply(e)),
                 };
@@ -308,7 +350,9 @@ impl Service {
                     }
                 };
             }
-            Request::LogPosition { topic } => self.log_position(topic).await.map(Reply::Index),
+            Request::LogPosition { topic } => {
+                self.log_position(topic, lookup).await.map(Reply::Index)
+            }
             Request::LogScan { topic, from, until } => {
                 return self.log_scan(topic, from, until).await
             }
@@ -331,15 +375,9 @@ impl Service {
         ns: String,
         key: Bytes,
         before: Option<i64>,
-        consistent: bool,
+        lookup: Lookup,
     ) -> Result<Option<Versioned>, StoreError> {
-        let (versions, served) = self
-            .key_versions(
-                &ns,
-                &key,
-                consistent || self.coherence.must_bypass(Table::Kv),
-            )
-            .await?;
+        let (versions, served) = self.key_versions(&ns, &key, lookup).await?;
         match versions.latest(before) {
             Known::Yes(answer) => {
                 self.cache.record(ReadOp::KvGet, served);
@@ -352,95 +390,93 @@ impl Service {
         }
     }
 
-    async fn kv_latest_ts(&self, ns: String, key: Bytes) -> Result<Option<i64>, StoreError> {
-        let (versions, served) = self
-            .key_versions(&ns, &key, self.coherence.must_bypass(Table::Kv))
-            .await?;
+    async fn kv_latest_ts(
+        &self,
+        ns: String,
+        key: Bytes,
+        lookup: Lookup,
+    ) -> Result<Option<i64>, StoreError> {
+        let (versions, served) = self.key_versions(&ns, &key, lookup).await?;
         match versions.latest_ts() {
             Known::Yes(answer) => {
                 self.cache.record(ReadOp::KvLatestTs, served);
                 Ok(answer)
             }
             Known::Unknown => {
-                self.cache.record(ReadOp::KvLatestTs, Served::Miss);
+                self.cache.record(ReadOp::KvLatestTs, uncached(served));
                 self.kv.latest_ts(&ns, &key).await
             }
         }
     }
 
-    async fn kv_timestamps(&self, ns: String, key: Bytes) -> Result<Vec<i64>, StoreError> {
-        let (versions, served) = self
-            .key_versions(&ns, &key, self.coherence.must_bypass(Table::Kv))
-            .await?;
+    async fn kv_timestamps(
+        &self,
+        ns: String,
+        key: Bytes,
+        lookup: Lookup,
+    ) -> Result<Vec<i64>, StoreError> {
+        let (versions, served) = self.key_versions(&ns, &key, lookup).await?;
         match versions.timestamps() {
             Known::Yes(answer) => {
                 self.cache.record(ReadOp::KvTimestamps, served);
                 Ok(answer)
             }
             Known::Unknown => {
-                self.cache.record(ReadOp::KvTimestamps, Served::Miss);
+                self.cache.record(ReadOp::KvTimestamps, uncached(served));
                 self.kv.timestamps(&ns, &key).await
             }
         }
     }
 
-    /// The key's cached versions; on a miss (or when `fresh` asks to bypass the cache) they
-    /// are read from DynamoDB and the cache is filled with them.
+    /// The key's versions, from the cache or read from DynamoDB (filling the cache).
     async fn key_versions(
         &self,
         ns: &str,
         key: &Bytes,
-        fresh: bool,
+        lookup: Lookup,
     ) -> Result<(Arc<KeyVersions>, Served), StoreError> {
         let ck = CacheKey::Kv(ns.to_owned(), key.clone());
-        if !fresh {
-            if let Some(Cached::Kv(v)) = self.cache.get(&ck).await {
-                return Ok((v, Served::Hit));
-            }
+        let load = || async {
+            let (newest, complete) = self
+                .kv
+                .newest_versions(ns, key, self.fill_max_versions)
+                .await?;
+            Ok::<_, StoreError>(Cached::Kv(Arc::new(KeyVersions::from_fill(
+                newest, complete,
+            ))))
+        };
+        let lookup = self.fresh(lookup, Table::Kv);
+        match self
+            .cache
+            .read_through(&ck, lookup, self.lock_wait, load)
+            .await?
+        {
+            (Cached::Kv(versions), served) => Ok((versions, served)),
+            (Cached::Log(_), _) => unreachable!("key-value keys only ever hold key versions"),
         }
-        let (_filling, waited) = self.wait_for(self.cache.lock_fill(&ck)).await?;
-        if waited && !fresh {
-            if let Some(Cached::Kv(v)) = self.cache.get(&ck).await {
-                return Ok((v, Served::Coalesced));
-            }
-        }
-        let ticket = self.cache.ticket(&ck);
-        let (newest, complete) = self
-            .kv
-            .newest_versions(ns, key, self.fill_max_versions)
-            .await?;
-        let versions = Arc::new(KeyVersions::from_fill(newest, complete));
-        let entry = Cached::Kv(versions.clone());
-        self.cache.commit_fill(ck, ticket, |_| Some(entry)).await;
-        Ok((versions, if fresh { Served::Bypass } else { Served::Miss }))
     }
 
-    async fn log_position(&self, topic: String) -> Result<i64, StoreError> {
-        if self.coherence.must_bypass(Table::Log) {
-            self.cache.record(ReadOp::LogPosition, Served::Bypass);
-            return self.log.position(&topic).await;
-        }
+    async fn log_position(&self, topic: String, lookup: Lookup) -> Result<i64, StoreError> {
         let ck = CacheKey::Log(topic.clone());
-        if let Some(Cached::Log(t)) = self.cache.get(&ck).await {
-            self.cache.record(ReadOp::LogPosition, Served::Hit);
-            return Ok(t.position());
-        }
-        let (_filling, waited) = self.wait_for(self.cache.lock_fill(&ck)).await?;
-        if waited {
-            if let Some(Cached::Log(t)) = self.cache.get(&ck).await {
-                self.cache.record(ReadOp::LogPosition, Served::Coalesced);
-                return Ok(t.position());
+        let load = || async {
+            let position = self.log.position(&topic).await?;
+            Ok::<_, StoreError>(Cached::Log(Arc::new(TopicTail::at(
+                position,
+                self.cache.tail_capacity(),
+            ))))
+        };
+        let lookup = self.fresh(lookup, Table::Log);
+        match self
+            .cache
+            .read_through(&ck, lookup, self.lock_wait, load)
+            .await?
+        {
+            (Cached::Log(tail), served) => {
+                self.cache.record(ReadOp::LogPosition, served);
+                Ok(tail.position())
             }
+            (Cached::Kv(_), _) => unreachable!("topics only ever hold topic tails"),
         }
-        self.cache.record(ReadOp::LogPosition, Served::Miss);
-        let ticket = self.cache.ticket(&ck);
-        let position = self.log.position(&topic).await?;
-        let tail = Cached::Log(Arc::new(TopicTail::at(
-            position,
-            self.cache.tail_capacity(),
-        )));
-        self.cache.commit_fill(ck, ticket, |_| Some(tail)).await;
-        Ok(position)
     }
 
     async fn log_scan(&self, topic: String, from: i64, until: i64) -> Outcome {
@@ -465,17 +501,18 @@ impl Service {
             return self.stream_values(self.log.scan(&topic, from, until));
         }
         // A short read at the top of a cached topic: keep what it reads.
-        let ticket = self.cache.ticket(&ck);
-        let values: Vec<Bytes> = match self.log.scan(&topic, from, until).try_concat().await {
+        let load = || self.log.scan(&topic, from, until).try_concat();
+        let values: Vec<Bytes> = match self
+            .cache
+            .fill(&ck, load, |values, current| match current {
+                Some(Cached::Log(t)) => Some(Cached::Log(Arc::new(t.with_read(from, values)))),
+                other => other,
+            })
+            .await
+        {
             Ok(values) => values,
             Err(e) => return Outcome::Reply(error_reply(e)),
         };
-        self.cache
-            .commit_fill(ck, ticket, |current| match current {
-                Some(Cached::Log(t)) => Some(Cached::Log(Arc::new(t.with_read(from, &values)))),
-                other => other,
-            })
-            .await;
         self.pieces(values, |v| v.len(), Items::Values)
     }
 
@@ -621,6 +658,14 @@ impl Service {
                 })
                 .boxed(),
         )
+    }
+}
+
+impl From<Queued> for StoreError {
+    fn from(q: Queued) -> StoreError {
+        StoreError::Queued {
+            waited_ms: q.waited.as_millis() as u64,
+        }
     }
 }
 

@@ -25,10 +25,17 @@
 //! Concurrent misses of one key queue on a per-key fill lock: the first reads DynamoDB,
 //! the others wait and then find its entry (a "coalesced wait"), or, if its fill was
 //! rejected, read themselves.
+//!
+//! ## Reading through
+//!
+//! Every read that fills goes through [`Cache::read_through`] (look, coalesce, ticket,
+//! load, commit) or, to add what it read to an entry without coalescing, [`Cache::fill`]
+//! (ticket, load, commit): the protocol above is written once.
 
 pub mod tail;
 pub mod versions;
 
+use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -160,6 +167,25 @@ impl StatsSnapshot {
     }
 }
 
+/// How a read-through looks at the cache before loading.
+#[derive(Clone, Debug)]
+pub enum Lookup {
+    /// Look first.
+    Look,
+    /// The caller has just looked and found this (`None`: nothing): do not look again.
+    Looked(Option<Cached>),
+    /// Do not use what is cached: load, and fill with what was loaded (a consistent
+    /// read, or a table whose freshness is not proven).
+    Bypass,
+}
+
+/// A read-through waited longer than it may for another fill of the same key; nothing
+/// was loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct Queued {
+    pub waited: Duration,
+}
+
 /// Where a fill stood before its read; see the module docs.
 #[derive(Clone, Copy, Debug)]
 pub struct Ticket {
@@ -255,9 +281,61 @@ impl Cache {
         self.stats.served[op as usize][served as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Takes the fill lock of `key`; the flag says whether another fill was waited for.
-    pub async fn lock_fill(&self, key: &CacheKey) -> (KeyGuard, bool) {
-        self.fills.lock(key).await
+    /// The entry of `key`: the cached one, or, on a miss, the one `load` reads from
+    /// DynamoDB, which fills the cache unless a write or invalidation raced it. Concurrent
+    /// misses of a key wait (no longer than `wait`) for the first one's fill and take its
+    /// entry. Returns the entry and how it was served.
+    pub async fn read_through<E, F>(
+        &self,
+        key: &CacheKey,
+        lookup: Lookup,
+        wait: Duration,
+        load: impl FnOnce() -> F,
+    ) -> Result<(Cached, Served), E>
+    where
+        F: Future<Output = Result<Cached, E>>,
+        E: From<Queued>,
+    {
+        let bypass = match lookup {
+            Lookup::Look => match self.get(key).await {
+                Some(entry) => return Ok((entry, Served::Hit)),
+                None => false,
+            },
+            Lookup::Looked(Some(entry)) => return Ok((entry, Served::Hit)),
+            Lookup::Looked(None) => false,
+            Lookup::Bypass => true,
+        };
+        let (_filling, waited) = tokio::time::timeout(wait, self.fills.lock(key))
+            .await
+            .map_err(|_| Queued { waited: wait })?;
+        if waited && !bypass {
+            if let Some(entry) = self.get(key).await {
+                return Ok((entry, Served::Coalesced));
+            }
+        }
+        let entry = self
+            .fill(key, load, |loaded, _| Some(loaded.clone()))
+            .await?;
+        Ok((entry, if bypass { Served::Bypass } else { Served::Miss }))
+    }
+
+    /// Loads, then stores what `merge` computes from the loaded value and the current
+    /// entry, unless a write or invalidation of `key` raced the load. Returns what was
+    /// loaded, stored or not.
+    pub async fn fill<T, E, F>(
+        &self,
+        key: &CacheKey,
+        load: impl FnOnce() -> F,
+        merge: impl FnOnce(&T, Option<Cached>) -> Option<Cached>,
+    ) -> Result<T, E>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let ticket = self.ticket(key);
+        let loaded = load().await?;
+        self.commit_fill(key.clone(), ticket, |current| merge(&loaded, current))
+            .await;
+        Ok(loaded)
     }
 
     /// Takes the write lock of `key`: the daemon's writes to one key run one at a time,
