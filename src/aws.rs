@@ -1,6 +1,6 @@
 //! The AWS SDK configuration shared by the daemon's AWS clients: endpoint, region,
 //! credentials, timeouts and retries from [`DynamoConfig`], and an interceptor that counts
-//! calls and attempts per DynamoDB API.
+//! calls, outcomes, attempts and throttled attempts per DynamoDB API.
 //!
 //! Every call gets an operation timeout and an attempt timeout: the SDK's default has only
 //! a connect timeout, so a dead pooled connection could otherwise hang a request forever.
@@ -21,7 +21,7 @@ use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_types::config_bag::{Storable, StoreReplace};
 use std::time::Instant;
 
-use crate::metrics::{CallOutcome, Metrics};
+use crate::metrics::{Exposition, Kind, Metrics};
 
 use crate::config::DynamoConfig;
 
@@ -81,8 +81,35 @@ pub fn streams_client_from(
     aws_sdk_dynamodbstreams::Client::from_conf(config)
 }
 
-/// Calls and attempts (a call's first try and its retries) per DynamoDB API, kept for
-/// tests and passed on to the metrics.
+/// How a DynamoDB call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CallOutcome {
+    Ok = 0,
+    Throttled = 1,
+    Timeout = 2,
+    Error = 3,
+}
+
+impl CallOutcome {
+    const ALL: [CallOutcome; 4] = [
+        CallOutcome::Ok,
+        CallOutcome::Throttled,
+        CallOutcome::Timeout,
+        CallOutcome::Error,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Throttled => "throttled",
+            CallOutcome::Timeout => "timeout",
+            CallOutcome::Error => "error",
+        }
+    }
+}
+
+/// Calls, their outcomes and attempts (a call's first try and its retries) per DynamoDB
+/// API; call durations go to the metrics' histograms.
 #[derive(Default)]
 pub struct ApiCalls {
     counts: Mutex<BTreeMap<String, CallCount>>,
@@ -94,6 +121,10 @@ pub struct ApiCalls {
 pub struct CallCount {
     pub calls: u64,
     pub attempts: u64,
+    /// Attempts DynamoDB throttled.
+    pub throttled: u64,
+    /// Calls by outcome: ok, throttled, timeout, error.
+    pub outcomes: [u64; 4],
 }
 
 impl std::fmt::Debug for ApiCalls {
@@ -105,7 +136,7 @@ impl std::fmt::Debug for ApiCalls {
 }
 
 impl ApiCalls {
-    /// Counts that also feed `metrics`.
+    /// Counts whose calls' durations go to `metrics`.
     pub fn with_metrics(metrics: Arc<Metrics>) -> ApiCalls {
         ApiCalls {
             counts: Mutex::default(),
@@ -124,18 +155,47 @@ impl ApiCalls {
     fn finished(&self, api: &str, call: &CallState, outcome: CallOutcome) {
         {
             let mut counts = self.counts.lock().expect("api call counts poisoned");
-            let c = counts.entry(api.to_owned()).or_default();
+            let c = match counts.get_mut(api) {
+                Some(c) => c,
+                None => counts.entry(api.to_owned()).or_default(),
+            };
             c.calls += 1;
             c.attempts += call.attempts;
+            c.throttled += call.throttled;
+            c.outcomes[outcome as usize] += 1;
         }
         if let Some(m) = &self.metrics {
-            m.dynamodb_call(
-                api,
-                outcome,
-                call.started.elapsed(),
-                call.attempts,
-                call.throttled,
-            );
+            m.call_duration(api, call.started.elapsed());
+        }
+    }
+
+    /// Writes the counters into a scrape.
+    pub fn export(&self, out: &mut Exposition) {
+        let counts = self.snapshot();
+        let name = "ddbcached_dynamodb_calls_total";
+        out.family(
+            name,
+            Kind::Counter,
+            "DynamoDB and Streams calls by API and outcome.",
+        );
+        for (api, c) in &counts {
+            for o in CallOutcome::ALL {
+                out.sample(
+                    name,
+                    &[("api", api), ("outcome", o.name())],
+                    c.outcomes[o as usize],
+                );
+            }
+        }
+        let name = "ddbcached_dynamodb_throttles_total";
+        out.family(name, Kind::Counter, "Attempts DynamoDB throttled, by API.");
+        for (api, c) in &counts {
+            out.sample(name, &[("api", api)], c.throttled);
+        }
+        let name = "ddbcached_dynamodb_retries_total";
+        out.family(name, Kind::Counter, "Attempts beyond the first, by API.");
+        for (api, c) in &counts {
+            out.sample(name, &[("api", api)], c.attempts.saturating_sub(c.calls));
         }
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ddbcached_protocol::codec::{decode_request, encode_reply, frame_codec, is_frame_too_large};
 use ddbcached_protocol::message::PROTOCOL_VERSION;
-use ddbcached_protocol::{ErrorCode, Items, Reply, Request};
+use ddbcached_protocol::{ErrorCode, Items, Op, Reply, Request};
 use futures::{SinkExt, StreamExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
-use crate::metrics::Rejection;
+use crate::server::Rejection;
 use crate::service::{error_reply, Outcome, Pending, Service};
 
 /// Frames queued for the writer; a bound keeps a client that does not read from making the
@@ -46,7 +46,7 @@ pub async fn serve(
     if !peer_allowed(&stream, &config, &service) {
         return;
     }
-    service.metrics().connection_opened();
+    service.server_stats().connection_opened();
     let idle = (config.idle_timeout_ms > 0).then(|| Duration::from_millis(config.idle_timeout_ms));
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, frame_codec(config.max_frame_bytes));
@@ -103,9 +103,8 @@ pub async fn serve(
                 Ok(ok) => ok,
                 Err(e) => {
                     // The frame boundary is intact, so the connection stays usable.
-                    let m = service.metrics();
-                    m.request("invalid", Some(e.code), Duration::ZERO);
-                    m.frame_rejected(match e.code {
+                    service.answered(None, Some(e.code), Duration::ZERO);
+                    service.server_stats().frame_rejected(match e.code {
                         ErrorCode::UnknownOperation => Rejection::UnknownOperation,
                         _ => Rejection::Malformed,
                     });
@@ -130,7 +129,7 @@ pub async fn serve(
                     if outbox.send(encode_reply(Some(id), &reply)).await.is_err() {
                         break;
                     }
-                    service.metrics().request(op, None, started.elapsed());
+                    service.answered(Some(op), None, started.elapsed());
                     continue;
                 }
                 Err(pending) => pending,
@@ -155,7 +154,7 @@ pub async fn serve(
             requests.spawn(async move {
                 let started = Instant::now();
                 let error = respond(id, pending, &service, &outbox).await;
-                service.metrics().request(op, error, started.elapsed());
+                service.answered(Some(op), error, started.elapsed());
                 drop(permit);
             });
         }
@@ -169,20 +168,13 @@ pub async fn serve(
     drop(outbox);
     // The writer ends once every queued reply is written (or the client has gone).
     let _ = writer.await;
-    service.metrics().connection_closed();
+    service.server_stats().connection_closed();
 }
 
 /// Answers a request that arrived while the daemon is stopping, without running it;
 /// returns whether the reply could be queued.
-async fn refuse_stopping(
-    id: u64,
-    op: &str,
-    outbox: &mpsc::Sender<Bytes>,
-    service: &Service,
-) -> bool {
-    service
-        .metrics()
-        .request(op, Some(ErrorCode::ShuttingDown), Duration::ZERO);
+async fn refuse_stopping(id: u64, op: Op, outbox: &mpsc::Sender<Bytes>, service: &Service) -> bool {
+    service.answered(Some(op), Some(ErrorCode::ShuttingDown), Duration::ZERO);
     let reply = Reply::error(
         ErrorCode::ShuttingDown,
         "the server is stopping; this request was not run",
@@ -205,12 +197,12 @@ fn peer_allowed(stream: &UnixStream, config: &ServerConfig, service: &Service) -
         }
         Ok(cred) => {
             tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer not on the allow-list");
-            service.metrics().peer_refused();
+            service.server_stats().peer_refused();
             false
         }
         Err(e) => {
             tracing::warn!(error = %e, "refused a peer whose credentials cannot be read");
-            service.metrics().peer_refused();
+            service.server_stats().peer_refused();
             false
         }
     }
@@ -254,7 +246,7 @@ async fn handshake(
         Err(e) => (e.id, handshake_required(), false),
     };
     if !ok {
-        service.metrics().frame_rejected(Rejection::Handshake);
+        service.server_stats().frame_rejected(Rejection::Handshake);
     }
     let _ = outbox.send(encode_reply(id, &reply)).await;
     ok
@@ -276,7 +268,7 @@ async fn refuse_frame(
     service: &Service,
 ) {
     if is_frame_too_large(e) {
-        service.metrics().frame_rejected(Rejection::TooLarge);
+        service.server_stats().frame_rejected(Rejection::TooLarge);
         let reply = Reply::error(
             ErrorCode::FrameTooLarge,
             format!(

@@ -2,26 +2,24 @@
 //! on counters, labels only from closed sets (operation, result code, API, table, event,
 //! cause), never from client data.
 //!
-//! Each daemon owns its recorder (metrics-exporter-prometheus's, built but not installed
-//! as the process-wide one), so that several daemons in one process, as in the tests,
-//! keep separate figures. Event counters and histograms are recorded when things happen;
-//! the cache's and the tailers' counters are copied in at each scrape.
+//! Counters and gauges are owned by the components that count (the server's
+//! [`crate::server::ServerStats`], the cache, the tailers, the coherence module, the AWS
+//! call counter): each keeps its own atomics and writes them into an [`Exposition`] at a
+//! scrape, so there is one copy of every figure. Histograms (request and call durations,
+//! the visibility lag) go to metrics-exporter-prometheus's recorder, for its buckets:
+//! each daemon owns one (built, not installed as the process-wide recorder), so that
+//! several daemons in one process, as in the tests, keep separate figures.
 
 use std::collections::HashMap;
+use std::fmt::{Display, Write};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ddbcached_protocol::ErrorCode;
-use metrics::{
-    Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit,
-};
+use ddbcached_protocol::Op;
+use metrics::{Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
-
-use crate::cache::{ReadOp, Served, StatsSnapshot};
-use crate::coherence::CoherenceSnapshot;
-use crate::stream::{FlushCause, Table, TailSnapshot};
 
 /// Latency buckets, 10 µs to 10 s.
 const BUCKETS_SECONDS: [f64; 19] = [
@@ -29,96 +27,38 @@ const BUCKETS_SECONDS: [f64; 19] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Operations as they appear in the `op` label; `invalid` is a request that did not decode.
-pub const OPS: [&str; 14] = [
-    "hello",
-    "ping",
-    "health",
-    "kv.put",
-    "kv.get",
-    "kv.latest_ts",
-    "kv.timestamps",
-    "kv.scan",
-    "kv.delete",
-    "log.put",
-    "log.position",
-    "log.scan",
-    "log.delete",
-    "invalid",
-];
-
-/// Why a frame or a connection was refused, for `ddbcached_server_frames_rejected_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rejection {
-    TooLarge = 0,
-    Malformed = 1,
-    UnknownOperation = 2,
-    Handshake = 3,
+/// The `op` label of a request: its operation, or `invalid` for one that did not decode.
+pub fn op_label(op: Option<Op>) -> &'static str {
+    op.map_or("invalid", Op::name)
 }
 
-const REJECTIONS: [&str; 4] = [
-    "frame_too_large",
-    "malformed",
-    "unknown_operation",
-    "handshake",
-];
-
-/// How a DynamoDB call ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CallOutcome {
-    Ok,
-    Throttled,
-    Timeout,
-    Error,
+/// The `op` labels in index order: every operation, then `invalid`.
+pub fn op_labels() -> impl Iterator<Item = (usize, &'static str)> {
+    Op::ALL
+        .iter()
+        .map(|op| Some(*op))
+        .chain([None])
+        .enumerate()
+        .map(|(i, op)| (i, op_label(op)))
 }
 
-impl CallOutcome {
-    fn name(self) -> &'static str {
-        match self {
-            CallOutcome::Ok => "ok",
-            CallOutcome::Throttled => "throttled",
-            CallOutcome::Timeout => "timeout",
-            CallOutcome::Error => "error",
-        }
-    }
+/// The index of a request's `op` label in [`op_labels`].
+pub fn op_index(op: Option<Op>) -> usize {
+    op.map_or(Op::ALL.len(), Op::index)
 }
 
-struct ApiHandles {
-    outcomes: [Counter; 4],
-    duration: Histogram,
-    throttles: Counter,
-    retries: Counter,
-}
+/// Number of `op` labels.
+pub const OP_LABELS: usize = Op::ALL.len() + 1;
 
-/// One daemon's metrics.
+/// The histograms of one daemon.
 pub struct Metrics {
-    recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    requests: Vec<Vec<Counter>>,
-    durations: Vec<Histogram>,
-    connections: Gauge,
-    rejected: Vec<Counter>,
-    peers_refused: Counter,
-    apis: Mutex<HashMap<String, ApiHandles>>,
-    cache_reads: Vec<Vec<Counter>>,
-    cache_rejected_fills: Counter,
-    cache_evictions: Counter,
-    cache_invalidations: Counter,
-    cache_entries: Gauge,
-    cache_bytes: Gauge,
-    stream_records: Vec<Vec<Counter>>,
-    stream_invalidations: Vec<Counter>,
-    stream_flushes: Vec<Counter>,
-    stream_errors: Vec<Counter>,
-    stream_bypass_switches: Counter,
-    stream_bypassing: Vec<Gauge>,
-    stream_shards: Vec<Gauge>,
-    stream_since_caught_up: Vec<Gauge>,
+    recorder: PrometheusRecorder,
+    durations: [Histogram; OP_LABELS],
+    /// Per DynamoDB API, registered at its first call (the SDK names the API).
+    call_durations: Mutex<HashMap<String, Histogram>>,
     stream_lag: Histogram,
 }
-
-const SERVED: [&str; 4] = ["hit", "coalesced", "miss", "bypass"];
-const EVENTS: [&str; 3] = ["insert", "modify", "remove"];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -129,354 +69,67 @@ impl Metrics {
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS_SECONDS)
             .expect("bucket list is not empty")
             .build_recorder();
-        let handle = recorder.handle();
         let r = &recorder;
         describe(
             r,
-            "ddbcached_server_requests_total",
-            Unit::Count,
-            "Requests answered, by operation and result (ok or the error code's name).",
-            Kind::Counter,
-        );
-        describe(
-            r,
             "ddbcached_server_request_duration_seconds",
-            Unit::Seconds,
             "Time from a request's decoding to its last reply frame being queued.",
-            Kind::Histogram,
-        );
-        describe(
-            r,
-            "ddbcached_server_connections",
-            Unit::Count,
-            "Client connections open.",
-            Kind::Gauge,
-        );
-        describe(
-            r,
-            "ddbcached_server_frames_rejected_total",
-            Unit::Count,
-            "Frames refused by reason.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_server_peers_refused_total",
-            Unit::Count,
-            "Connections refused because the peer's uid/gid is not allowed.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_dynamodb_calls_total",
-            Unit::Count,
-            "DynamoDB and Streams calls by API and outcome.",
-            Kind::Counter,
         );
         describe(
             r,
             "ddbcached_dynamodb_call_duration_seconds",
-            Unit::Seconds,
             "Duration of DynamoDB calls, retries included, by API.",
-            Kind::Histogram,
-        );
-        describe(
-            r,
-            "ddbcached_dynamodb_throttles_total",
-            Unit::Count,
-            "Attempts DynamoDB throttled, by API.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_dynamodb_retries_total",
-            Unit::Count,
-            "Attempts beyond the first, by API.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_cache_reads_total",
-            Unit::Count,
-            "Reads by operation and how they were served (hit, coalesced, miss, bypass).",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_cache_rejected_fills_total",
-            Unit::Count,
-            "Fills not stored because a write or invalidation raced them.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_cache_evictions_total",
-            Unit::Count,
-            "Entries evicted for size or age.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_cache_invalidations_total",
-            Unit::Count,
-            "Entries dropped by writes with an unknown outcome, stream records and flushes.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_cache_entries",
-            Unit::Count,
-            "Cached keys and topics (estimate).",
-            Kind::Gauge,
-        );
-        describe(
-            r,
-            "ddbcached_cache_weighted_bytes",
-            Unit::Bytes,
-            "Memory the cache accounts for (keys, values, bookkeeping).",
-            Kind::Gauge,
-        );
-        describe(
-            r,
-            "ddbcached_stream_records_total",
-            Unit::Count,
-            "Stream records applied, by table and event.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_stream_invalidations_total",
-            Unit::Count,
-            "Cached entries dropped by stream records, by table.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_stream_flushes_total",
-            Unit::Count,
-            "Whole-table invalidations after lost stream continuity, by cause.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_stream_errors_total",
-            Unit::Count,
-            "Failed Streams calls, by table.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_stream_bypass_switches_total",
-            Unit::Count,
-            "Switches between serving from the cache and bypassing it.",
-            Kind::Counter,
-        );
-        describe(
-            r,
-            "ddbcached_stream_bypassing",
-            Unit::Count,
-            "1 while reads of the table bypass the cache (tailer behind the staleness bound).",
-            Kind::Gauge,
-        );
-        describe(
-            r,
-            "ddbcached_stream_shards",
-            Unit::Count,
-            "Stream shards tracked, by table.",
-            Kind::Gauge,
-        );
-        describe(
-            r,
-            "ddbcached_stream_seconds_since_caught_up",
-            Unit::Seconds,
-            "Age of the table's last proof of being caught up (absent before the first).",
-            Kind::Gauge,
         );
         describe(
             r,
             "ddbcached_stream_visibility_lag_seconds",
-            Unit::Seconds,
             "From the acknowledgement of this daemon's write to the arrival of its stream record.",
-            Kind::Histogram,
         );
-
-        let table = |t: Table| ("table", t.name());
+        let mut ops = op_labels();
         Metrics {
-            requests: OPS
-                .iter()
-                .map(|op| {
-                    std::iter::once("ok")
-                        .chain(ErrorCode::ALL.iter().map(|c| c.name()))
-                        .map(|result| {
-                            counter(
-                                r,
-                                "ddbcached_server_requests_total",
-                                &[("op", op), ("result", result)],
-                            )
-                        })
-                        .collect()
-                })
-                .collect(),
-            durations: OPS
-                .iter()
-                .map(|op| {
-                    histogram(
-                        r,
-                        "ddbcached_server_request_duration_seconds",
-                        &[("op", op)],
-                    )
-                })
-                .collect(),
-            connections: gauge(r, "ddbcached_server_connections", &[]),
-            rejected: REJECTIONS
-                .iter()
-                .map(|reason| {
-                    counter(
-                        r,
-                        "ddbcached_server_frames_rejected_total",
-                        &[("reason", reason)],
-                    )
-                })
-                .collect(),
-            peers_refused: counter(r, "ddbcached_server_peers_refused_total", &[]),
-            apis: Mutex::default(),
-            cache_reads: ReadOp::ALL
-                .iter()
-                .map(|op| {
-                    SERVED
-                        .iter()
-                        .map(|s| {
-                            counter(
-                                r,
-                                "ddbcached_cache_reads_total",
-                                &[("op", op.name()), ("served", s)],
-                            )
-                        })
-                        .collect()
-                })
-                .collect(),
-            cache_rejected_fills: counter(r, "ddbcached_cache_rejected_fills_total", &[]),
-            cache_evictions: counter(r, "ddbcached_cache_evictions_total", &[]),
-            cache_invalidations: counter(r, "ddbcached_cache_invalidations_total", &[]),
-            cache_entries: gauge(r, "ddbcached_cache_entries", &[]),
-            cache_bytes: gauge(r, "ddbcached_cache_weighted_bytes", &[]),
-            stream_records: Table::ALL
-                .iter()
-                .map(|t| {
-                    EVENTS
-                        .iter()
-                        .map(|e| {
-                            counter(
-                                r,
-                                "ddbcached_stream_records_total",
-                                &[table(*t), ("event", e)],
-                            )
-                        })
-                        .collect()
-                })
-                .collect(),
-            stream_invalidations: Table::ALL
-                .iter()
-                .map(|t| counter(r, "ddbcached_stream_invalidations_total", &[table(*t)]))
-                .collect(),
-            stream_flushes: FlushCause::ALL
-                .iter()
-                .map(|c| counter(r, "ddbcached_stream_flushes_total", &[("cause", c.name())]))
-                .collect(),
-            stream_errors: Table::ALL
-                .iter()
-                .map(|t| counter(r, "ddbcached_stream_errors_total", &[table(*t)]))
-                .collect(),
-            stream_bypass_switches: counter(r, "ddbcached_stream_bypass_switches_total", &[]),
-            stream_bypassing: Table::ALL
-                .iter()
-                .map(|t| gauge(r, "ddbcached_stream_bypassing", &[table(*t)]))
-                .collect(),
-            stream_shards: Table::ALL
-                .iter()
-                .map(|t| gauge(r, "ddbcached_stream_shards", &[table(*t)]))
-                .collect(),
-            stream_since_caught_up: Table::ALL
-                .iter()
-                .map(|t| gauge(r, "ddbcached_stream_seconds_since_caught_up", &[table(*t)]))
-                .collect(),
+            durations: std::array::from_fn(|_| {
+                // Cannot fail: `op_labels` yields exactly OP_LABELS labels.
+                let (_, op) = ops.next().expect("one label per op");
+                histogram(
+                    r,
+                    "ddbcached_server_request_duration_seconds",
+                    &[("op", op)],
+                )
+            }),
+            call_durations: Mutex::default(),
             stream_lag: histogram(r, "ddbcached_stream_visibility_lag_seconds", &[]),
-            handle,
+            handle: recorder.handle(),
             recorder,
         }
     }
 
-    /// A request was answered.
-    pub fn request(&self, op: &str, error: Option<ErrorCode>, elapsed: Duration) {
-        let op = OPS.iter().position(|o| *o == op).unwrap_or(OPS.len() - 1);
-        let result = error.map_or(0, |c| {
-            1 + ErrorCode::ALL.iter().position(|x| *x == c).unwrap_or(0)
-        });
-        self.requests[op][result].increment(1);
-        self.durations[op].record(elapsed.as_secs_f64());
+    /// How long a request took (`None`: one that did not decode).
+    pub fn request_duration(&self, op: Option<Op>, elapsed: Duration) {
+        self.durations[op_index(op)].record(elapsed.as_secs_f64());
     }
 
-    pub fn connection_opened(&self) {
-        self.connections.increment(1.0);
-    }
-
-    pub fn connection_closed(&self) {
-        self.connections.decrement(1.0);
-    }
-
-    pub fn frame_rejected(&self, why: Rejection) {
-        self.rejected[why as usize].increment(1);
-    }
-
-    pub fn peer_refused(&self) {
-        self.peers_refused.increment(1);
-    }
-
-    /// The visibility lag of one of this daemon's writes.
+    /// Where the visibility lag of this daemon's writes is recorded.
     pub fn stream_lag(&self) -> Histogram {
         self.stream_lag.clone()
     }
 
-    /// A DynamoDB call ended.
-    pub fn dynamodb_call(
-        &self,
-        api: &str,
-        outcome: CallOutcome,
-        elapsed: Duration,
-        attempts: u64,
-        throttled: u64,
-    ) {
-        let mut apis = self.apis.lock().expect("api metrics poisoned");
-        let h = apis.entry(api.to_owned()).or_insert_with(|| {
-            let r = &self.recorder;
-            let api: &str = api;
-            ApiHandles {
-                outcomes: [
-                    CallOutcome::Ok,
-                    CallOutcome::Throttled,
-                    CallOutcome::Timeout,
-                    CallOutcome::Error,
-                ]
-                .map(|o| {
-                    counter(
-                        r,
-                        "ddbcached_dynamodb_calls_total",
-                        &[("api", api), ("outcome", o.name())],
-                    )
-                }),
-                duration: histogram(
-                    r,
+    /// How long a DynamoDB call took.
+    pub fn call_duration(&self, api: &str, elapsed: Duration) {
+        let mut apis = self
+            .call_durations
+            .lock()
+            .expect("call histograms poisoned");
+        let h = match apis.get(api) {
+            Some(h) => h,
+            None => apis.entry(api.to_owned()).or_insert_with(|| {
+                histogram(
+                    &self.recorder,
                     "ddbcached_dynamodb_call_duration_seconds",
                     &[("api", api)],
-                ),
-                throttles: counter(r, "ddbcached_dynamodb_throttles_total", &[("api", api)]),
-                retries: counter(r, "ddbcached_dynamodb_retries_total", &[("api", api)]),
-            }
-        });
-        h.outcomes[outcome as usize].increment(1);
-        h.duration.record(elapsed.as_secs_f64());
-        h.throttles.increment(throttled);
-        h.retries.increment(attempts.saturating_sub(1));
+                )
+            }),
+        };
+        h.record(elapsed.as_secs_f64());
     }
 
     /// Folds the histograms' pending samples into their buckets, which frees them.
@@ -484,43 +137,8 @@ impl Metrics {
         self.handle.run_upkeep();
     }
 
-    /// The exposition text, with the cache's and tailers' counters brought up to date.
-    pub fn render(
-        &self,
-        cache: &StatsSnapshot,
-        tail: &TailSnapshot,
-        coherence: &CoherenceSnapshot,
-    ) -> String {
-        for op in ReadOp::ALL {
-            for (i, served) in [Served::Hit, Served::Coalesced, Served::Miss, Served::Bypass]
-                .into_iter()
-                .enumerate()
-            {
-                self.cache_reads[op as usize][i].absolute(cache.count(op, served));
-            }
-        }
-        self.cache_rejected_fills.absolute(cache.rejected_fills);
-        self.cache_evictions.absolute(cache.evictions);
-        self.cache_invalidations.absolute(cache.invalidations);
-        self.cache_entries.set(cache.entries as f64);
-        self.cache_bytes.set(cache.weighted_bytes as f64);
-        for t in Table::ALL {
-            let i = t as usize;
-            for (e, counter) in self.stream_records[i].iter().enumerate() {
-                counter.absolute(tail.records[i][e]);
-            }
-            self.stream_invalidations[i].absolute(coherence.invalidations[i]);
-            self.stream_errors[i].absolute(tail.errors[i]);
-            self.stream_bypassing[i].set(if coherence.bypassing[i] { 1.0 } else { 0.0 });
-            self.stream_shards[i].set(tail.shards[i] as f64);
-            self.stream_since_caught_up[i]
-                .set(coherence.seconds_since_caught_up[i].unwrap_or(f64::NAN));
-        }
-        for (c, counter) in self.stream_flushes.iter().enumerate() {
-            counter.absolute(coherence.flushes[c]);
-        }
-        self.stream_bypass_switches
-            .absolute(coherence.bypass_switches);
+    /// The histograms' exposition text.
+    pub fn render_histograms(&self) -> String {
         self.handle.render()
     }
 }
@@ -537,52 +155,117 @@ impl Default for Metrics {
     }
 }
 
+/// Prometheus exposition text, written family by family by the components that count.
+#[derive(Default)]
+pub struct Exposition {
+    text: String,
+}
+
+/// The kind of a metric family.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Exposition {
+    /// Starts a family: its help and type lines.
+    pub fn family(&mut self, name: &str, kind: Kind, help: &str) {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        // Writing to a String cannot fail.
+        let _ = write!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+    }
+
+    /// One sample of the family just started.
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{k}=\"{v}\"");
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+
+    /// A family of one sample.
+    pub fn single(&mut self, name: &str, kind: Kind, help: &str, value: impl Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
+    /// The whole text, with the recorder's histograms after the components' families.
+    pub fn finish(mut self, histograms: &str) -> String {
+        self.text.push('\n');
+        self.text.push_str(histograms);
+        self.text
+    }
+}
+
+/// A gauge's value for a flag.
+pub fn flag(on: bool) -> u8 {
+    u8::from(on)
+}
+
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
-
-fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
-    let labels: Vec<Label> = labels
-        .iter()
-        .map(|(k, v)| Label::new(*k, SharedString::from(v.to_string())))
-        .collect();
-    Key::from_parts(name, labels)
-}
-
-fn counter(r: &PrometheusRecorder, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
-    r.register_counter(&key(name, labels), &METADATA)
-}
-
-fn gauge(r: &PrometheusRecorder, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
-    r.register_gauge(&key(name, labels), &METADATA)
-}
 
 fn histogram(
     r: &PrometheusRecorder,
     name: &'static str,
     labels: &[(&'static str, &str)],
 ) -> Histogram {
-    r.register_histogram(&key(name, labels), &METADATA)
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, SharedString::from(v.to_string())))
+        .collect();
+    r.register_histogram(&Key::from_parts(name, labels), &METADATA)
 }
 
-/// The kind of a metric, for its description.
-#[derive(Clone, Copy)]
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
+fn describe(r: &PrometheusRecorder, name: &'static str, help: &'static str) {
+    r.describe_histogram(
+        KeyName::from_const_str(name),
+        Some(Unit::Seconds),
+        help.into(),
+    );
 }
 
-fn describe(
-    r: &PrometheusRecorder,
-    name: &'static str,
-    unit: Unit,
-    help: &'static str,
-    kind: Kind,
-) {
-    let name = KeyName::from_const_str(name);
-    match kind {
-        Kind::Counter => r.describe_counter(name, Some(unit), help.into()),
-        Kind::Gauge => r.describe_gauge(name, Some(unit), help.into()),
-        Kind::Histogram => r.describe_histogram(name, Some(unit), help.into()),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_render_in_the_text_format() {
+        let mut out = Exposition::default();
+        out.family("ddbcached_x_total", Kind::Counter, "Things.");
+        out.sample(
+            "ddbcached_x_total",
+            &[("op", "kv.get"), ("result", "ok")],
+            3,
+        );
+        out.single("ddbcached_y", Kind::Gauge, "A level.", 1.5);
+        assert_eq!(
+            out.finish(""),
+            "# HELP ddbcached_x_total Things.\n# TYPE ddbcached_x_total counter\n\
+             ddbcached_x_total{op=\"kv.get\",result=\"ok\"} 3\n\
+             # HELP ddbcached_y A level.\n# TYPE ddbcached_y gauge\nddbcached_y 1.5\n\n"
+        );
+    }
+
+    #[test]
+    fn every_op_label_has_its_index() {
+        let labels: Vec<_> = op_labels().collect();
+        assert_eq!(labels.len(), OP_LABELS);
+        for op in Op::ALL {
+            assert_eq!(labels[op_index(Some(op))].1, op.name());
+        }
+        assert_eq!(labels[op_index(None)].1, "invalid");
     }
 }

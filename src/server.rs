@@ -1,4 +1,5 @@
-//! The Unix socket: binding it safely, accepting connections, and shutting down.
+//! The Unix socket: binding it safely, accepting connections, shutting down, and what
+//! the server counts ([`ServerStats`]).
 //!
 //! Binding refuses to take over a socket a live daemon still answers on, replaces a stale
 //! socket file left by a crash, never deletes a file that is not a socket, and sets the
@@ -6,8 +7,11 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use ddbcached_protocol::{ErrorCode, Op};
 
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
@@ -16,7 +20,124 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
 use crate::connection;
+use crate::metrics::{self, Exposition, Kind, OP_LABELS};
 use crate::service::Service;
+
+/// Results a request can end with: ok, or an error code.
+const RESULTS: usize = 1 + ErrorCode::ALL.len();
+
+/// Why a frame or a connection was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    TooLarge = 0,
+    Malformed = 1,
+    UnknownOperation = 2,
+    Handshake = 3,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 4] = [
+        Rejection::TooLarge,
+        Rejection::Malformed,
+        Rejection::UnknownOperation,
+        Rejection::Handshake,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Rejection::TooLarge => "frame_too_large",
+            Rejection::Malformed => "malformed",
+            Rejection::UnknownOperation => "unknown_operation",
+            Rejection::Handshake => "handshake",
+        }
+    }
+}
+
+/// What the server counts: requests by operation and result, connections, refusals.
+pub struct ServerStats {
+    /// `[op label][result]`: see [`metrics::op_labels`]; result 0 is ok, then the codes.
+    requests: [[AtomicU64; RESULTS]; OP_LABELS],
+    connections: AtomicI64,
+    rejected: [AtomicU64; 4],
+    peers_refused: AtomicU64,
+}
+
+impl Default for ServerStats {
+    fn default() -> ServerStats {
+        ServerStats {
+            requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            connections: AtomicI64::new(0),
+            rejected: Default::default(),
+            peers_refused: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ServerStats {
+    /// A request was answered (`op` `None`: it did not decode).
+    pub fn request(&self, op: Option<Op>, error: Option<ErrorCode>) {
+        let result = error.map_or(0, |c| 1 + c.index());
+        self.requests[metrics::op_index(op)][result].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn frame_rejected(&self, why: Rejection) {
+        self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn peer_refused(&self) {
+        self.peers_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes the counters into a scrape.
+    pub fn export(&self, out: &mut Exposition) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let name = "ddbcached_server_requests_total";
+        out.family(
+            name,
+            Kind::Counter,
+            "Requests answered, by operation and result (ok or the error code's name).",
+        );
+        for (i, op) in metrics::op_labels() {
+            let results = std::iter::once("ok").chain(ErrorCode::ALL.iter().map(|c| c.name()));
+            for (r, result) in results.enumerate() {
+                out.sample(
+                    name,
+                    &[("op", op), ("result", result)],
+                    load(&self.requests[i][r]),
+                );
+            }
+        }
+        out.single(
+            "ddbcached_server_connections",
+            Kind::Gauge,
+            "Client connections open.",
+            self.connections.load(Ordering::Relaxed),
+        );
+        let name = "ddbcached_server_frames_rejected_total";
+        out.family(name, Kind::Counter, "Frames refused by reason.");
+        for why in Rejection::ALL {
+            out.sample(
+                name,
+                &[("reason", why.name())],
+                load(&self.rejected[why as usize]),
+            );
+        }
+        out.single(
+            "ddbcached_server_peers_refused_total",
+            Kind::Counter,
+            "Connections refused because the peer's uid/gid is not allowed.",
+            load(&self.peers_refused),
+        );
+    }
+}
 
 /// Why the socket could not be bound.
 #[derive(Debug, thiserror::Error)]

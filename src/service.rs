@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
-use ddbcached_protocol::{Items, Reply, Request, Versioned};
+use ddbcached_protocol::{ErrorCode, Items, Op, Reply, Request, Versioned};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use crate::aws::{self, ApiCalls};
@@ -32,7 +32,8 @@ use crate::cache::{
 };
 use crate::coherence::{Coherence, ItemKey};
 use crate::config::{Config, StreamsConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Exposition, Metrics};
+use crate::server::ServerStats;
 use crate::store::{KvStore, LogStore, StoreError};
 use crate::stream::api::SdkStreams;
 use crate::stream::{StartError, Table, TailStats, Tailer};
@@ -81,6 +82,7 @@ pub struct Service {
     tables: [String; 2],
     streams_config: StreamsConfig,
     metrics: Arc<Metrics>,
+    server_stats: ServerStats,
     /// Set once the tailers have taken their positions: from then on the daemon can
     /// serve reads from the cache.
     ready: std::sync::atomic::AtomicBool,
@@ -112,6 +114,7 @@ impl Service {
                 metrics.stream_lag(),
             )),
             tail_stats: Arc::default(),
+            server_stats: ServerStats::default(),
             metrics,
             ready: Default::default(),
             tables: [d.kv_table.clone(), d.log_table.clone()],
@@ -147,18 +150,31 @@ impl Service {
         &self.cache
     }
 
-    /// The daemon's metrics.
+    /// The daemon's histograms.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
-    /// The Prometheus exposition of every metric, brought up to date.
+    /// What the server counts.
+    pub fn server_stats(&self) -> &ServerStats {
+        &self.server_stats
+    }
+
+    /// A request was answered (`op` `None`: it did not decode) after `elapsed`.
+    pub fn answered(&self, op: Option<Op>, error: Option<ErrorCode>, elapsed: Duration) {
+        self.server_stats.request(op, error);
+        self.metrics.request_duration(op, elapsed);
+    }
+
+    /// The Prometheus exposition of every metric, each written by its owner.
     pub async fn render_metrics(&self) -> String {
-        self.metrics.render(
-            &self.cache.stats().await,
-            &self.tail_stats.snapshot(),
-            &self.coherence.snapshot(),
-        )
+        let mut out = Exposition::default();
+        self.server_stats.export(&mut out);
+        self.api_calls.export(&mut out);
+        self.cache.export(&mut out).await;
+        self.tail_stats.export(&mut out);
+        self.coherence.export(&mut out);
+        out.finish(&self.metrics.render_histograms())
     }
 
     /// Whether the daemon is ready (tables checked, tailers positioned), and in words.

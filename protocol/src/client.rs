@@ -475,7 +475,7 @@ fn items_of(request: &Request, items: Vec<Item>) -> Result<Items, ClientError> {
     let bad = || {
         ClientError::Protocol(format!(
             "{} answer has items of the wrong kind",
-            request.op()
+            request.op().name()
         ))
     };
     Ok(match request {

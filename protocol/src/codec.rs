@@ -42,7 +42,7 @@ pub struct RequestError {
 pub fn encode_request(id: u64, request: &Request) -> Bytes {
     let mut w = WireRequestOut {
         id,
-        op: request.op(),
+        op: request.op().name(),
         ..Default::default()
     };
     match request {

@@ -70,6 +70,26 @@ impl ErrorCode {
         ErrorCode::ALL.into_iter().find(|c| c.as_u16() == n)
     }
 
+    /// The position in [`ErrorCode::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            ErrorCode::Malformed => 0,
+            ErrorCode::UnknownOperation => 1,
+            ErrorCode::InvalidArgument => 2,
+            ErrorCode::FrameTooLarge => 3,
+            ErrorCode::ValueTooLarge => 4,
+            ErrorCode::HandshakeRequired => 5,
+            ErrorCode::UnsupportedVersion => 6,
+            ErrorCode::Unavailable => 7,
+            ErrorCode::Throttled => 8,
+            ErrorCode::Timeout => 9,
+            ErrorCode::Conflict => 10,
+            ErrorCode::Backend => 11,
+            ErrorCode::ShuttingDown => 12,
+            ErrorCode::Internal => 13,
+        }
+    }
+
     /// The snake_case name used in logs, metrics labels and the CLI's JSON output.
     pub fn name(self) -> &'static str {
         match self {

@@ -70,23 +70,84 @@ pub enum Request {
     LogDelete { topic: String },
 }
 
-impl Request {
-    /// The operation's name on the wire (the `op` field).
-    pub fn op(&self) -> &'static str {
+/// An operation: a closed set, with the wire name of each (also its metrics label) and
+/// an index for tables of counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Hello,
+    Ping,
+    Health,
+    KvPut,
+    KvGet,
+    KvLatestTs,
+    KvTimestamps,
+    KvScan,
+    KvDelete,
+    LogPut,
+    LogPosition,
+    LogScan,
+    LogDelete,
+}
+
+impl Op {
+    pub const ALL: [Op; 13] = [
+        Op::Hello,
+        Op::Ping,
+        Op::Health,
+        Op::KvPut,
+        Op::KvGet,
+        Op::KvLatestTs,
+        Op::KvTimestamps,
+        Op::KvScan,
+        Op::KvDelete,
+        Op::LogPut,
+        Op::LogPosition,
+        Op::LogScan,
+        Op::LogDelete,
+    ];
+
+    /// The name on the wire (`kv.get`, ...).
+    pub fn name(self) -> &'static str {
         match self {
-            Request::Hello { .. } => "hello",
-            Request::Ping => "ping",
-            Request::Health => "health",
-            Request::KvPut { .. } => "kv.put",
-            Request::KvGet { .. } => "kv.get",
-            Request::KvLatestTs { .. } => "kv.latest_ts",
-            Request::KvTimestamps { .. } => "kv.timestamps",
-            Request::KvScan { .. } => "kv.scan",
-            Request::KvDelete { .. } => "kv.delete",
-            Request::LogPut { .. } => "log.put",
-            Request::LogPosition { .. } => "log.position",
-            Request::LogScan { .. } => "log.scan",
-            Request::LogDelete { .. } => "log.delete",
+            Op::Hello => "hello",
+            Op::Ping => "ping",
+            Op::Health => "health",
+            Op::KvPut => "kv.put",
+            Op::KvGet => "kv.get",
+            Op::KvLatestTs => "kv.latest_ts",
+            Op::KvTimestamps => "kv.timestamps",
+            Op::KvScan => "kv.scan",
+            Op::KvDelete => "kv.delete",
+            Op::LogPut => "log.put",
+            Op::LogPosition => "log.position",
+            Op::LogScan => "log.scan",
+            Op::LogDelete => "log.delete",
+        }
+    }
+
+    /// The position in [`Op::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl Request {
+    /// The operation (its `name()` is the `op` field).
+    pub fn op(&self) -> Op {
+        match self {
+            Request::Hello { .. } => Op::Hello,
+            Request::Ping => Op::Ping,
+            Request::Health => Op::Health,
+            Request::KvPut { .. } => Op::KvPut,
+            Request::KvGet { .. } => Op::KvGet,
+            Request::KvLatestTs { .. } => Op::KvLatestTs,
+            Request::KvTimestamps { .. } => Op::KvTimestamps,
+            Request::KvScan { .. } => Op::KvScan,
+            Request::KvDelete { .. } => Op::KvDelete,
+            Request::LogPut { .. } => Op::LogPut,
+            Request::LogPosition { .. } => Op::LogPosition,
+            Request::LogScan { .. } => Op::LogScan,
+            Request::LogDelete { .. } => Op::LogDelete,
         }
     }
 

@@ -50,6 +50,7 @@ pub use versions::{KeyVersions, Known};
 
 use crate::config::CacheConfig;
 use crate::locks::{KeyGuard, KeyedLocks};
+use crate::metrics::{Exposition, Kind};
 
 /// Stripes of generations. A power of two; 4096 × (8 + lock) bytes.
 const STRIPES: usize = 4096;
@@ -132,6 +133,19 @@ pub enum Served {
     Miss,
     /// From DynamoDB because the client asked for a consistent read.
     Bypass,
+}
+
+impl Served {
+    pub const ALL: [Served; 4] = [Served::Hit, Served::Coalesced, Served::Miss, Served::Bypass];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Served::Hit => "hit",
+            Served::Coalesced => "coalesced",
+            Served::Miss => "miss",
+            Served::Bypass => "bypass",
+        }
+    }
 }
 
 /// Counters of the cache (the metrics endpoint exports them).
@@ -489,6 +503,53 @@ impl Cache {
             entries: self.entries.entry_count(),
             weighted_bytes: self.entries.weighted_size(),
         }
+    }
+
+    /// Writes the counters into a scrape.
+    pub async fn export(&self, out: &mut Exposition) {
+        let s = self.stats().await;
+        let name = "ddbcached_cache_reads_total";
+        out.family(
+            name,
+            Kind::Counter,
+            "Reads by operation and how they were served (hit, coalesced, miss, bypass).",
+        );
+        for op in ReadOp::ALL {
+            for served in Served::ALL {
+                let labels = [("op", op.name()), ("served", served.name())];
+                out.sample(name, &labels, s.count(op, served));
+            }
+        }
+        out.single(
+            "ddbcached_cache_rejected_fills_total",
+            Kind::Counter,
+            "Fills not stored because a write or invalidation raced them.",
+            s.rejected_fills,
+        );
+        out.single(
+            "ddbcached_cache_evictions_total",
+            Kind::Counter,
+            "Entries evicted for size or age.",
+            s.evictions,
+        );
+        out.single(
+            "ddbcached_cache_invalidations_total",
+            Kind::Counter,
+            "Entries dropped by writes with an unknown outcome, stream records and flushes.",
+            s.invalidations,
+        );
+        out.single(
+            "ddbcached_cache_entries",
+            Kind::Gauge,
+            "Cached keys and topics (estimate).",
+            s.entries,
+        );
+        out.single(
+            "ddbcached_cache_weighted_bytes",
+            Kind::Gauge,
+            "Memory the cache accounts for (keys, values, bookkeeping).",
+            s.weighted_bytes,
+        );
     }
 
     fn stripe_of(&self, key: &CacheKey) -> usize {

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::coherence::{Seen, Sink};
 use crate::config::StreamsConfig;
+use crate::metrics::{Exposition, Kind};
 use api::{ShardInfo, StartAt, StreamError, StreamsApi};
 use shards::Shards;
 
@@ -112,6 +113,33 @@ pub struct TailSnapshot {
 }
 
 impl TailStats {
+    /// Writes the counters into a scrape.
+    pub fn export(&self, out: &mut Exposition) {
+        let s = self.snapshot();
+        let name = "ddbcached_stream_records_total";
+        out.family(
+            name,
+            Kind::Counter,
+            "Stream records read and applied, by table and event.",
+        );
+        for t in Table::ALL {
+            for (e, event) in ["insert", "modify", "remove"].into_iter().enumerate() {
+                let labels = [("table", t.name()), ("event", event)];
+                out.sample(name, &labels, s.records[t as usize][e]);
+            }
+        }
+        let name = "ddbcached_stream_errors_total";
+        out.family(name, Kind::Counter, "Failed Streams calls, by table.");
+        for t in Table::ALL {
+            out.sample(name, &[("table", t.name())], s.errors[t as usize]);
+        }
+        let name = "ddbcached_stream_shards";
+        out.family(name, Kind::Gauge, "Stream shards tracked, by table.");
+        for t in Table::ALL {
+            out.sample(name, &[("table", t.name())], s.shards[t as usize]);
+        }
+    }
+
     /// The counters.
     pub fn snapshot(&self) -> TailSnapshot {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
