@@ -301,6 +301,35 @@ async fn the_socket_is_guarded_and_removed_on_shutdown() {
     );
 }
 
+/// The Python interpreter of `scripts/python-env.sh` (with msgpack).
+fn python() -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::process::Command::new(root.join("scripts/python-env.sh"))
+        .output()
+        .expect("scripts/python-env.sh runs");
+    assert!(
+        python.status.success(),
+        "{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    String::from_utf8(python.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn the_python_codec_reads_and_writes_the_shared_vectors() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(python())
+        .arg(root.join("protocol/check_vectors.py"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stdout == b"ok\n",
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_client_of_protocol_md_works() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -313,15 +342,7 @@ async fn the_python_client_of_protocol_md_works() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("client.py");
     std::fs::write(&script, code).unwrap();
-    let python = std::process::Command::new(root.join("scripts/python-env.sh"))
-        .output()
-        .expect("scripts/python-env.sh runs");
-    assert!(
-        python.status.success(),
-        "{}",
-        String::from_utf8_lossy(&python.stderr)
-    );
-    let python = String::from_utf8(python.stdout).unwrap().trim().to_owned();
+    let python = python();
 
     let d = Daemon::start().await;
     let out = tokio::process::Command::new(python)

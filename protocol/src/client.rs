@@ -18,9 +18,9 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use crate::codec::{decode_response, encode_request, frame_codec};
+use crate::codec::{decode_response, encode_request, frame_codec, Response, ResponseError};
 use crate::error::{ClientError, ServerError};
-use crate::message::{Item, Items, Reply, Request, ResponseFrame, Versioned, PROTOCOL_VERSION};
+use crate::message::{Items, Reply, Request, Versioned, PROTOCOL_VERSION};
 
 /// Largest frame the client accepts from the server. The server bounds its frames by its
 /// own `max_frame_bytes`, which it announces in `hello`; this is only a sanity ceiling.
@@ -29,7 +29,7 @@ const MAX_RESPONSE_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// Responses not yet delivered, by request id; `None` once the connection has ended, so
 /// that no request can register after the reader has stopped and wait forever. A streamed
 /// request stays registered until its last piece arrives.
-type Pending = Arc<Mutex<Option<HashMap<u64, mpsc::UnboundedSender<ResponseFrame>>>>>;
+type Pending = Arc<Mutex<Option<HashMap<u64, mpsc::UnboundedSender<Response>>>>>;
 
 /// What the server said about itself in the handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,14 +87,17 @@ impl Client {
             .await
             .ok_or(ClientError::Closed)?
             .map_err(io_err)?;
-        let frame = decode_response(&frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        if let Some(e) = frame.error() {
-            return Err(e.into());
-        }
-        let server = ServerInfo {
-            version: frame.version.unwrap_or_default(),
-            server: frame.server.unwrap_or_default(),
-            max_frame_bytes: frame.max_frame_bytes.unwrap_or_default(),
+        let server = match read(&hello, decode_response(&frame))? {
+            Reply::Hello {
+                version,
+                server,
+                max_frame_bytes,
+            } => ServerInfo {
+                version,
+                server,
+                max_frame_bytes,
+            },
+            other => return Err(unexpected(&other)),
         };
 
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
@@ -152,15 +155,18 @@ impl Client {
         let mut gathered: Option<Items> = None;
         loop {
             let frame = rx.recv().await.ok_or(ClientError::Closed)?;
-            if let Some(e) = frame.error() {
-                self.forget(id);
-                return Err(e.into());
-            }
-            if !request.is_streamed() {
-                return reply_of(&request, frame);
-            }
-            let more = frame.more.unwrap_or(false);
-            let piece = items_of(&request, frame.items.unwrap_or_default())?;
+            let (piece, more) = match read(&request, Ok(frame)) {
+                Ok(Reply::Items { items, more }) => (items, more),
+                Ok(Reply::Error(e)) => {
+                    self.forget(id);
+                    return Err(e.into());
+                }
+                Ok(reply) => return Ok(reply),
+                Err(e) => {
+                    self.forget(id);
+                    return Err(e);
+                }
+            };
             match &mut gathered {
                 None => gathered = Some(piece),
                 Some(all) => extend(all, piece)?,
@@ -410,13 +416,13 @@ async fn route_responses(
         let Ok(frame) = decode_response(&body) else {
             break;
         };
-        let Some(id) = frame.id else {
+        let Some(id) = frame.id() else {
             // An error not addressed to any request (the server could not read an id):
             // the connection is about to close or a request was unreadable; nothing waits
             // on it by id.
             continue;
         };
-        let last = frame.code != 0 || !frame.more.unwrap_or(false);
+        let last = frame.is_last();
         let mut pending = pending.lock().expect("pending map lock poisoned");
         let Some(pending) = pending.as_mut() else {
             break;
@@ -433,87 +439,14 @@ async fn route_responses(
     pending.lock().expect("pending map lock poisoned").take();
 }
 
-fn reply_of(request: &Request, frame: ResponseFrame) -> Result<Reply, ClientError> {
-    Ok(match request {
-        Request::KvGet { .. } => Reply::Value(match (frame.found, frame.ts, frame.value) {
-            (Some(true), Some(ts), Some(value)) => Some(Versioned {
-                ts,
-                value: value.into_vec().into(),
-            }),
-            (Some(false), _, _) => None,
-            _ => {
-                return Err(ClientError::Protocol(
-                    "kv.get answer lacks found/ts/value".into(),
-                ))
-            }
-        }),
-        Request::KvLatestTs { .. } => Reply::Timestamp(match (frame.found, frame.ts) {
-            (Some(true), Some(ts)) => Some(ts),
-            (Some(false), _) => None,
-            _ => {
-                return Err(ClientError::Protocol(
-                    "kv.latest_ts answer lacks found/ts".into(),
-                ))
-            }
-        }),
-        Request::Health => Reply::Health {
-            ready: frame
-                .ready
-                .ok_or_else(|| ClientError::Protocol("health answer lacks `ready`".into()))?,
-            detail: frame.detail.unwrap_or_default(),
-        },
-        Request::LogPut { .. } | Request::LogPosition { .. } => Reply::Index(
-            frame
-                .index
-                .ok_or_else(|| ClientError::Protocol("answer lacks `index`".into()))?,
-        ),
-        _ => Reply::Done,
-    })
-}
-
-fn items_of(request: &Request, items: Vec<Item>) -> Result<Items, ClientError> {
-    let bad = || {
-        ClientError::Protocol(format!(
-            "{} answer has items of the wrong kind",
-            request.op().name()
-        ))
-    };
-    Ok(match request {
-        Request::KvTimestamps { .. } => Items::Timestamps(
-            items
-                .into_iter()
-                .map(|i| match i {
-                    Item::Int(t) => Ok(t),
-                    _ => Err(bad()),
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        Request::KvScan {
-            keys_only: false, ..
-        } => Items::Entries(
-            items
-                .into_iter()
-                .map(|i| match i {
-                    Item::Pair(k, v) => Ok((k, v)),
-                    _ => Err(bad()),
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        _ => {
-            let bins = items
-                .into_iter()
-                .map(|i| match i {
-                    Item::Bin(b) => Ok(b),
-                    _ => Err(bad()),
-                })
-                .collect::<Result<_, _>>()?;
-            if matches!(request, Request::KvScan { .. }) {
-                Items::Keys(bins)
-            } else {
-                Items::Values(bins)
-            }
-        }
-    })
+/// A response read as the reply to `request`.
+fn read(
+    request: &Request,
+    response: Result<Response, ResponseError>,
+) -> Result<Reply, ClientError> {
+    response
+        .and_then(|r| r.into_reply(request))
+        .map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
 fn extend(all: &mut Items, piece: Items) -> Result<(), ClientError> {

@@ -320,9 +320,9 @@ pub(crate) struct WireResponseOut<'a> {
     pub more: Option<bool>,
 }
 
-/// A response map as it is received.
-#[derive(Deserialize, Debug, Default)]
-pub struct ResponseFrame {
+/// A response map as it is received; [`crate::codec::Response`] reads it as a [`Reply`].
+#[derive(Deserialize, Clone, Debug, Default)]
+pub(crate) struct WireResponseIn {
     /// The request id this answers; nil when the request's id could not be read.
     pub id: Option<u64>,
     /// 0 on success, otherwise an [`ErrorCode`] number.
@@ -341,7 +341,7 @@ pub struct ResponseFrame {
     pub more: Option<bool>,
 }
 
-impl ResponseFrame {
+impl WireResponseIn {
     /// The error this frame carries, if it is an error response.
     pub fn error(&self) -> Option<ServerError> {
         (self.code != 0).then(|| ServerError {
@@ -354,7 +354,7 @@ impl ResponseFrame {
 
 /// One element of a received `items` array, whatever the stream's kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Item {
+pub(crate) enum Item {
     Int(i64),
     Bin(Bytes),
     Pair(Bytes, Bytes),

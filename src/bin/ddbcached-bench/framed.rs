@@ -39,7 +39,7 @@ pub async fn run(
     };
     sink.send(encode_request(0, &hello)).await?;
     let reply = frames.next().await.context("no hello reply")??;
-    ensure!(decode_response(&reply)?.code == 0, "hello refused");
+    ensure!(!decode_response(&reply)?.is_error(), "hello refused");
 
     let slots = Arc::new(Semaphore::new(depth));
     let started: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
@@ -87,9 +87,9 @@ pub async fn run(
                 };
                 let frame = frame?;
                 let reply = decode_response(&frame)?;
-                ensure!(reply.code == 0, "error reply: {:?}", reply.message);
-                let id = reply.id.context("reply without id")?;
-                if reply.more == Some(true) {
+                ensure!(!reply.is_error(), "error reply: {reply:?}");
+                let id = reply.id().context("reply without id")?;
+                if !reply.is_last() {
                     continue;
                 }
                 let at = started.lock().expect("start times").remove(&id).context("unknown id")?;
