@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::cache::Cache;
 use crate::metrics::{flag, Exposition, Kind};
-use crate::stream::api::Record;
+use crate::stream::api::{Record, StartAt};
 use crate::stream::change::Change;
 use crate::stream::{FlushCause, Table};
 
@@ -51,11 +51,14 @@ pub enum ItemKey {
 /// What a reader of changes saw, in the order it saw it, for one table.
 #[derive(Debug)]
 pub enum Seen<'a> {
-    /// Records of one shard, in shard order.
+    /// Records of one shard, in shard order, read from just after `after`.
     Records {
         shard: &'a str,
+        after: &'a StartAt,
         records: &'a [Record],
     },
+    /// The shard is closed and every record of it has been handed over.
+    ShardEnded { shard: &'a str },
     /// Continuity was lost: some changes were never seen.
     ContinuityLost(FlushCause),
     /// Every change made before this instant has been handed over (`None`: no such
@@ -370,6 +373,8 @@ impl Sink for Coherence {
                     }
                 }
             }
+            // Nothing to do locally: the next shards' records follow.
+            Seen::ShardEnded { .. } => {}
             Seen::ContinuityLost(cause) => self.flush(table, cause).await,
             Seen::CaughtUp(as_of) => self.fresh_as_of(table, as_of),
         }

@@ -379,8 +379,16 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
                 Ok(page) => {
                     let full = page.records.len() >= FULL_PAGE;
                     if let Some(last) = page.records.last() {
+                        let Some(cursor) = self.shards.cursor(&id) else {
+                            continue;
+                        };
+                        let after = match &cursor.checkpoint {
+                            Some(seq) => StartAt::After(seq.clone()),
+                            None => cursor.start.clone(),
+                        };
                         let seen = Seen::Records {
                             shard: &id,
+                            after: &after,
                             records: &page.records,
                         };
                         if let Err(e) = self.sink.accept(self.table, seen).await {
@@ -404,7 +412,14 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
                     match page.next_iterator {
                         Some(next) => cursor.iterator = Some(next),
                         None => {
-                            // Closed and read to the end: on to its children.
+                            // Closed and read to the end: on to its children, once the
+                            // sink knows (until then the last iterator is read again).
+                            let seen = Seen::ShardEnded { shard: &id };
+                            if let Err(e) = self.sink.accept(self.table, seen).await {
+                                tracing::warn!(table = %self.table_name, shard = %id, error = %e, "the sink refused a shard's end");
+                                failed = true;
+                                continue;
+                            }
                             self.shards.finish(&id);
                             if !self.shards.has_children(&id) {
                                 self.orphaned_parents.insert(id);

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use crate::cache::{Cache, CacheKey, Cached, KeyVersions};
 use crate::coherence::Coherence;
 use crate::config::{CacheConfig, StreamsConfig};
-use crate::stream::api::StreamError;
+use crate::stream::api::{StartAt, StreamError};
 use crate::stream::fake::FakeStreams;
 use crate::stream::{FlushCause, Table, TailStats, Tailer, MAX_BACKOFF};
 
@@ -327,11 +327,35 @@ async fn an_echo_that_overtakes_the_cache_update_evicts_nothing() {
     assert!(r.cache.get(&key).await.is_none());
 }
 
-/// A sink that refuses the first `refusals` pages of records and keeps the sequence
-/// numbers of those it accepts.
+/// A sink that refuses the first `refusals` pages of records and shard ends, and logs
+/// what it accepts.
 struct RefusingSink {
     refusals: std::sync::atomic::AtomicUsize,
-    accepted: std::sync::Mutex<Vec<String>>,
+    log: std::sync::Mutex<Vec<Accepted>>,
+}
+
+/// What a [`RefusingSink`] accepted.
+#[derive(Clone, Debug, PartialEq)]
+enum Accepted {
+    Records {
+        shard: String,
+        after: StartAt,
+        sequence_numbers: Vec<String>,
+    },
+    Ended(String),
+}
+
+impl RefusingSink {
+    fn new(refusals: usize) -> Arc<RefusingSink> {
+        Arc::new(RefusingSink {
+            refusals: refusals.into(),
+            log: Default::default(),
+        })
+    }
+
+    fn log(&self) -> Vec<Accepted> {
+        self.log.lock().unwrap().clone()
+    }
 }
 
 impl crate::coherence::Sink for RefusingSink {
@@ -340,29 +364,36 @@ impl crate::coherence::Sink for RefusingSink {
         _table: Table,
         seen: crate::coherence::Seen<'_>,
     ) -> Result<(), crate::coherence::SinkError> {
+        use crate::coherence::Seen;
         use std::sync::atomic::Ordering;
-        if let crate::coherence::Seen::Records { records, .. } = seen {
-            if self.refusals.load(Ordering::Relaxed) > 0 {
-                self.refusals.fetch_sub(1, Ordering::Relaxed);
-                return Err(crate::coherence::SinkError("not now".into()));
-            }
-            let mut accepted = self.accepted.lock().unwrap();
-            accepted.extend(records.iter().map(|r| r.sequence_number.clone()));
+        let entry = match seen {
+            Seen::Records {
+                shard,
+                after,
+                records,
+            } => Accepted::Records {
+                shard: shard.to_owned(),
+                after: after.clone(),
+                sequence_numbers: records.iter().map(|r| r.sequence_number.clone()).collect(),
+            },
+            Seen::ShardEnded { shard } => Accepted::Ended(shard.to_owned()),
+            _ => return Ok(()),
+        };
+        if self.refusals.load(Ordering::Relaxed) > 0 {
+            self.refusals.fetch_sub(1, Ordering::Relaxed);
+            return Err(crate::coherence::SinkError("not now".into()));
         }
+        self.log.lock().unwrap().push(entry);
         Ok(())
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn records_a_sink_refuses_are_handed_over_again_not_skipped() {
-    let fake = Arc::new(FakeStreams::new("arn1"));
-    fake.add_shard("a", None);
-    let sink = Arc::new(RefusingSink {
-        refusals: 2.into(),
-        accepted: Default::default(),
-    });
-    let stats = Arc::new(TailStats::default());
-    let mut tailer = Tailer::start(
+async fn tailer_into(
+    fake: &Arc<FakeStreams>,
+    sink: &Arc<RefusingSink>,
+    stats: &Arc<TailStats>,
+) -> Tailer<FakeStreams, RefusingSink> {
+    Tailer::start(
         fake.clone(),
         "t".into(),
         Table::Kv,
@@ -371,12 +402,20 @@ async fn records_a_sink_refuses_are_handed_over_again_not_skipped() {
         StreamsConfig::default(),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_a_sink_refuses_are_handed_over_again_not_skipped() {
+    let fake = Arc::new(FakeStreams::new("arn1"));
+    fake.add_shard("a", None);
+    let (sink, stats) = (RefusingSink::new(2), Arc::new(TailStats::default()));
+    let mut tailer = tailer_into(&fake, &sink, &stats).await;
     fake.put("a", "ns", b"k", 1, b"v1");
     fake.put("a", "ns", b"k", 2, b"v2");
     tailer.round().await;
     tailer.round().await;
-    assert!(sink.accepted.lock().unwrap().is_empty());
+    assert!(sink.log().is_empty());
     assert_eq!(
         stats.snapshot().records[0],
         [0, 0, 0],
@@ -385,14 +424,52 @@ async fn records_a_sink_refuses_are_handed_over_again_not_skipped() {
     tailer.round().await;
     fake.put("a", "ns", b"k", 3, b"v3");
     tailer.round().await;
-    let accepted = sink.accepted.lock().unwrap().clone();
-    assert_eq!(
-        accepted.len(),
-        3,
-        "each record once, none lost: {accepted:?}"
-    );
-    let mut unique = accepted.clone();
-    unique.dedup();
-    assert_eq!(unique, accepted);
+    // Each page once, the second from where the first ended.
+    let log = sink.log();
+    let [Accepted::Records {
+        after: first_after,
+        sequence_numbers: first,
+        ..
+    }, Accepted::Records {
+        after: second_after,
+        sequence_numbers: second,
+        ..
+    }] = &log[..]
+    else {
+        panic!("two pages: {log:?}");
+    };
+    assert_eq!(first_after, &StartAt::Latest);
+    assert_eq!(first.len(), 2);
+    assert_eq!(second_after, &StartAt::After(first[1].clone()));
+    assert_eq!(second.len(), 1);
     assert_eq!(stats.snapshot().records[0].iter().sum::<u64>(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_end_the_sink_refuses_holds_back_its_children() {
+    let fake = Arc::new(FakeStreams::new("arn1"));
+    fake.add_shard("a", None);
+    let (sink, stats) = (RefusingSink::new(0), Arc::new(TailStats::default()));
+    let mut tailer = tailer_into(&fake, &sink, &stats).await;
+    fake.put("a", "ns", b"k", 1, b"in parent");
+    tailer.round().await;
+    fake.close("a");
+    fake.add_shard("b", Some("a"));
+    fake.put("b", "ns", b"k", 2, b"in child");
+    sink.refusals.store(2, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..6 {
+        tailer.round().await;
+    }
+    let log = sink.log();
+    let a_ended = Accepted::Ended("a".into());
+    let ended = log
+        .iter()
+        .position(|l| *l == a_ended)
+        .expect("the end, once accepted");
+    let child = log
+        .iter()
+        .position(|l| matches!(l, Accepted::Records { shard, .. } if shard == "b"))
+        .expect("the child's records");
+    assert!(ended < child, "{log:?}");
+    assert_eq!(log.iter().filter(|l| **l == a_ended).count(), 1, "{log:?}");
 }
