@@ -1,10 +1,12 @@
 //! `ddbcached client`: every store operation from the shell, for operators and scripts.
 //!
-//! Keys and values are UTF-8 text, or hex with `--hex`. Plain output is meant for pipes
-//! (`kv get` writes the raw value); `--json` prints one JSON document instead. Exit
-//! status: 0 found / done, 1 not found, 2 error (message on stderr).
+//! Keys and values are UTF-8 text, or hex with `--hex`. A value too large for the command
+//! line comes from standard input (`-`) or a file (`--value-file`), taken as raw bytes.
+//! Plain output is meant for pipes (`kv get` writes the raw value); `--json` prints one
+//! JSON document instead. Exit status: 0 found / done, 1 not found, 2 error (message on
+//! stderr).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -51,16 +53,23 @@ enum ClientCommand {
 enum KvCommand {
     /// Store VALUE as version --ts of KEY.
     Put {
+        /// Namespace (non-empty UTF-8).
         ns: String,
+        /// Key (text, or hex with --hex).
         key: String,
-        value: String,
+        #[command(flatten)]
+        value: ValueArg,
+        /// The version's timestamp (signed 64-bit).
         #[arg(long, allow_negative_numbers = true)]
         ts: i64,
     },
     /// Print the newest value of KEY (at or before --before).
     Get {
+        /// Namespace.
         ns: String,
+        /// Key (text, or hex with --hex).
         key: String,
+        /// Only versions with a timestamp at or below this one.
         #[arg(long, allow_negative_numbers = true)]
         before: Option<i64>,
         /// Read DynamoDB directly, bypassing the cache.
@@ -68,40 +77,101 @@ enum KvCommand {
         consistent: bool,
     },
     /// Print the largest timestamp of KEY.
-    LatestTs { ns: String, key: String },
+    LatestTs {
+        /// Namespace.
+        ns: String,
+        /// Key (text, or hex with --hex).
+        key: String,
+    },
     /// Print every timestamp of KEY, ascending, one per line.
-    Timestamps { ns: String, key: String },
+    Timestamps {
+        /// Namespace.
+        ns: String,
+        /// Key (text, or hex with --hex).
+        key: String,
+    },
     /// Print every key of NS with its newest value (tab-separated), one per line.
     Scan {
+        /// Namespace.
         ns: String,
+        /// Print the keys only.
         #[arg(long)]
         keys_only: bool,
     },
     /// Delete KEY's versions: all, or with --marker all but those after the marker and
     /// the newest at or before it.
     Delete {
+        /// Namespace.
         ns: String,
+        /// Key (text, or hex with --hex).
         key: String,
+        /// Keep the versions after this timestamp and the newest at or before it.
         #[arg(long, allow_negative_numbers = true)]
         marker: Option<i64>,
     },
+}
+
+/// A value: on the command line, or from standard input or a file for one too large for
+/// an argument.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct ValueArg {
+    /// The value (text, or hex with --hex); `-` reads it from standard input, raw.
+    value: Option<String>,
+    /// Read the value from this file, raw (`-`: standard input).
+    #[arg(long)]
+    value_file: Option<PathBuf>,
+}
+
+impl ValueArg {
+    fn bytes(&self, hex: bool) -> Result<Bytes, String> {
+        let path = match (&self.value, &self.value_file) {
+            (Some(v), _) if v != "-" => return parse_bytes(v, hex),
+            (Some(_), _) => PathBuf::from("-"),
+            (None, Some(path)) => path.clone(),
+            // clap's group makes one of the two required.
+            (None, None) => return Err("a value or --value-file is needed".into()),
+        };
+        let mut raw = Vec::new();
+        let read = if path.as_os_str() == "-" {
+            std::io::stdin().lock().read_to_end(&mut raw)
+        } else {
+            std::fs::File::open(&path).and_then(|mut f| f.read_to_end(&mut raw))
+        };
+        read.map_err(|e| format!("reading the value from {}: {e}", path.display()))?;
+        Ok(Bytes::from(raw))
+    }
 }
 
 #[derive(Subcommand)]
 #[command(allow_negative_numbers = true)]
 enum LogCommand {
     /// Append VALUE to TOPIC; prints the new index.
-    Put { topic: String, value: String },
+    Put {
+        /// Topic (non-empty UTF-8).
+        topic: String,
+        #[command(flatten)]
+        value: ValueArg,
+    },
     /// Print the last allocated index of TOPIC.
-    Position { topic: String },
+    Position {
+        /// Topic.
+        topic: String,
+    },
     /// Print the values at FROM..=UNTIL, one per line.
     Scan {
+        /// Topic.
         topic: String,
+        /// First index (inclusive; indices start at 1).
         from: i64,
+        /// Last index (inclusive; 9223372036854775807 for the end).
         until: i64,
     },
     /// Delete TOPIC and all its entries.
-    Delete { topic: String },
+    Delete {
+        /// Topic.
+        topic: String,
+    },
 }
 
 /// What a command produced, before formatting.
@@ -148,7 +218,7 @@ async fn execute(args: &ClientArgs, config: &Config) -> Result<Output, String> {
         ClientCommand::Kv(cmd) => match cmd {
             KvCommand::Put { ns, key, value, ts } => {
                 client
-                    .kv_put(ns, bytes(key)?, bytes(value)?, *ts)
+                    .kv_put(ns, bytes(key)?, value.bytes(args.hex)?, *ts)
                     .await
                     .map_err(e)?;
                 Output::Done
@@ -195,9 +265,12 @@ async fn execute(args: &ClientArgs, config: &Config) -> Result<Output, String> {
             }
         },
         ClientCommand::Log(cmd) => match cmd {
-            LogCommand::Put { topic, value } => {
-                Output::Number(client.log_put(topic, bytes(value)?).await.map_err(e)?)
-            }
+            LogCommand::Put { topic, value } => Output::Number(
+                client
+                    .log_put(topic, value.bytes(args.hex)?)
+                    .await
+                    .map_err(e)?,
+            ),
             LogCommand::Position { topic } => {
                 Output::Number(client.log_position(topic).await.map_err(e)?)
             }

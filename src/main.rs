@@ -37,6 +37,8 @@ enum Command {
     },
     /// Create both tables (idempotent) and wait until they are ACTIVE.
     InitTables {
+        /// Configuration file (TOML) naming DynamoDB and the tables; defaults apply when
+        /// omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -150,4 +152,32 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command, argument and option says what it is for in `--help`.
+    #[test]
+    fn every_command_argument_and_option_has_a_line_of_help() {
+        fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if arg.get_help().is_none() && !builtin {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(sub_path.clone());
+                }
+                check(sub, &sub_path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        check(&super::Args::command(), "ddbcached", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
 }

@@ -197,3 +197,72 @@ fn a_bad_setting_exits_64_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("dynamodb.retry_mode = sometimes is not valid"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn values_too_large_for_an_argument_come_from_stdin_or_a_file() {
+    use std::io::Write;
+    let d = Daemon::start().await;
+    let (ns, topic) = (name(), name());
+    // 300 KB of every byte value: over the 128 KiB a single argument may take on Linux.
+    let value: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().write_all(&value).unwrap();
+    let path = file.path().to_str().unwrap();
+    let put = client(
+        &d,
+        &["kv", "put", &ns, "k", "--value-file", path, "--ts", "1"],
+    )
+    .await;
+    assert_eq!(put.0, 0, "{put:?}");
+    let got = tokio::task::block_in_place(|| ddbcached(&d, &["client", "kv", "get", &ns, "k"]));
+    assert_eq!(got.stdout, value);
+
+    // `-` reads standard input, for kv and log alike.
+    let piped = |args: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ddbcached"))
+            .env("DDBCACHED_SOCKET", &d.socket)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&value).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out =
+        tokio::task::block_in_place(|| piped(&["client", "kv", "put", &ns, "k", "-", "--ts", "2"]));
+    assert!(out.status.success());
+    let out = tokio::task::block_in_place(|| piped(&["client", "log", "put", &topic, "-"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+    let got = tokio::task::block_in_place(|| {
+        ddbcached(&d, &["client", "kv", "get", &ns, "k", "--before", "2"])
+    });
+    assert_eq!(got.stdout, value);
+    let got = tokio::task::block_in_place(|| {
+        ddbcached(&d, &["client", "log", "scan", &topic, "1", "1", "--hex"])
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        hex::encode(&value)
+    );
+
+    // Both, or neither, is a usage error.
+    let both = client(
+        &d,
+        &[
+            "kv",
+            "put",
+            &ns,
+            "k",
+            "v",
+            "--value-file",
+            path,
+            "--ts",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(both.0, 2, "{both:?}");
+    let neither = client(&d, &["log", "put", &topic]).await;
+    assert_eq!(neither.0, 2, "{neither:?}");
+}

@@ -55,6 +55,58 @@ async fn a_request_before_hello_is_refused_and_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn first_frames_and_a_second_hello_are_answered_as_protocol_md_says() {
+    let d = Daemon::start().await;
+    // Not MessagePack, and an empty body: the handshake rule wins, addressed to nil.
+    for body in [&b"\xc1"[..], &b""[..]] {
+        let mut raw = Raw::connect(&d.socket).await;
+        raw.send(body).await;
+        let r = raw.recv().await.unwrap();
+        assert_eq!((id(&r), code(&r)), (None, 6), "{r}");
+        assert!(raw.closed().await);
+    }
+    // `hello` without `version`.
+    let mut raw = Raw::connect(&d.socket).await;
+    raw.send(&msgpack_map(&[("id", Val::U(3)), ("op", Val::S("hello"))]))
+        .await;
+    let r = raw.recv().await.unwrap();
+    assert_eq!((id(&r), code(&r)), (Some(3), 6), "{r}");
+    assert!(raw.closed().await);
+    // A second `hello` is an invalid argument and the connection stays usable; `op` and
+    // `ns` are also accepted as bin.
+    let mut raw = Raw::ready(&d.socket).await;
+    raw.send(&msgpack_map(&[
+        ("id", Val::U(4)),
+        ("op", Val::S("hello")),
+        ("version", Val::U(1)),
+    ]))
+    .await;
+    let r = raw.recv().await.unwrap();
+    assert_eq!((id(&r), code(&r)), (Some(4), 3), "{r}");
+    raw.send(&msgpack_map(&[
+        ("id", Val::U(5)),
+        ("op", Val::B(b"kv.get")),
+        ("ns", Val::B(b"bin-ns")),
+        ("key", Val::S("k")),
+    ]))
+    .await;
+    let r = raw.recv().await.unwrap();
+    assert_eq!((id(&r), code(&r)), (Some(5), 0), "{r}");
+    // A timestamp above the signed 64-bit range is malformed, answered to its id.
+    raw.send(&msgpack_map(&[
+        ("id", Val::U(6)),
+        ("op", Val::S("kv.put")),
+        ("ns", Val::S("n")),
+        ("key", Val::B(b"k")),
+        ("value", Val::B(b"v")),
+        ("ts", Val::U(u64::MAX)),
+    ]))
+    .await;
+    let r = raw.recv().await.unwrap();
+    assert_eq!((id(&r), code(&r)), (Some(6), 1), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unsupported_version_is_refused_and_closes() {
     let d = Daemon::start().await;
     let mut raw = Raw::connect(&d.socket).await;
