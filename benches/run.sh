@@ -35,6 +35,8 @@ trap cleanup EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 scripts/dynamodb-local.sh start "$port" >"$work/dynamodb.log" 2>&1 &
 pids+=($!)
+declare -A pid_of  # the process behind each socket, for its CPU time
+pid_of[dynamodb]=$!
 until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.2; done
 
 config() { # $1: socket, $2: cache bytes
@@ -54,19 +56,22 @@ TOML
 config "$work/daemon.sock" 268435456 >"$work/daemon.toml"
 "$bin/ddbcached" init-tables -c "$work/daemon.toml" >/dev/null
 RUST_LOG=ddbcached=debug "$bin/ddbcached" serve -c "$work/daemon.toml" 2>"$work/daemon.log" &
-pids+=($!)
+pids+=($!); pid_of[daemon]=$!
 "$bin/ddbcached-bench" echo-server --socket "$work/echo64.sock" --value-bytes 64 2>"$work/echo64.log" &
-pids+=($!)
+pids+=($!); pid_of[echo64]=$!
 "$bin/ddbcached-bench" echo-server --socket "$work/echo4k.sock" --value-bytes 4096 2>"$work/echo4k.log" &
-pids+=($!)
+pids+=($!); pid_of[echo4k]=$!
 redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no >"$work/redis.log" &
-pids+=($!)
+pids+=($!); pid_of[redis]=$!
 for s in daemon echo64 echo4k redis; do until [ -S "$work/$s.sock" ]; do sleep 0.2; done; done
 
 run() { # target socket workload c d bytes
   echo "  $*" >&2
+  # The server is the process on the socket, or DynamoDB Local for direct SDK calls.
+  local server=${pid_of[$2]}
+  [ "$1" = dynamodb ] && server=${pid_of[dynamodb]}
   "$bin/ddbcached-bench" run --json --seconds "$SECONDS_PER_RUN" --target "$1" --socket "$work/$2.sock" \
-    --config "$work/daemon.toml" --workload "$3" -c "$4" -d "$5" --value-bytes "$6"
+    --config "$work/daemon.toml" --workload "$3" -c "$4" -d "$5" --value-bytes "$6" --server-pid "$server"
 }
 results="$work/results.jsonl"
 for round in $(seq 1 "$ROUNDS"); do
@@ -110,11 +115,12 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     key = (r["workload"], r["connections"], r["depth"], r["value_bytes"], r["target"])
     rows.setdefault(key, []).append(r)
-med = {k: {f: statistics.median(x[f] for x in v) for f in ("ops_per_sec", "p50_us", "p99_us", "p999_us")} for k, v in rows.items()}
-print("| workload | conns x depth | value | target | ops/s | p50 µs | p99 µs | p99.9 µs |")
-print("|---|---|---|---|---:|---:|---:|---:|")
+fields = ("ops_per_sec", "p50_us", "p99_us", "p999_us", "server_cpu_s_per_mop")
+med = {k: {f: statistics.median(x[f] for x in v) for f in fields} for k, v in rows.items()}
+print("| workload | conns x depth | value | target | ops/s | p50 µs | p99 µs | p99.9 µs | server CPU s/Mop |")
+print("|---|---|---|---|---:|---:|---:|---:|---:|")
 for (w, c, d, b, t), m in sorted(med.items()):
-    print(f"| {w} | {c} x {d} | {b} B | {t} | {m['ops_per_sec']:,.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['p999_us']:.1f} |")
+    print(f"| {w} | {c} x {d} | {b} B | {t} | {m['ops_per_sec']:,.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['p999_us']:.1f} | {m['server_cpu_s_per_mop']:.1f} |")
 def g(w, c, d, b, t, f): return med[(w, c, d, b, t)][f]
 checks = []
 def check(name, value, goal, ok):

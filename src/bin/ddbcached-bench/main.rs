@@ -9,6 +9,10 @@
 //! - `dynamodb`: DynamoDB called directly with the AWS SDK, as the daemon's misses and
 //!   writes call it (endpoint and tables from `--config` / `DDBCACHED_*`).
 //!
+//! With `--server-pid`, every row also reports the server's CPU time per million
+//! operations, read from `/proc` over the measured period: client and server share the
+//! cores, so throughput alone would favour a server that leaves more of them to the client.
+//!
 //! Workloads: `get-hit` (preloaded keys, read once before the clock starts), `mixed` (90%
 //! get, 10% put), `miss` (every read goes to DynamoDB: the daemon's consistent-read
 //! bypass, or the SDK's Query), `put`, `log` (append, then read the entry back) and `step`
@@ -83,6 +87,9 @@ struct RunArgs {
     /// Value size in bytes.
     #[arg(long, default_value_t = 64)]
     value_bytes: usize,
+    /// The server's process, to report its CPU time per operation.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     json: bool,
@@ -128,6 +135,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("preloading the keys")?;
     let warm_until = Instant::now() + Duration::from_secs(1);
     let stop_at = warm_until + Duration::from_secs(args.seconds);
+    let cpu = args.server_pid.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(warm_until.into()).await;
+            let before = cpu_seconds(pid)?;
+            tokio::time::sleep_until(stop_at.into()).await;
+            Ok::<f64, anyhow::Error>(cpu_seconds(pid)? - before)
+        })
+    });
     let loops = (0..args.connections).map(|c| {
         let (args, value) = (args.clone(), value.clone());
         tokio::spawn(async move {
@@ -140,8 +155,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     for l in try_join_all(loops).await? {
         latencies.extend(l?);
     }
-    report(&args, latencies);
+    let server_cpu = match cpu {
+        Some(task) => Some(task.await??),
+        None => None,
+    };
+    report(&args, latencies, server_cpu);
     Ok(())
+}
+
+/// CPU time (user and system) a process has used, in seconds. `/proc/PID/stat` counts it
+/// in USER_HZ ticks, which Linux fixes at 100 a second for user space.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces: the
+    // 14th and 15th fields of the line (utime, stime) are the 12th and 13th after it.
+    let rest = stat.rsplit_once(')').context("a /proc stat line")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("a short /proc stat line")?
+            .parse::<u64>()? as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// Puts the keys the workload reads where the target will find them (and, for the
@@ -354,9 +391,11 @@ async fn sequence(
     }
 }
 
-fn report(args: &RunArgs, mut latencies: Vec<u64>) {
+fn report(args: &RunArgs, mut latencies: Vec<u64>, server_cpu: Option<f64>) {
     latencies.sort_unstable();
     let ops = latencies.len() as f64 / args.seconds as f64;
+    // CPU seconds per million operations (numerically, µs of server CPU per operation).
+    let cpu_per_mop = server_cpu.map(|s| s * 1e6 / latencies.len().max(1) as f64);
     let pct = |p: f64| {
         latencies
             .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
@@ -379,11 +418,13 @@ fn report(args: &RunArgs, mut latencies: Vec<u64>) {
                 "connections": args.connections, "depth": args.depth, "value_bytes": args.value_bytes,
                 "seconds": args.seconds, "requests": latencies.len(),
                 "ops_per_sec": ops, "p50_us": p50, "p99_us": p99, "p999_us": p999,
+                "server_cpu_s_per_mop": cpu_per_mop,
             })
         );
     } else {
+        let cpu = cpu_per_mop.map_or(String::new(), |c| format!("  server CPU {c:.1} s/Mop"));
         println!(
-            "{:<8} {:<7} c={:<3} d={:<3} {:>6} B {:>10.0} ops/s  p50 {:>8.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us",
+            "{:<8} {:<7} c={:<3} d={:<3} {:>6} B {:>10.0} ops/s  p50 {:>8.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us{cpu}",
             target.get_name(),
             workload.get_name(),
             args.connections,
