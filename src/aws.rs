@@ -187,16 +187,22 @@ impl ApiCalls {
                 );
             }
         }
-        let name = "ddbcached_dynamodb_throttles_total";
-        out.family(name, Kind::Counter, "Attempts DynamoDB throttled, by API.");
-        for (api, c) in &counts {
-            out.sample(name, &[("api", api)], c.throttled);
-        }
-        let name = "ddbcached_dynamodb_retries_total";
-        out.family(name, Kind::Counter, "Attempts beyond the first, by API.");
-        for (api, c) in &counts {
-            out.sample(name, &[("api", api)], c.attempts.saturating_sub(c.calls));
-        }
+        out.by_label(
+            "ddbcached_dynamodb_throttles_total",
+            Kind::Counter,
+            "Attempts DynamoDB throttled, by API.",
+            "api",
+            counts.iter().map(|(api, c)| (api.as_str(), c.throttled)),
+        );
+        out.by_label(
+            "ddbcached_dynamodb_retries_total",
+            Kind::Counter,
+            "Attempts beyond the first, by API.",
+            "api",
+            counts
+                .iter()
+                .map(|(api, c)| (api.as_str(), c.attempts.saturating_sub(c.calls))),
+        );
     }
 }
 

@@ -31,7 +31,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::cache::Cache;
-use crate::metrics::{flag, Exposition, Kind};
+use crate::metrics::{Exposition, Kind};
 use crate::stream::api::{Record, StartAt};
 use crate::stream::change::Change;
 use crate::stream::{FlushCause, Table};
@@ -297,50 +297,42 @@ impl Coherence {
     /// Writes the counters into a scrape.
     pub fn export(&self, out: &mut Exposition) {
         let s = self.snapshot();
-        let name = "ddbcached_stream_invalidations_total";
-        out.family(
-            name,
+        out.by_label(
+            "ddbcached_stream_invalidations_total",
             Kind::Counter,
             "Cached entries dropped by stream records, by table.",
+            "table",
+            Table::ALL.map(|t| (t.name(), s.invalidations[t as usize])),
         );
-        for t in Table::ALL {
-            out.sample(name, &[("table", t.name())], s.invalidations[t as usize]);
-        }
-        let name = "ddbcached_stream_flushes_total";
-        out.family(
-            name,
+        out.by_label(
+            "ddbcached_stream_flushes_total",
             Kind::Counter,
             "Whole-table invalidations after lost stream continuity, by cause.",
+            "cause",
+            FlushCause::ALL.map(|c| (c.name(), s.flushes[c as usize])),
         );
-        for cause in FlushCause::ALL {
-            out.sample(name, &[("cause", cause.name())], s.flushes[cause as usize]);
-        }
         out.single(
             "ddbcached_stream_bypass_switches_total",
             Kind::Counter,
             "Switches between serving from the cache and bypassing it.",
             s.bypass_switches,
         );
-        let name = "ddbcached_stream_bypassing";
-        out.family(
-            name,
+        out.by_label(
+            "ddbcached_stream_bypassing",
             Kind::Gauge,
             "1 while reads of the table bypass the cache (tailer behind the staleness bound).",
+            "table",
+            Table::ALL.map(|t| (t.name(), u8::from(s.bypassing[t as usize]))),
         );
-        for t in Table::ALL {
-            out.sample(name, &[("table", t.name())], flag(s.bypassing[t as usize]));
-        }
-        let name = "ddbcached_stream_seconds_since_caught_up";
-        out.family(
-            name,
+        out.by_label(
+            "ddbcached_stream_seconds_since_caught_up",
             Kind::Gauge,
             "Age of the table's last proof of being caught up (absent before the first).",
+            "table",
+            Table::ALL
+                .into_iter()
+                .filter_map(|t| Some((t.name(), s.seconds_since_caught_up[t as usize]?))),
         );
-        for t in Table::ALL {
-            if let Some(age) = s.seconds_since_caught_up[t as usize] {
-                out.sample(name, &[("table", t.name())], age);
-            }
-        }
     }
 
     /// The counters.

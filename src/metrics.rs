@@ -195,6 +195,21 @@ impl Exposition {
         let _ = writeln!(self.text, " {value}");
     }
 
+    /// A family whose samples differ in one label: (that label's value, sample) pairs.
+    pub fn by_label<'a, V: Display>(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        help: &str,
+        label: &str,
+        samples: impl IntoIterator<Item = (&'a str, V)>,
+    ) {
+        self.family(name, kind, help);
+        for (value, sample) in samples {
+            self.sample(name, &[(label, value)], sample);
+        }
+    }
+
     /// A family of one sample.
     pub fn single(&mut self, name: &str, kind: Kind, help: &str, value: impl Display) {
         self.family(name, kind, help);
@@ -207,11 +222,6 @@ impl Exposition {
         self.text.push_str(histograms);
         self.text
     }
-}
-
-/// A gauge's value for a flag.
-pub fn flag(on: bool) -> u8 {
-    u8::from(on)
 }
 
 static METADATA: Metadata<'static> =
@@ -251,11 +261,20 @@ mod tests {
             3,
         );
         out.single("ddbcached_y", Kind::Gauge, "A level.", 1.5);
+        out.by_label(
+            "ddbcached_z",
+            Kind::Gauge,
+            "Per t.",
+            "t",
+            [("a", 1), ("b", 2)],
+        );
         assert_eq!(
             out.finish(""),
             "# HELP ddbcached_x_total Things.\n# TYPE ddbcached_x_total counter\n\
              ddbcached_x_total{op=\"kv.get\",result=\"ok\"} 3\n\
-             # HELP ddbcached_y A level.\n# TYPE ddbcached_y gauge\nddbcached_y 1.5\n\n"
+             # HELP ddbcached_y A level.\n# TYPE ddbcached_y gauge\nddbcached_y 1.5\n\
+             # HELP ddbcached_z Per t.\n# TYPE ddbcached_z gauge\n\
+             ddbcached_z{t=\"a\"} 1\nddbcached_z{t=\"b\"} 2\n\n"
         );
     }
 

@@ -121,15 +121,13 @@ impl ServerStats {
             "Client connections open.",
             self.connections.load(Ordering::Relaxed),
         );
-        let name = "ddbcached_server_frames_rejected_total";
-        out.family(name, Kind::Counter, "Frames refused by reason.");
-        for why in Rejection::ALL {
-            out.sample(
-                name,
-                &[("reason", why.name())],
-                load(&self.rejected[why as usize]),
-            );
-        }
+        out.by_label(
+            "ddbcached_server_frames_rejected_total",
+            Kind::Counter,
+            "Frames refused by reason.",
+            "reason",
+            Rejection::ALL.map(|why| (why.name(), load(&self.rejected[why as usize]))),
+        );
         out.single(
             "ddbcached_server_peers_refused_total",
             Kind::Counter,

@@ -1,9 +1,12 @@
 //! One request in, its replies out: the read path and the write path, where the stores
 //! meet the cache.
 //!
-//! Reads look in the cache first; on a miss one request per key reads DynamoDB (strongly
-//! consistent) and fills the cache, the others wait for it (see [`crate::cache`] for why a
-//! fill that raced a write is never stored). Writes go to DynamoDB first and, once it has
+//! Reads look in the cache first, once: the connection's reader task looks and answers a
+//! hit itself ([`Service::answer_from_cache`]); anything else goes on as a [`Pending`]
+//! request carrying what the cache held. On a miss one request per key reads DynamoDB
+//! (strongly consistent) and fills the cache, the others wait for it, all through the
+//! cache's read-through (see [`crate::cache`] for why a fill that raced a write is never
+//! stored). Writes go to DynamoDB first and, once it has
 //! accepted them, update the cache before the client is answered; the daemon's writes to
 //! one key run one at a time so the cache applies them in DynamoDB's order. A write that
 //! failed after reaching DynamoDB may or may not have been applied, so it drops the key.

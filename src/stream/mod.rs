@@ -128,16 +128,21 @@ impl TailStats {
                 out.sample(name, &labels, s.records[t as usize][e]);
             }
         }
-        let name = "ddbcached_stream_errors_total";
-        out.family(name, Kind::Counter, "Failed Streams calls, by table.");
-        for t in Table::ALL {
-            out.sample(name, &[("table", t.name())], s.errors[t as usize]);
-        }
-        let name = "ddbcached_stream_shards";
-        out.family(name, Kind::Gauge, "Stream shards tracked, by table.");
-        for t in Table::ALL {
-            out.sample(name, &[("table", t.name())], s.shards[t as usize]);
-        }
+        let per_table = |values: [u64; 2]| Table::ALL.map(|t| (t.name(), values[t as usize]));
+        out.by_label(
+            "ddbcached_stream_errors_total",
+            Kind::Counter,
+            "Failed Streams calls, by table.",
+            "table",
+            per_table(s.errors),
+        );
+        out.by_label(
+            "ddbcached_stream_shards",
+            Kind::Gauge,
+            "Stream shards tracked, by table.",
+            "table",
+            per_table(s.shards),
+        );
     }
 
     /// The counters.

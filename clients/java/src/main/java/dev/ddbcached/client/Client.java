@@ -56,6 +56,32 @@ public final class Client implements AutoCloseable {
     void fail(DdbcachedException e);
   }
 
+  /** A call that completes a future: an error response or a failure fails it. */
+  private abstract static class FutureCall<T> implements Call {
+    final CompletableFuture<T> future = new CompletableFuture<>();
+
+    /** Takes a successful frame; a {@link ProtocolException} fails the future. */
+    abstract void take(Codec.Response response);
+
+    @Override
+    public final void frame(Codec.Response response) {
+      if (response.isError()) {
+        fail(response.error());
+        return;
+      }
+      try {
+        take(response);
+      } catch (ProtocolException e) {
+        fail(e);
+      }
+    }
+
+    @Override
+    public final void fail(DdbcachedException e) {
+      future.completeExceptionally(e);
+    }
+  }
+
   private final SocketChannel channel;
   private final Object writeLock = new Object();
   private final ConcurrentHashMap<Long, Call> calls = new ConcurrentHashMap<>();
@@ -250,68 +276,39 @@ public final class Client implements AutoCloseable {
 
   /** A request answered by one frame, read by {@code read}. */
   private <T> CompletableFuture<T> single(Codec.Request request, Function<Codec.Response, T> read) {
-    CompletableFuture<T> future = new CompletableFuture<>();
-    long id =
-        send(
-            request,
-            new Call() {
-              @Override
-              public void frame(Codec.Response r) {
-                if (r.isError()) {
-                  future.completeExceptionally(r.error());
-                  return;
-                }
-                try {
-                  future.complete(read.apply(r));
-                } catch (ProtocolException e) {
-                  future.completeExceptionally(e);
-                }
-              }
-
-              @Override
-              public void fail(DdbcachedException e) {
-                future.completeExceptionally(e);
-              }
-            });
-    expireAfterTimeout(id, request.op);
-    return future;
+    FutureCall<T> call =
+        new FutureCall<>() {
+          @Override
+          void take(Codec.Response r) {
+            future.complete(read.apply(r));
+          }
+        };
+    expireAfterTimeout(send(request, call), request.op);
+    return call.future;
   }
 
   /** A streamed request whose items are gathered into one list. */
   private <T> CompletableFuture<List<T>> gather(Codec.Request request, Class<T> kind) {
-    CompletableFuture<List<T>> future = new CompletableFuture<>();
-    List<T> all = new ArrayList<>();
-    long id =
-        send(
-            request,
-            new Call() {
-              @Override
-              public void frame(Codec.Response r) {
-                if (r.isError()) {
-                  future.completeExceptionally(r.error());
-                  return;
-                }
-                for (Object item : r.items == null ? List.of() : r.items) {
-                  if (!kind.isInstance(item)) {
-                    future.completeExceptionally(
-                        new ProtocolException(
-                            "the " + request.op + " answer has items of the wrong kind"));
-                    return;
-                  }
-                  all.add(kind.cast(item));
-                }
-                if (r.isLast()) {
-                  future.complete(all);
-                }
-              }
+    FutureCall<List<T>> call =
+        new FutureCall<>() {
+          private final List<T> all = new ArrayList<>();
 
-              @Override
-              public void fail(DdbcachedException e) {
-                future.completeExceptionally(e);
+          @Override
+          void take(Codec.Response r) {
+            for (Object item : r.items == null ? List.of() : r.items) {
+              if (!kind.isInstance(item)) {
+                throw new ProtocolException(
+                    "the " + request.op + " answer has items of the wrong kind");
               }
-            });
-    expireAfterTimeout(id, request.op);
-    return future;
+              all.add(kind.cast(item));
+            }
+            if (r.isLast()) {
+              future.complete(all);
+            }
+          }
+        };
+    expireAfterTimeout(send(request, call), request.op);
+    return call.future;
   }
 
   /** A streamed request whose items the caller takes as they come. */
