@@ -6,8 +6,9 @@
 //! - `daemon`: a running ddbcached;
 //! - `echo`: the floor, `ddbcached-bench echo-server`: the same framing, answered at once;
 //! - `redis`: a Redis server on its Unix socket (GET/SET of the same sizes);
-//! - `dynamodb`: DynamoDB called directly with the AWS SDK, as the daemon's misses and
-//!   writes call it (endpoint and tables from `--config` / `DDBCACHED_*`).
+//! - `dynamodb`: DynamoDB called directly with the AWS SDK (endpoint and tables from
+//!   `--config` / `DDBCACHED_*`): for `miss` and `put` as the daemon's misses and writes
+//!   call it, for `log` and `step` as zio-flow's own DynamoDB backend does ([`zioflow`]).
 //!
 //! With `--server-pid`, every row also reports the server's CPU time per million
 //! operations, read from `/proc` over the measured period: client and server share the
@@ -22,6 +23,7 @@
 mod echo;
 mod framed;
 mod redis;
+mod zioflow;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -337,6 +339,40 @@ async fn connection(
                         } else {
                             kv.newest_versions(NAMESPACE, &k, 64).await?;
                         }
+                        if start >= warm_until {
+                            latencies.push(start.elapsed().as_nanos() as u64);
+                        }
+                    }
+                }
+            });
+            Ok(try_join_all(callers).await?.concat())
+        }
+        (Target::Dynamodb, Workload::Log | Workload::Step) => {
+            let config =
+                Config::load(args.config.as_deref()).context("loading the configuration")?;
+            let client =
+                ddbcached::aws::dynamodb_client(&config.dynamodb, Default::default()).await;
+            let tables = zioflow::Tables {
+                kv: config.dynamodb.kv_table.clone(),
+                log: config.dynamodb.log_table.clone(),
+            };
+            let callers = (0..args.depth).map(|slot| {
+                let (client, tables, value, workload) =
+                    (&client, &tables, value.clone(), args.workload);
+                let topic = format!("{NAMESPACE}-sdk-{}-{c}-{slot}", std::process::id());
+                async move {
+                    let mut latencies = Vec::new();
+                    let mut clock = 0i64;
+                    loop {
+                        let start = Instant::now();
+                        if start >= stop_at {
+                            return Ok::<_, anyhow::Error>(latencies);
+                        }
+                        clock += 1;
+                        if workload == Workload::Step {
+                            zioflow::step_variable(client, tables, &topic, &value, clock).await?;
+                        }
+                        zioflow::append_and_read(client, tables, &topic, &value).await?;
                         if start >= warm_until {
                             latencies.push(start.elapsed().as_nanos() as u64);
                         }
