@@ -1,5 +1,7 @@
 //! A cache hit, without the socket: the moka lookup plus answering `get_latest(before)`
-//! from a key holding 1, 10 or 100 versions. Run with `cargo bench --bench cache`.
+//! from a key holding 1, 10 or 100 versions; and moka's `future` cache against its `sync`
+//! cache for the same hit, the measurement behind choosing between them on the hit path.
+//! Run with `cargo bench --bench cache`.
 
 use std::sync::Arc;
 
@@ -42,5 +44,34 @@ fn hits(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, hits);
+/// The same lookup of a cached key in moka's `future` and `sync` caches, each built as
+/// the daemon builds its cache (weigher, bounded size).
+fn moka_flavours(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    let key = CacheKey::Kv("flow-7f3a9c".into(), Bytes::from_static(b"variable"));
+    let entry = Cached::Kv(Arc::new(KeyVersions::from_fill(
+        vec![(10, Bytes::from(vec![7u8; 64]))],
+        true,
+    )));
+    let weigher = |_: &CacheKey, _: &Cached| 256u32;
+    let future = moka::future::Cache::builder()
+        .max_capacity(1 << 28)
+        .weigher(weigher)
+        .build();
+    let sync = moka::sync::Cache::builder()
+        .max_capacity(1 << 28)
+        .weigher(weigher)
+        .build();
+    rt.block_on(future.insert(key.clone(), entry.clone()));
+    sync.insert(key.clone(), entry);
+    let mut group = c.benchmark_group("moka hit");
+    group.bench_function("future", |b| {
+        b.to_async(&rt)
+            .iter(|| async { future.get(black_box(&key)).await })
+    });
+    group.bench_function("sync", |b| b.iter(|| sync.get(black_box(&key))));
+    group.finish();
+}
+
+criterion_group!(benches, hits, moka_flavours);
 criterion_main!(benches);
