@@ -33,6 +33,10 @@ import java.util.function.Function;
  * RequestTimeoutException}; a connection that ends fails every request in flight with {@link
  * ConnectionClosedException}. Nothing is ever retried: a write that timed out or whose connection
  * closed may or may not have been applied, and only the caller can decide what to do.
+ *
+ * <p>Requests are written by the calling thread. Interrupting a thread while it is blocked in that
+ * write (only possible while the socket's buffer is full) closes the connection, as the JDK does
+ * for every interruptible channel, and fails every request in flight on it.
  */
 public final class Client implements AutoCloseable {
   /** Longest reply frame read; the daemon's own limit is announced in the handshake. */
