@@ -175,21 +175,23 @@ async fn misbehaving_clients_leave_no_trace_and_do_not_disturb_others() {
     // A leak adds to every round; the allocator does not: with one arena, RSS levels off
     // after the first round, then now and then moves once by 5 to 9 MiB (a long-lived
     // allocation placed high after a peak of replies in flight pins the heap's top), and
-    // stays there or comes back. So the test looks at the median of the five
-    // round-to-round increments, which one step or one spike cannot move: each round
-    // passes 1,724 connections, so a leak of 600 bytes per connection would put it at
-    // 1 MiB. The total is bounded too, against a single large growth.
+    // stays there or comes back, or wanders by a MiB either way. So a leak must show in
+    // both the median of the five round-to-round increments, which one step or spike
+    // cannot move, and the growth from the first round to the last, which wandering does
+    // not build up: each round passes 1,724 connections, so a leak of 600 bytes per
+    // connection puts the median at 1 MiB and the growth at 5 MiB. A single growth of
+    // 16 MiB fails on its own.
     let mut increments: Vec<i64> = rounds
         .windows(2)
         .map(|pair| pair[1].rss as i64 - pair[0].rss as i64)
         .collect();
     increments.sort_unstable();
     let median = increments[increments.len() / 2];
-    assert!(
-        median < 1 << 20,
-        "memory grew round after round: increments {increments:?} bytes"
-    );
     let total = rounds[rounds.len() - 1].rss as i64 - rounds[0].rss as i64;
+    assert!(
+        median < 1 << 20 || total < 5 << 20,
+        "memory grew round after round: increments {increments:?} bytes, {total} in all"
+    );
     assert!(
         total < 16 << 20,
         "memory grew by {total} bytes from the first round to the last"
