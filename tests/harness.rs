@@ -361,7 +361,7 @@ impl Daemon {
     }
 
     /// The address of the daemon's metrics endpoint (on a free loopback port).
-    pub async fn metrics_endpoint(&self) -> std::net::SocketAddr {
+    pub fn metrics_endpoint(&self) -> std::net::SocketAddr {
         self.metrics
     }
 

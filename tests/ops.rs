@@ -52,7 +52,7 @@ fn exported_families(text: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_cover_the_readme_table_and_move_with_the_workload() {
     let d = Daemon::start().await;
-    let addr = d.metrics_endpoint().await;
+    let addr = d.metrics_endpoint();
     let c = d.client().await;
     let (ns, topic) = (name(), name());
     c.kv_put(&ns, Bytes::from_static(b"k"), Bytes::from_static(b"v"), 1)
@@ -156,7 +156,7 @@ async fn metrics_cover_the_readme_table_and_move_with_the_workload() {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_dashboard_expression_names_an_exported_metric() {
     let d = Daemon::start().await;
-    let addr = d.metrics_endpoint().await;
+    let addr = d.metrics_endpoint();
     let c = d.client().await;
     c.kv_get(&name(), Bytes::from_static(b"k"), None)
         .await
@@ -215,7 +215,7 @@ fn client_health(d: &Daemon) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_follows_the_tailers() {
     let ready = Daemon::start().await;
-    let addr = ready.metrics_endpoint().await;
+    let addr = ready.metrics_endpoint();
     assert_eq!(http_get(addr, "/ready").await.0, "HTTP/1.1 200 OK");
     assert!(ready.client().await.health().await.unwrap().0);
     let out = client_health(&ready);
@@ -227,7 +227,7 @@ async fn readiness_follows_the_tailers() {
     );
 
     let not_ready = Daemon::start_without_tailers(dynamo_config(crate::harness::endpoint())).await;
-    let addr = not_ready.metrics_endpoint().await;
+    let addr = not_ready.metrics_endpoint();
     let (status, body) = http_get(addr, "/ready").await;
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
     assert!(body.contains("not ready"), "{body}");
@@ -333,7 +333,7 @@ async fn a_peer_outside_the_allow_list_is_refused() {
     })
     .await;
     assert!(Client::connect(&d.socket).await.is_err(), "refused");
-    let addr = d.metrics_endpoint().await;
+    let addr = d.metrics_endpoint();
     assert_eq!(
         sample(
             &samples(&http_get(addr, "/metrics").await.1),

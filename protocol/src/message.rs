@@ -150,14 +150,6 @@ impl Request {
             Request::LogDelete { .. } => Op::LogDelete,
         }
     }
-
-    /// Whether the answer comes as a stream of `items` frames.
-    pub fn is_streamed(&self) -> bool {
-        matches!(
-            self,
-            Request::KvTimestamps { .. } | Request::KvScan { .. } | Request::LogScan { .. }
-        )
-    }
 }
 
 /// One version of a key: its timestamp and value.
