@@ -5,8 +5,9 @@
 //!   has acknowledged them); the record of one that comes back is its *echo* and changes
 //!   nothing: the cache holds the write already, or is about to (a record may overtake
 //!   the cache update that follows the acknowledgement), so evicting would only cost a
-//!   miss. Only the exact content counts: a record of the same item with other content is
-//!   someone else's write.
+//!   miss. Only the exact content counts (compared by digest, so that a change relayed
+//!   from another host without its value is recognised too): a record of the same item
+//!   with other content is someone else's write.
 //! - **Any other change** is reconciled, never applied blindly: if the cached entry
 //!   already shows it nothing happens, otherwise the key is dropped (and fills in flight
 //!   are rejected), so the next read fetches DynamoDB's state. A record older than one of
@@ -18,22 +19,24 @@
 //!   table's freshness, and reads bypass the cache while it is older than
 //!   `cache.max_staleness_ms`.
 //!
-//! Today's source of changes is the stream tailer ([`crate::stream`]), which emits what it
-//! reads into a [`Sink`]; this module is the sink that applies it to the local cache.
+//! Changes come from the stream tailer ([`crate::stream`]), which emits what it reads
+//! into a [`Sink`] (this module is the sink that applies it to the local cache), or in
+//! fleet mode from the relays through Redis ([`crate::fleet`]), whose consumer calls
+//! [`Coherence::apply`], [`Coherence::flush`], [`Coherence::drop_key`] and
+//! [`Coherence::fresh_as_of`] directly.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheKey};
 use crate::metrics::{Exposition, Kind};
 use crate::stream::api::{Record, StartAt};
-use crate::stream::change::Change;
+use crate::stream::change::{digest, Change, Digest};
 use crate::stream::{FlushCause, Table};
 
 /// Own writes remembered until their records come back.
@@ -97,19 +100,18 @@ pub struct Coherence {
 }
 
 /// Own writes whose records have not come back yet: when each was acknowledged, and a
-/// digest of what it wrote.
+/// digest of what it wrote (cryptographic, so that whoever writes the tables cannot aim
+/// a different value at it).
 #[derive(Default)]
 struct Echoes {
-    written: HashMap<ItemKey, (Instant, u64)>,
+    written: HashMap<ItemKey, (Instant, Digest)>,
     order: VecDeque<ItemKey>,
-    /// Keyed per process, so digests cannot be aimed at by whoever writes the tables.
-    hasher: std::collections::hash_map::RandomState,
 }
 
 #[derive(Default)]
 struct Stats {
     invalidations: [AtomicU64; 2],
-    flushes: [AtomicU64; 3],
+    flushes: [AtomicU64; FlushCause::ALL.len()],
     bypass_switches: AtomicU64,
 }
 
@@ -119,7 +121,7 @@ pub struct CoherenceSnapshot {
     /// Keys dropped because a change showed news, per table.
     pub invalidations: [u64; 2],
     /// Whole-table invalidations by [`FlushCause`].
-    pub flushes: [u64; 3],
+    pub flushes: [u64; FlushCause::ALL.len()],
     /// Switches between serving from the cache and bypassing it, both ways.
     pub bypass_switches: u64,
     pub bypassing: [bool; 2],
@@ -192,8 +194,8 @@ impl Coherence {
     /// Remembers an acknowledged write of `content` (a value, or a counter's bytes), to
     /// recognise its record when it comes back and to time it.
     pub fn note_write(&self, item: ItemKey, content: &[u8]) {
+        let digest = digest(content);
         let mut e = self.echoes.lock().expect("echo map poisoned");
-        let digest = e.hasher.hash_one(content);
         if e.written
             .insert(item.clone(), (Instant::now(), digest))
             .is_none()
@@ -219,34 +221,27 @@ impl Coherence {
     /// Whether `change` is the echo of one of this daemon's writes (then it times its
     /// return).
     fn is_echo(&self, change: &Change) -> bool {
-        let (item, content): (ItemKey, &[u8]) = match change {
+        let (item, content): (ItemKey, Digest) = match change {
             Change::KvVersion {
                 ns,
                 key,
                 ts,
                 value: Some(v),
-            } => (ItemKey::Kv(ns.clone(), key.clone(), *ts), v),
+            } => (ItemKey::Kv(ns.clone(), key.clone(), *ts), v.digest()),
             Change::LogEntry {
                 topic,
                 index,
                 value: Some(v),
-            } => (ItemKey::Log(topic.clone(), *index), v),
+            } => (ItemKey::Log(topic.clone(), *index), v.digest()),
             Change::LogCounter {
                 topic,
                 position: Some(p),
-            } => {
-                return self.is_echo_of(ItemKey::Counter(topic.clone()), &p.to_be_bytes());
-            }
+            } => (ItemKey::Counter(topic.clone()), digest(&p.to_be_bytes())),
             _ => return false,
         };
-        self.is_echo_of(item, content)
-    }
-
-    fn is_echo_of(&self, item: ItemKey, content: &[u8]) -> bool {
         let mut e = self.echoes.lock().expect("echo map poisoned");
-        let digest = e.hasher.hash_one(content);
         match e.written.get(&item) {
-            Some((at, d)) if *d == digest => {
+            Some((at, d)) if *d == content => {
                 self.lag.record(at.elapsed().as_secs_f64());
                 e.written.remove(&item);
                 true
@@ -271,6 +266,14 @@ impl Coherence {
         dropped
     }
 
+    /// Someone changed `key` (a write hint from another daemon, which does not say how):
+    /// the entry is dropped and fills in flight are rejected.
+    pub async fn drop_key(&self, table: Table, key: CacheKey) {
+        if self.cache.reconcile(key, |_| false).await {
+            self.stats.invalidations[table as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Continuity lost: forgets everything cached from `table` (the other table is
     /// unaffected).
     pub async fn flush(&self, table: Table, cause: FlushCause) {
@@ -288,9 +291,10 @@ impl Coherence {
 
     /// Every change of `table` made before `as_of` has been applied (`None`: not proven).
     pub fn fresh_as_of(&self, table: Table, as_of: Option<Instant>) {
-        let ms = as_of.map_or(u64::MAX, |at| {
-            at.saturating_duration_since(self.clock).as_millis() as u64
-        });
+        // A proof older than this module's clock cannot be represented: none, then.
+        let ms = as_of
+            .and_then(|at| at.checked_duration_since(self.clock))
+            .map_or(u64::MAX, |since| since.as_millis() as u64);
         self.fresh_as_of_ms[table as usize].store(ms, Ordering::Release);
     }
 
@@ -342,7 +346,7 @@ impl Coherence {
         let now = self.now_ms();
         CoherenceSnapshot {
             invalidations: [0, 1].map(|t| load(&s.invalidations[t])),
-            flushes: [0, 1, 2].map(|c| load(&s.flushes[c])),
+            flushes: FlushCause::ALL.map(|c| load(&s.flushes[c as usize])),
             bypass_switches: load(&s.bypass_switches),
             bypassing: [0, 1].map(|t| self.bypassing[t].load(Ordering::Relaxed)),
             seconds_since_caught_up: [0, 1].map(|t| match load(&self.fresh_as_of_ms[t]) {
@@ -379,6 +383,7 @@ mod tests {
     use super::*;
     use crate::cache::{CacheKey, Cached, KeyVersions, TopicTail};
     use crate::config::CacheConfig;
+    use crate::stream::change::Content;
 
     fn coherence() -> (Arc<Cache>, Coherence) {
         let cache = Arc::new(Cache::new(&CacheConfig::default()));
@@ -391,7 +396,7 @@ mod tests {
             ns: "ns".into(),
             key: Bytes::from_static(b"k"),
             ts,
-            value: value.map(Bytes::from_static),
+            value: value.map(|v| Content::Bytes(Bytes::from_static(v))),
         }
     }
 
@@ -427,7 +432,7 @@ mod tests {
         let entry = |index, v: &'static [u8]| Change::LogEntry {
             topic: "t".into(),
             index,
-            value: Some(Bytes::from_static(v)),
+            value: Some(Content::Bytes(Bytes::from_static(v))),
         };
         let counter = |p| Change::LogCounter {
             topic: "t".into(),
@@ -485,6 +490,7 @@ mod tests {
             .unwrap();
         assert!(cache.get(&key).await.is_none());
         assert!(cache.get(&topic).await.is_some(), "the other table is kept");
-        assert_eq!(c.snapshot().flushes, [1, 0, 0]);
+        assert_eq!(c.snapshot().flushes[FlushCause::Trimmed as usize], 1);
+        assert_eq!(c.snapshot().flushes.iter().sum::<u64>(), 1);
     }
 }

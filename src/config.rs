@@ -24,6 +24,7 @@ pub struct Config {
     pub dynamodb: DynamoConfig,
     pub cache: CacheConfig,
     pub streams: StreamsConfig,
+    pub fanout: FanoutConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -101,6 +102,9 @@ pub struct DynamoConfig {
     pub batch_max_attempts: u32,
     /// Attempts to allocate a log index when other writers keep winning the race.
     pub index_allocation_max_attempts: u32,
+    /// Table of the relay leases of fleet mode (`[fanout]`): who reads which table's
+    /// stream, and where each reader stands.
+    pub lease_table: String,
 }
 
 impl Default for DynamoConfig {
@@ -118,6 +122,7 @@ impl Default for DynamoConfig {
             retry_mode: "standard".into(),
             batch_max_attempts: 10,
             index_allocation_max_attempts: 64,
+            lease_table: "_ddbcached_leases".into(),
         }
     }
 }
@@ -195,6 +200,63 @@ impl StreamsConfig {
     }
     pub fn discovery_interval(&self) -> Duration {
         Duration::from_millis(self.discovery_interval_ms)
+    }
+}
+
+/// Fleet mode: one or two daemons per table read its stream and relay what they read
+/// through a Redis stream that every daemon consumes.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FanoutConfig {
+    /// `redis://host:port`, `rediss://...` or `unix:///path`; empty: no fleet, this daemon
+    /// reads the streams itself (for one or two daemons per table). Credentials belong in
+    /// the environment (`DDBCACHED_FANOUT_REDIS_URL`), not in this file.
+    pub redis_url: String,
+    /// Daemons reading each table's stream at once: 2 for single-Region tables, 1 for
+    /// global tables or tables with another stream consumer (a Lambda trigger).
+    pub relay_slots: u32,
+    /// Whether this daemon may hold a relay lease (read a stream and publish it).
+    pub relay_eligible: bool,
+    /// A relay lease not renewed for this long (on the observer's own clock) is taken
+    /// over; renewed every third of it.
+    pub lease_ms: u64,
+    /// The most the relays' wall clocks may be ahead of this host's: subtracted from
+    /// every freshness claim they publish.
+    pub clock_skew_ms: u64,
+    /// Entries older than this are trimmed from the Redis streams; a daemon that falls
+    /// further behind flushes the table.
+    pub retention_ms: u64,
+    /// Publish the key of every acknowledged write so that the other daemons drop it at
+    /// once instead of a poll round later.
+    pub write_hints: bool,
+    /// Shared key authenticating every entry (HMAC-SHA256); empty: entries are not
+    /// authenticated, and whoever can write to Redis can claim freshness. Set it from the
+    /// environment (`DDBCACHED_FANOUT_AUTH_KEY`).
+    pub auth_key: String,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        FanoutConfig {
+            redis_url: String::new(),
+            relay_slots: 2,
+            relay_eligible: true,
+            lease_ms: 10_000,
+            clock_skew_ms: 250,
+            retention_ms: 600_000,
+            write_hints: true,
+            auth_key: String::new(),
+        }
+    }
+}
+
+impl FanoutConfig {
+    /// Whether fleet mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
     }
 }
 
@@ -395,6 +457,48 @@ impl Config {
             self.streams.stream_readers,
             self.streams.stream_readers > 0,
             "must be at least 1",
+        )?;
+        let f = &self.fanout;
+        check(
+            "fanout.redis_url",
+            &f.redis_url,
+            f.redis_url.is_empty()
+                || ["redis://", "rediss://", "unix://"]
+                    .iter()
+                    .any(|scheme| f.redis_url.starts_with(scheme)),
+            "must be empty or start with redis://, rediss:// or unix://",
+        )?;
+        check(
+            "fanout.relay_slots",
+            f.relay_slots,
+            (1..=2).contains(&f.relay_slots),
+            "must be 1 or 2 (DynamoDB Streams serves about two readers per shard)",
+        )?;
+        check(
+            "fanout.lease_ms",
+            f.lease_ms,
+            f.lease_ms >= 300,
+            "must be at least 300",
+        )?;
+        check(
+            "fanout.clock_skew_ms",
+            f.clock_skew_ms,
+            f.clock_skew_ms + self.streams.poll_interval_ms < self.cache.max_staleness_ms,
+            "plus streams.poll_interval_ms must be less than cache.max_staleness_ms",
+        )?;
+        check(
+            "fanout.retention_ms",
+            f.retention_ms,
+            f.retention_ms > self.cache.max_staleness_ms,
+            "must be more than cache.max_staleness_ms",
+        )?;
+        check(
+            "dynamodb.lease_table",
+            &d.lease_table,
+            !d.lease_table.is_empty()
+                && d.lease_table != d.kv_table
+                && d.lease_table != d.log_table,
+            "must not be empty and must differ from the data tables",
         )?;
         check(
             "metrics.listen",

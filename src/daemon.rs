@@ -3,7 +3,8 @@
 //! what is deployed.
 //!
 //! The order of start-up is part of the correctness argument: the tables are checked and
-//! the stream tailers take their positions before the socket exists, so no read is served
+//! the stream tailers (in fleet mode, the Redis consumer) take their positions before the
+//! socket exists, so no read is served
 //! from the cache before every later write is sure to reach it. The metrics endpoint is
 //! bound early, so that a bad address fails the start rather than a scrape.
 
@@ -20,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::server::{self, BindError, Listener};
 use crate::service::Service;
 use crate::tables::{self, TableError};
-use crate::{http, stream};
+use crate::{fleet, http, stream};
 
 /// How often the recorder folds histogram samples into their buckets. It keeps every
 /// sample until then, so a daemon that nobody scrapes would otherwise grow without bound;
@@ -34,6 +35,8 @@ pub enum StartError {
     Tables(#[from] TableError),
     #[error("starting the stream tailers: {0}")]
     Streams(#[from] stream::StartError),
+    #[error("starting fleet mode: {0}")]
+    Fleet(#[from] fleet::StartError),
     #[error("binding the metrics endpoint on {addr} (metrics.listen): {source}")]
     Metrics {
         addr: String,
@@ -96,9 +99,14 @@ impl Daemon {
         };
         let service = Service::connect(config).await;
         let tailers = if tail {
-            tables::check_tables(service.dynamodb(), &config.dynamodb).await?;
+            let fleet_mode = config.fanout.enabled();
+            tables::check_tables(service.dynamodb(), &config.dynamodb, fleet_mode).await?;
             let stop = CancellationToken::new();
-            let tasks = service.start_tailers(stop.clone()).await?;
+            let tasks = if fleet_mode {
+                service.start_fleet(config, stop.clone()).await?
+            } else {
+                service.start_tailers(stop.clone()).await?
+            };
             Some(Tailers { tasks, stop })
         } else {
             None

@@ -5,7 +5,7 @@
 //! - [`daemon`]: the whole daemon built from a configuration, and run until shutdown.
 //! - [`config`]: settings and their environment overrides.
 //! - [`aws`]: the AWS SDK configuration (endpoint, credentials, timeouts, retries).
-//! - [`tables`]: creating and checking the two tables.
+//! - [`tables`]: creating and checking the tables.
 //! - [`store`]: the stores' semantics on DynamoDB.
 //! - [`cache`]: the versioned cache and its guards against stale fills.
 //! - [`locks`]: per-key async locks.
@@ -13,6 +13,7 @@
 //! - [`coherence`]: what a change in the tables means for the cache (own writes' echoes,
 //!   reconcile or drop, flush on lost continuity, freshness).
 //! - [`stream`]: the DynamoDB Streams tailers, which hand what they read to a sink.
+//! - [`fleet`]: fleet mode: relay leases, publishing to Redis, consuming from it.
 //! - [`connection`]: one client connection: handshake, pipelining, streamed replies.
 //! - [`server`]: the socket, the accept loop and shutdown.
 //! - [`metrics`]: Prometheus metrics; [`http`]: the endpoint serving them and readiness.
@@ -23,6 +24,7 @@ pub mod coherence;
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod fleet;
 pub mod http;
 pub mod locks;
 pub mod metrics;

@@ -58,6 +58,8 @@ pub struct Metrics {
     /// Per DynamoDB API, registered at its first call (the SDK names the API).
     call_durations: Mutex<HashMap<String, Histogram>>,
     stream_lag: Histogram,
+    fanout_lag: Histogram,
+    hint_lag: Histogram,
 }
 
 impl Metrics {
@@ -85,6 +87,16 @@ impl Metrics {
             "ddbcached_stream_visibility_lag_seconds",
             "From the acknowledgement of this daemon's write to the arrival of its stream record.",
         );
+        describe(
+            r,
+            "ddbcached_fanout_lag_seconds",
+            "Fleet mode: from a relay's publication of an entry to this daemon's applying it (wall clocks of two hosts).",
+        );
+        describe(
+            r,
+            "ddbcached_fanout_hint_lag_seconds",
+            "Fleet mode: from another daemon's publication of a write hint to this daemon's dropping the key.",
+        );
         let mut ops = op_labels();
         Metrics {
             durations: std::array::from_fn(|_| {
@@ -98,6 +110,8 @@ impl Metrics {
             }),
             call_durations: Mutex::default(),
             stream_lag: histogram(r, "ddbcached_stream_visibility_lag_seconds", &[]),
+            fanout_lag: histogram(r, "ddbcached_fanout_lag_seconds", &[]),
+            hint_lag: histogram(r, "ddbcached_fanout_hint_lag_seconds", &[]),
             handle: recorder.handle(),
             recorder,
         }
@@ -111,6 +125,16 @@ impl Metrics {
     /// Where the visibility lag of this daemon's writes is recorded.
     pub fn stream_lag(&self) -> Histogram {
         self.stream_lag.clone()
+    }
+
+    /// Where fleet mode records the lag of relayed entries.
+    pub fn fanout_lag(&self) -> Histogram {
+        self.fanout_lag.clone()
+    }
+
+    /// Where fleet mode records the lag of write hints.
+    pub fn hint_lag(&self) -> Histogram {
+        self.hint_lag.clone()
     }
 
     /// How long a DynamoDB call took.

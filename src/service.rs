@@ -35,6 +35,8 @@ use crate::cache::{
 };
 use crate::coherence::{Coherence, ItemKey};
 use crate::config::{Config, StreamsConfig};
+use crate::fleet::lease::Leases;
+use crate::fleet::{self, Fleet, FleetStats};
 use crate::metrics::{Exposition, Metrics};
 use crate::server::ServerStats;
 use crate::store::{KvStore, LogStore, StoreError};
@@ -89,6 +91,8 @@ pub struct Service {
     /// Set once the tailers have taken their positions: from then on the daemon can
     /// serve reads from the cache.
     ready: std::sync::atomic::AtomicBool,
+    /// Fleet mode, once started.
+    fleet: std::sync::OnceLock<Fleet>,
     fill_max_versions: u32,
     /// Longest wait for a key's lock (the DynamoDB operation timeout).
     lock_wait: Duration,
@@ -120,6 +124,7 @@ impl Service {
             server_stats: ServerStats::default(),
             metrics,
             ready: Default::default(),
+            fleet: Default::default(),
             tables: [d.kv_table.clone(), d.log_table.clone()],
             streams_config: config.streams.clone(),
             kv: KvStore::new(client.clone(), d.kv_table.clone(), d.batch_max_attempts),
@@ -177,6 +182,9 @@ impl Service {
         self.cache.export(&mut out).await;
         self.tail_stats.export(&mut out);
         self.coherence.export(&mut out);
+        if let Some(fleet) = self.fleet.get() {
+            fleet.stats.export(&mut out);
+        }
         out.finish(&self.metrics.render_histograms())
     }
 
@@ -193,17 +201,18 @@ impl Service {
             .filter(|t| self.coherence.must_bypass(*t))
             .map(Table::name)
             .collect();
-        if behind.is_empty() {
-            (true, "ready".into())
+        let mut detail = if behind.is_empty() {
+            "ready".to_owned()
         } else {
-            (
-                true,
-                format!(
-                    "ready; the stream tailer of {} is behind, its reads bypass the cache",
-                    behind.join(" and ")
-                ),
+            format!(
+                "ready; {} not proven fresh, reads bypass the cache",
+                behind.join(" and ")
             )
+        };
+        if let Some(fleet) = self.fleet.get() {
+            detail.push_str(&format!("; fleet mode ({})", fleet.stats.roles()));
         }
+        (true, detail)
     }
 
     /// The cache's coherence with the tables (freshness, echoes, flushes).
@@ -214,6 +223,39 @@ impl Service {
     /// The stream tailers' counters.
     pub fn tail_stats(&self) -> &TailStats {
         &self.tail_stats
+    }
+
+    /// Fleet mode's counters, if it runs.
+    pub fn fleet_stats(&self) -> Option<&FleetStats> {
+        self.fleet.get().map(|f| &*f.stats)
+    }
+
+    /// Starts fleet mode instead of the tailers: the Redis consumer (positioned when
+    /// this returns, if Redis answers), the relay candidates and the hint publisher,
+    /// running until `shutdown`, tracked by the returned tracker.
+    pub async fn start_fleet(
+        &self,
+        config: &Config,
+        shutdown: CancellationToken,
+    ) -> Result<TaskTracker, fleet::StartError> {
+        let tasks = TaskTracker::new();
+        let parts = fleet::Parts {
+            fanout: config.fanout.clone(),
+            streams_config: self.streams_config.clone(),
+            tables: self.tables.clone(),
+            leases: Leases::new(self.dynamodb.clone(), config.dynamodb.lease_table.clone()),
+            streams: self.streams.clone(),
+            tail_stats: self.tail_stats.clone(),
+            coherence: self.coherence.clone(),
+            fanout_lag: self.metrics.fanout_lag(),
+            hint_lag: self.metrics.hint_lag(),
+        };
+        let started = fleet::start(parts, &tasks, shutdown).await?;
+        tasks.close();
+        // Cannot be set twice: the daemon starts fleet mode once.
+        let _ = self.fleet.set(started);
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        Ok(tasks)
     }
 
     /// Starts a stream tailer per table. When this returns, both have taken their
@@ -633,14 +675,23 @@ impl Service {
         result: &Result<T, StoreError>,
         change: impl FnOnce(&T, Option<Cached>) -> Option<Cached>,
     ) {
+        let hint = self.fleet.get().and_then(|f| f.hints.as_ref());
         match result {
             Ok(done) => {
+                if let Some(hints) = hint {
+                    hints.publish(key.clone());
+                }
                 self.cache
                     .update(key, |current| change(done, current))
                     .await
             }
             Err(StoreError::InvalidArgument(_) | StoreError::ItemTooLarge { .. }) => {}
-            Err(_) => self.cache.invalidate(key).await,
+            Err(_) => {
+                if let Some(hints) = hint {
+                    hints.publish(key.clone());
+                }
+                self.cache.invalidate(key).await
+            }
         }
     }
 

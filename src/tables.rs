@@ -1,6 +1,7 @@
-//! Creating and checking the two tables, with exactly the layout of zio-flow's DynamoDB
-//! backend (so that its operators' tooling still applies), plus on-demand billing and a
-//! stream of new and old images for the invalidation tailer.
+//! Creating and checking the tables: the two data tables, with exactly the layout of
+//! zio-flow's DynamoDB backend (so that its operators' tooling still applies), plus
+//! on-demand billing and a stream of new and old images for the invalidation tailer; and
+//! the small lease table of fleet mode ([`crate::fleet::lease`]).
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 
 use crate::config::DynamoConfig;
+use crate::fleet::lease::LEASE_KEY;
 use crate::store::keys::{
     KV_KEY, KV_NAMESPACE, KV_NAMESPACE_INDEX, KV_TIMESTAMP, KV_VALUE, LOG_INDEX, LOG_TOPIC,
 };
@@ -36,29 +38,50 @@ pub enum TableError {
 /// One table's required layout.
 struct Layout {
     hash: (&'static str, ScalarAttributeType),
-    range: (&'static str, ScalarAttributeType),
+    range: Option<(&'static str, ScalarAttributeType)>,
     namespace_index: bool,
+    /// A stream of new and old images (the data tables: their changes are tailed).
+    stream: bool,
 }
 
 const KV_LAYOUT: Layout = Layout {
     hash: (KV_KEY, ScalarAttributeType::B),
-    range: (KV_TIMESTAMP, ScalarAttributeType::N),
+    range: Some((KV_TIMESTAMP, ScalarAttributeType::N)),
     namespace_index: true,
+    stream: true,
 };
 
 const LOG_LAYOUT: Layout = Layout {
     hash: (LOG_TOPIC, ScalarAttributeType::S),
-    range: (LOG_INDEX, ScalarAttributeType::N),
+    range: Some((LOG_INDEX, ScalarAttributeType::N)),
     namespace_index: false,
+    stream: true,
 };
 
-/// Creates whichever table is missing, waits until both are ACTIVE, and checks that
-/// existing ones have the required layout. Running it again changes nothing.
-pub async fn init_tables(client: &Client, config: &DynamoConfig) -> Result<(), TableError> {
-    for (table, layout) in [
+const LEASE_LAYOUT: Layout = Layout {
+    hash: (LEASE_KEY, ScalarAttributeType::S),
+    range: None,
+    namespace_index: false,
+    stream: false,
+};
+
+/// The tables and their layouts; the lease table only if `leases`.
+fn layouts(config: &DynamoConfig, leases: bool) -> Vec<(&String, &'static Layout)> {
+    let mut all = vec![
         (&config.kv_table, &KV_LAYOUT),
         (&config.log_table, &LOG_LAYOUT),
-    ] {
+    ];
+    if leases {
+        all.push((&config.lease_table, &LEASE_LAYOUT));
+    }
+    all
+}
+
+/// Creates whichever table is missing (the lease table included, so that fleet mode can
+/// be turned on later), waits until all are ACTIVE, and checks that existing ones have
+/// the required layout. Running it again changes nothing.
+pub async fn init_tables(client: &Client, config: &DynamoConfig) -> Result<(), TableError> {
+    for (table, layout) in layouts(config, true) {
         match describe(client, table).await? {
             Some(desc) => check_layout(table, layout, &desc)?,
             None => create(client, table, layout).await?,
@@ -68,12 +91,14 @@ pub async fn init_tables(client: &Client, config: &DynamoConfig) -> Result<(), T
     Ok(())
 }
 
-/// Checks that both tables exist with the required layout (done by `serve` at start).
-pub async fn check_tables(client: &Client, config: &DynamoConfig) -> Result<(), TableError> {
-    for (table, layout) in [
-        (&config.kv_table, &KV_LAYOUT),
-        (&config.log_table, &LOG_LAYOUT),
-    ] {
+/// Checks that the tables exist with the required layout (done by `serve` at start); the
+/// lease table only in fleet mode (`leases`).
+pub async fn check_tables(
+    client: &Client,
+    config: &DynamoConfig,
+    leases: bool,
+) -> Result<(), TableError> {
+    for (table, layout) in layouts(config, leases) {
         let desc = describe(client, table)
             .await?
             .ok_or_else(|| TableError::Missing {
@@ -117,16 +142,21 @@ async fn create(client: &Client, table: &str, layout: &Layout) -> Result<(), Tab
         .table_name(table)
         .billing_mode(BillingMode::PayPerRequest)
         .attribute_definitions(attr(layout.hash.clone())?)
-        .attribute_definitions(attr(layout.range.clone())?)
-        .key_schema(key(layout.hash.0, KeyType::Hash)?)
-        .key_schema(key(layout.range.0, KeyType::Range)?)
-        .stream_specification(
+        .key_schema(key(layout.hash.0, KeyType::Hash)?);
+    if let Some(range) = &layout.range {
+        req = req
+            .attribute_definitions(attr(range.clone())?)
+            .key_schema(key(range.0, KeyType::Range)?);
+    }
+    if layout.stream {
+        req = req.stream_specification(
             StreamSpecification::builder()
                 .stream_enabled(true)
                 .stream_view_type(StreamViewType::NewAndOldImages)
                 .build()
                 .map_err(invalid)?,
         );
+    }
     if layout.namespace_index {
         req = req
             .attribute_definitions(attr((KV_NAMESPACE, ScalarAttributeType::S))?)
@@ -203,11 +233,17 @@ fn check_layout(table: &str, layout: &Layout, desc: &TableDescription) -> Result
             .find(|a| a.attribute_name() == name)
             .map(|a| a.attribute_type().as_str().to_owned())
     };
-    for (role, ty, (want_name, want_type)) in [
-        ("partition key", KeyType::Hash, &layout.hash),
-        ("sort key", KeyType::Range, &layout.range),
+    for (role, ty, want) in [
+        ("partition key", KeyType::Hash, Some(&layout.hash)),
+        ("sort key", KeyType::Range, layout.range.as_ref()),
     ] {
         let have = key_of(desc.key_schema(), ty);
+        let Some((want_name, want_type)) = want else {
+            if let Some(have) = have {
+                return Err(mismatch(format!("{role} is {have}, ddbcached needs none")));
+            }
+            continue;
+        };
         if have.as_deref() != Some(*want_name) {
             return Err(mismatch(format!(
                 "{role} is {}, ddbcached needs {want_name} ({})",

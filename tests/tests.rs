@@ -11,6 +11,7 @@ mod cli;
 mod clients;
 mod corpus;
 mod faults;
+mod fleet;
 mod harness;
 mod kv;
 mod log;

@@ -3,6 +3,7 @@
 //! [`crate::coherence`]'s business.
 
 use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
 
 use crate::cache::{CacheKey, Cached};
 use crate::store::keys::{
@@ -12,6 +13,43 @@ use crate::store::keys::{
 use crate::stream::api::{Attr, Event, Image, Record};
 use crate::stream::Table;
 
+/// A value's digest: SHA-256 cut to 128 bits, the same on every host, so that a change
+/// relayed without its value can still be matched against what a cache holds.
+pub type Digest = [u8; 16];
+
+/// The digest of `value`.
+pub fn digest(value: &[u8]) -> Digest {
+    let full = Sha256::digest(value);
+    let mut d = [0; 16];
+    d.copy_from_slice(&full[..16]);
+    d
+}
+
+/// A changed item's new value: the bytes (read from the stream) or only their digest
+/// (relayed by another host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    Bytes(Bytes),
+    Digest(Digest),
+}
+
+impl Content {
+    /// Whether `value` is this content.
+    pub fn matches(&self, value: &[u8]) -> bool {
+        match self {
+            Content::Bytes(b) => b == value,
+            Content::Digest(d) => digest(value) == *d,
+        }
+    }
+
+    pub fn digest(&self) -> Digest {
+        match self {
+            Content::Bytes(b) => digest(b),
+            Content::Digest(d) => *d,
+        }
+    }
+}
+
 /// What a record means for the cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -20,7 +58,7 @@ pub enum Change {
         ns: String,
         key: Bytes,
         ts: i64,
-        value: Option<Bytes>,
+        value: Option<Content>,
     },
     /// Version `ts` of a key changed, but the record does not say to what.
     KvUnknown { ns: String, key: Bytes, ts: i64 },
@@ -28,7 +66,7 @@ pub enum Change {
     LogEntry {
         topic: String,
         index: i64,
-        value: Option<Bytes>,
+        value: Option<Content>,
     },
     /// A topic's counter is now `position` (`None`: the topic was deleted).
     LogCounter {
@@ -61,7 +99,7 @@ impl Change {
                         ns,
                         key,
                         ts,
-                        value: Some(value),
+                        value: Some(Content::Bytes(value)),
                     },
                     (false, None) => Change::KvUnknown { ns, key, ts },
                 })
@@ -83,7 +121,7 @@ impl Change {
                     let value = if removed {
                         None
                     } else {
-                        Some(bin(image?, LOG_VALUE)?)
+                        Some(Content::Bytes(bin(image?, LOG_VALUE)?))
                     };
                     Some(Change::LogEntry {
                         topic,
@@ -115,7 +153,7 @@ impl Change {
                     ts, value: Some(v), ..
                 },
                 Cached::Kv(e),
-            ) => e.reflects_put(*ts, v),
+            ) => e.reflects_put(*ts, |cached| v.matches(cached)),
             (
                 Change::KvVersion {
                     ts, value: None, ..
@@ -129,7 +167,7 @@ impl Change {
                     ..
                 },
                 Cached::Log(t),
-            ) => t.reflects_entry(*index, v),
+            ) => t.reflects_entry(*index, |cached| v.matches(cached)),
             (Change::LogEntry { value: None, .. }, Cached::Log(t))
             | (Change::LogCounter { position: None, .. }, Cached::Log(t)) => t.reflects_deletion(),
             (
@@ -208,7 +246,7 @@ mod tests {
                 ns: "ns".into(),
                 key: Bytes::from_static(b"k"),
                 ts: 5,
-                value: Some(Bytes::from_static(b"v"))
+                value: Some(Content::Bytes(Bytes::from_static(b"v")))
             })
         );
         let r = kv_record(Event::Remove, "ns", b"k", 5, None);

@@ -28,7 +28,7 @@ pub mod shards;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,13 +75,27 @@ pub enum FlushCause {
     StreamReplaced = 1,
     /// An iterator expired before any record was read from its shard's LATEST position.
     IteratorLost = 2,
+    /// Fleet mode: a relay started without a usable checkpoint (from LATEST).
+    NoCheckpoint = 3,
+    /// Fleet mode: an entry was missing (a skipped number, a batch or watermark beyond
+    /// what was seen of a shard).
+    Gap = 4,
+    /// Fleet mode: the connection to Redis was lost, so whatever was published meanwhile
+    /// is unknown.
+    Reconnected = 5,
+    /// Fleet mode: an entry did not decode or failed authentication.
+    BadEntry = 6,
 }
 
 impl FlushCause {
-    pub const ALL: [FlushCause; 3] = [
+    pub const ALL: [FlushCause; 7] = [
         FlushCause::Trimmed,
         FlushCause::StreamReplaced,
         FlushCause::IteratorLost,
+        FlushCause::NoCheckpoint,
+        FlushCause::Gap,
+        FlushCause::Reconnected,
+        FlushCause::BadEntry,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,7 +103,16 @@ impl FlushCause {
             FlushCause::Trimmed => "trimmed",
             FlushCause::StreamReplaced => "stream_replaced",
             FlushCause::IteratorLost => "iterator_lost",
+            FlushCause::NoCheckpoint => "no_checkpoint",
+            FlushCause::Gap => "gap",
+            FlushCause::Reconnected => "reconnected",
+            FlushCause::BadEntry => "bad_entry",
         }
+    }
+
+    /// The cause of this name.
+    pub fn named(name: &str) -> Option<FlushCause> {
+        FlushCause::ALL.into_iter().find(|c| c.name() == name)
     }
 }
 
@@ -200,6 +223,30 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
         stats: Arc<TailStats>,
         config: StreamsConfig,
     ) -> Result<Tailer<A, S>, StartError> {
+        Self::resume(
+            api,
+            table_name,
+            table,
+            sink,
+            stats,
+            config,
+            &BTreeMap::new(),
+        )
+        .await
+    }
+
+    /// Like [`Tailer::start`], but reads on after `checkpoints` (per shard, the last
+    /// record handed over by an earlier reader of the same stream; see
+    /// [`Shards::resumed`]). Without checkpoints, the same as `start`.
+    pub async fn resume(
+        api: Arc<A>,
+        table_name: String,
+        table: Table,
+        sink: Arc<S>,
+        stats: Arc<TailStats>,
+        config: StreamsConfig,
+        checkpoints: &BTreeMap<String, String>,
+    ) -> Result<Tailer<A, S>, StartError> {
         let fail = |source| StartError::Api {
             table: table_name.clone(),
             source,
@@ -211,7 +258,7 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
             .ok_or_else(|| StartError::NoStream(table_name.clone()))?;
         let listing = list_all(&*api, &arn).await.map_err(fail)?;
         let mut tailer = Tailer {
-            shards: Shards::at_start(&listing),
+            shards: Shards::resumed(&listing, checkpoints),
             next_discovery: Instant::now() + config.discovery_interval(),
             stream_arn: arn,
             api,

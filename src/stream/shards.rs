@@ -84,6 +84,49 @@ impl Shards {
         shards
     }
 
+    /// The graph for a reader taking over from an earlier one that handed over every
+    /// record up to `checkpoints` (per shard): those shards are read after their
+    /// checkpoint, whatever DescribeStream says of them, and their children wait for
+    /// them. An open shard without a checkpoint had no record the earlier reader saw, so
+    /// it is read from its first record (the earlier reader's LATEST is a moment nobody
+    /// recorded). Without checkpoints this is [`Shards::at_start`].
+    pub fn resumed(listing: &[ShardInfo], checkpoints: &BTreeMap<String, String>) -> Shards {
+        let mut shards = Shards::at_start(listing);
+        if checkpoints.is_empty() {
+            return shards;
+        }
+        for (id, s) in shards.shards.iter_mut() {
+            match checkpoints.get(id) {
+                Some(seq) => {
+                    s.phase = Phase::Reading(ShardCursor {
+                        start: StartAt::After(seq.clone()),
+                        iterator: None,
+                        checkpoint: Some(seq.clone()),
+                        caught_up_at: None,
+                    })
+                }
+                None => {
+                    if let Phase::Reading(c) = &mut s.phase {
+                        c.start = StartAt::TrimHorizon;
+                    }
+                }
+            }
+        }
+        let unfinished: BTreeSet<String> = shards
+            .shards
+            .iter()
+            .filter(|(_, s)| s.phase != Phase::Finished)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for (id, s) in shards.shards.iter_mut() {
+            let parent_unfinished = s.parent.as_ref().is_some_and(|p| unfinished.contains(p));
+            if parent_unfinished && !checkpoints.contains_key(id) {
+                s.phase = Phase::Waiting;
+            }
+        }
+        shards
+    }
+
     /// Adds shards seen in a later DescribeStream. New shards are read from their first
     /// record, once their parent is finished; a shard whose parent is unknown (aged out
     /// of the listing) is a root. With `complete` (a full listing), finished shards no
@@ -212,6 +255,37 @@ mod tests {
         let s = Shards::at_start(&[shard("p", None, false), shard("c", Some("p"), false)]);
         assert_eq!(reading_from(&s, "p"), Some(StartAt::Latest));
         assert_eq!(s.phase("c"), Some(&Phase::Waiting));
+    }
+
+    #[test]
+    fn a_resumed_graph_reads_after_the_checkpoints() {
+        let listing = [
+            shard("p", None, true),
+            shard("c", Some("p"), false),
+            shard("quiet", None, false),
+            shard("old", None, true),
+        ];
+        let none = BTreeMap::new();
+        assert_eq!(
+            reading_from(&Shards::resumed(&listing, &none), "c"),
+            Some(StartAt::Latest)
+        );
+        // The closed parent was not read to its end: read on after its checkpoint, and
+        // its child waits; a shard the earlier reader saw nothing of is read from its
+        // first record; a closed one without checkpoint was done.
+        let checkpoints = BTreeMap::from([("p".to_owned(), "15".to_owned())]);
+        let s = Shards::resumed(&listing, &checkpoints);
+        assert_eq!(reading_from(&s, "p"), Some(StartAt::After("15".into())));
+        assert_eq!(s.phase("c"), Some(&Phase::Waiting));
+        assert_eq!(reading_from(&s, "quiet"), Some(StartAt::TrimHorizon));
+        assert_eq!(s.phase("old"), Some(&Phase::Finished));
+        // Both checkpointed: the child was being read already.
+        let checkpoints = BTreeMap::from([
+            ("p".to_owned(), "15".to_owned()),
+            ("c".to_owned(), "20".to_owned()),
+        ]);
+        let s = Shards::resumed(&listing, &checkpoints);
+        assert_eq!(reading_from(&s, "c"), Some(StartAt::After("20".into())));
     }
 
     #[test]

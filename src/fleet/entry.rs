@@ -1,0 +1,356 @@
+//! What travels through a table's Redis stream, and how it is encoded: MessagePack (the
+//! protocol's encoding) in one field, and, when a shared key is configured, an
+//! HMAC-SHA256 of those bytes in another. An entry that does not decode or whose MAC is
+//! wrong is never interpreted: the consumer counts it as a gap.
+//!
+//! Values never travel: a change carries its item's key and the digest of its new value,
+//! enough to recognise an own write's echo and to keep an entry that already shows it.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::cache::CacheKey;
+use crate::stream::api::StartAt;
+use crate::stream::change::{Change, Content, Digest};
+
+/// The Redis stream field holding the encoded entry.
+pub const FIELD_ENTRY: &str = "e";
+/// The Redis stream field holding the entry's MAC.
+pub const FIELD_MAC: &str = "m";
+
+/// One entry of a table's stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// Published by a relay: numbered `n` = 1, 2, ... per relay and lease epoch, so that
+    /// a consumer can see a missing one.
+    Relay {
+        relay: String,
+        epoch: u64,
+        n: u64,
+        /// The relay's wall clock when it published (ms since the Unix epoch), for the lag.
+        sent_ms: u64,
+        event: Event,
+    },
+    /// Published by a daemon after DynamoDB acknowledged writes of these keys.
+    Hint {
+        from: String,
+        sent_ms: u64,
+        keys: Vec<Key>,
+    },
+}
+
+/// What a relay saw on the table's stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// The records of one poll of one shard, read from just after `prev`; `last` is the
+    /// sequence number of the last one.
+    Batch {
+        shard: String,
+        prev: Prev,
+        last: String,
+        facts: Vec<Fact>,
+    },
+    /// The shard is closed and read to its end.
+    End { shard: String },
+    /// Continuity lost: some changes were never published. `cause` names a
+    /// [`crate::stream::FlushCause`].
+    Reset { cause: String },
+    /// Every record visible on the stream at `t_ms` (the relay's wall clock, read before
+    /// the poll round began) has been published; `shards` are the relay's positions.
+    Watermark {
+        t_ms: u64,
+        shards: BTreeMap<String, String>,
+    },
+}
+
+/// Where a batch's records follow from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Prev {
+    TrimHorizon,
+    Latest,
+    After(String),
+}
+
+impl From<&StartAt> for Prev {
+    fn from(start: &StartAt) -> Prev {
+        match start {
+            StartAt::TrimHorizon => Prev::TrimHorizon,
+            StartAt::Latest => Prev::Latest,
+            StartAt::After(seq) => Prev::After(seq.clone()),
+        }
+    }
+}
+
+/// A change, without its value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fact {
+    KvVersion {
+        ns: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        ts: i64,
+        digest: Option<Digest>,
+    },
+    KvUnknown {
+        ns: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        ts: i64,
+    },
+    LogEntry {
+        topic: String,
+        index: i64,
+        digest: Option<Digest>,
+    },
+    LogCounter {
+        topic: String,
+        position: Option<i64>,
+    },
+}
+
+impl From<&Change> for Fact {
+    fn from(change: &Change) -> Fact {
+        match change {
+            Change::KvVersion { ns, key, ts, value } => Fact::KvVersion {
+                ns: ns.clone(),
+                key: key.to_vec(),
+                ts: *ts,
+                digest: value.as_ref().map(Content::digest),
+            },
+            Change::KvUnknown { ns, key, ts } => Fact::KvUnknown {
+                ns: ns.clone(),
+                key: key.to_vec(),
+                ts: *ts,
+            },
+            Change::LogEntry {
+                topic,
+                index,
+                value,
+            } => Fact::LogEntry {
+                topic: topic.clone(),
+                index: *index,
+                digest: value.as_ref().map(Content::digest),
+            },
+            Change::LogCounter { topic, position } => Fact::LogCounter {
+                topic: topic.clone(),
+                position: *position,
+            },
+        }
+    }
+}
+
+impl From<Fact> for Change {
+    fn from(fact: Fact) -> Change {
+        match fact {
+            Fact::KvVersion {
+                ns,
+                key,
+                ts,
+                digest,
+            } => Change::KvVersion {
+                ns,
+                key: Bytes::from(key),
+                ts,
+                value: digest.map(Content::Digest),
+            },
+            Fact::KvUnknown { ns, key, ts } => Change::KvUnknown {
+                ns,
+                key: Bytes::from(key),
+                ts,
+            },
+            Fact::LogEntry {
+                topic,
+                index,
+                digest,
+            } => Change::LogEntry {
+                topic,
+                index,
+                value: digest.map(Content::Digest),
+            },
+            Fact::LogCounter { topic, position } => Change::LogCounter { topic, position },
+        }
+    }
+}
+
+/// A written item's cache key, as a hint names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Key {
+    Kv {
+        ns: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    Log {
+        topic: String,
+    },
+}
+
+impl From<&CacheKey> for Key {
+    fn from(key: &CacheKey) -> Key {
+        match key {
+            CacheKey::Kv(ns, key) => Key::Kv {
+                ns: ns.clone(),
+                key: key.to_vec(),
+            },
+            CacheKey::Log(topic) => Key::Log {
+                topic: topic.clone(),
+            },
+        }
+    }
+}
+
+impl From<Key> for CacheKey {
+    fn from(key: Key) -> CacheKey {
+        match key {
+            Key::Kv { ns, key } => CacheKey::Kv(ns, Bytes::from(key)),
+            Key::Log { topic } => CacheKey::Log(topic),
+        }
+    }
+}
+
+/// Why an entry was not interpreted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("the entry has no `{FIELD_ENTRY}` field")]
+    Missing,
+    #[error("the entry's MAC is missing or wrong")]
+    Unauthenticated,
+    #[error("the entry does not decode: {0}")]
+    Malformed(String),
+}
+
+/// Encodes and authenticates entries with the fleet's shared key (if any).
+#[derive(Clone)]
+pub struct Codec {
+    key: Option<Hmac<Sha256>>,
+}
+
+impl Codec {
+    /// `auth_key` empty: entries are neither signed nor checked.
+    pub fn new(auth_key: &str) -> Codec {
+        Codec {
+            key: (!auth_key.is_empty()).then(|| {
+                Hmac::<Sha256>::new_from_slice(auth_key.as_bytes())
+                    .expect("HMAC takes keys of any length")
+            }),
+        }
+    }
+
+    /// The fields of the stream entry: the encoded entry, and its MAC if signed.
+    pub fn encode(&self, entry: &Entry) -> Vec<(&'static str, Vec<u8>)> {
+        let bytes = rmp_serde::to_vec(entry).expect("entries always encode");
+        let mut fields = Vec::with_capacity(2);
+        if let Some(key) = &self.key {
+            let mut mac = key.clone();
+            mac.update(&bytes);
+            fields.push((FIELD_MAC, mac.finalize().into_bytes().to_vec()));
+        }
+        fields.push((FIELD_ENTRY, bytes));
+        fields
+    }
+
+    /// Reads an entry from its fields (`field(name)` gives a field's bytes).
+    pub fn decode<'a>(
+        &self,
+        field: impl Fn(&str) -> Option<&'a [u8]>,
+    ) -> Result<Entry, DecodeError> {
+        let bytes = field(FIELD_ENTRY).ok_or(DecodeError::Missing)?;
+        if let Some(key) = &self.key {
+            let mut mac = key.clone();
+            mac.update(bytes);
+            let given = field(FIELD_MAC).ok_or(DecodeError::Unauthenticated)?;
+            mac.verify_slice(given)
+                .map_err(|_| DecodeError::Unauthenticated)?;
+        }
+        rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(codec: &Codec, fields: &[(&'static str, Vec<u8>)]) -> Result<Entry, DecodeError> {
+        codec.decode(|name| {
+            fields
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_slice())
+        })
+    }
+
+    fn batch() -> Entry {
+        let change = Change::KvVersion {
+            ns: "ns".into(),
+            key: Bytes::from_static(b"k"),
+            ts: 3,
+            value: Some(Content::Bytes(Bytes::from_static(b"v"))),
+        };
+        Entry::Relay {
+            relay: "r".into(),
+            epoch: 2,
+            n: 7,
+            sent_ms: 1,
+            event: Event::Batch {
+                shard: "s".into(),
+                prev: Prev::After("10".into()),
+                last: "12".into(),
+                facts: vec![Fact::from(&change)],
+            },
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_and_keep_only_a_digest_of_values() {
+        let codec = Codec::new("");
+        let fields = codec.encode(&batch());
+        assert_eq!(fields.len(), 1, "unsigned");
+        let back = decode(&codec, &fields).unwrap();
+        assert_eq!(back, batch());
+        let Entry::Relay {
+            event: Event::Batch { facts, .. },
+            ..
+        } = back
+        else {
+            unreachable!()
+        };
+        let change = Change::from(facts[0].clone());
+        let Change::KvVersion { value: Some(v), .. } = change else {
+            unreachable!()
+        };
+        assert!(v.matches(b"v") && !v.matches(b"w"));
+    }
+
+    #[test]
+    fn a_signed_entry_is_checked() {
+        let codec = Codec::new("secret");
+        let mut fields = codec.encode(&batch());
+        assert_eq!(decode(&codec, &fields).unwrap(), batch());
+        assert_eq!(
+            decode(&Codec::new("other"), &fields),
+            Err(DecodeError::Unauthenticated)
+        );
+        // Unsigned, or tampered with: refused.
+        let unsigned = Codec::new("").encode(&batch());
+        assert_eq!(decode(&codec, &unsigned), Err(DecodeError::Unauthenticated));
+        fields.last_mut().unwrap().1[3] ^= 1;
+        assert_eq!(decode(&codec, &fields), Err(DecodeError::Unauthenticated));
+        // Garbage is malformed, not a panic.
+        let garbage = vec![(FIELD_ENTRY, vec![0xc1, 0xff])];
+        assert!(matches!(
+            decode(&Codec::new(""), &garbage),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,346 @@
+//! Fleet mode (`[fanout]`): past two daemons per table, DynamoDB Streams cannot serve
+//! every daemon its own reader, so one or two daemons per table, elected through leases
+//! in DynamoDB, read the stream and relay what they read through a Redis stream that
+//! every daemon consumes. The design, and why each rule is there:
+//! `shared/design/fleet.md`; the README's "Running a fleet" for operators.
+//!
+//! - [`lease`]: the relay leases (DynamoDB conditional writes).
+//! - [`relay`]: competing for a lease, and the tailer's sink that publishes.
+//! - [`entry`]: what a Redis stream entry says, and its authentication.
+//! - [`rules`]: what a consumer makes of the entries, as a pure state machine.
+//! - [`consumer`]: the loop that reads Redis and applies the rules' actions.
+//! - [`transport`]: the Redis calls.
+//!
+//! Write hints: once DynamoDB has acknowledged a write, the daemon appends the key to the
+//! table's stream ([`Hints`]); the others drop it at once. Hints only ever invalidate,
+//! never count toward freshness, and a lost one costs only time.
+
+pub mod consumer;
+pub mod entry;
+pub mod lease;
+pub mod relay;
+pub mod rules;
+pub mod transport;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::CacheKey;
+use crate::coherence::Coherence;
+use crate::config::{FanoutConfig, StreamsConfig};
+use crate::metrics::{Exposition, Kind};
+use crate::stream::api::SdkStreams;
+use crate::stream::{Table, TailStats};
+use entry::{wall_ms, Codec, Entry, Key};
+use lease::Leases;
+use transport::{stream_key, Redis};
+
+/// Write hints waiting to be published; past this they are dropped (counted).
+const HINT_QUEUE: usize = 8192;
+/// Keys per hint entry.
+const HINT_BATCH: usize = 256;
+
+/// What fleet mode counts.
+#[derive(Default)]
+pub struct FleetStats {
+    /// Relay leases held, per table (0: a consumer only).
+    pub leases_held: [AtomicU64; 2],
+    /// Leases taken or given up by this daemon.
+    pub lease_changes: AtomicU64,
+    /// Entries this daemon published as a relay, per table.
+    pub published: [AtomicU64; 2],
+    /// Entries read, per table.
+    pub consumed: [AtomicU64; 2],
+    /// Entries that did not decode or authenticate.
+    pub bad_entries: AtomicU64,
+    pub hints_published: AtomicU64,
+    /// Hints not published because the queue was full (costs only time).
+    pub hints_dropped: AtomicU64,
+    /// Failed Redis calls (connects, appends, reads).
+    pub redis_errors: AtomicU64,
+}
+
+impl FleetStats {
+    /// Writes the counters into a scrape.
+    pub fn export(&self, out: &mut Exposition) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let per_table = |a: &[AtomicU64; 2]| Table::ALL.map(|t| (t.name(), load(&a[t as usize])));
+        out.by_label(
+            "ddbcached_fanout_leases_held",
+            Kind::Gauge,
+            "Relay leases this daemon holds, by table (0: it only consumes).",
+            "table",
+            per_table(&self.leases_held),
+        );
+        out.single(
+            "ddbcached_fanout_lease_changes_total",
+            Kind::Counter,
+            "Relay leases taken or given up by this daemon.",
+            load(&self.lease_changes),
+        );
+        out.by_label(
+            "ddbcached_fanout_published_total",
+            Kind::Counter,
+            "Entries this daemon published as a relay, by table.",
+            "table",
+            per_table(&self.published),
+        );
+        out.by_label(
+            "ddbcached_fanout_consumed_total",
+            Kind::Counter,
+            "Fan-out entries read, by table.",
+            "table",
+            per_table(&self.consumed),
+        );
+        out.single(
+            "ddbcached_fanout_bad_entries_total",
+            Kind::Counter,
+            "Fan-out entries that did not decode or authenticate (each flushes its table).",
+            load(&self.bad_entries),
+        );
+        out.single(
+            "ddbcached_fanout_hints_published_total",
+            Kind::Counter,
+            "Write hints published.",
+            load(&self.hints_published),
+        );
+        out.single(
+            "ddbcached_fanout_hints_dropped_total",
+            Kind::Counter,
+            "Write hints dropped because Redis could not keep up.",
+            load(&self.hints_dropped),
+        );
+        out.single(
+            "ddbcached_fanout_redis_errors_total",
+            Kind::Counter,
+            "Failed Redis calls.",
+            load(&self.redis_errors),
+        );
+    }
+
+    /// The daemon's role per table, in words.
+    pub fn roles(&self) -> String {
+        Table::ALL
+            .map(|t| {
+                let role = match self.leases_held[t as usize].load(Ordering::Relaxed) {
+                    0 => "consumer",
+                    _ => "relay",
+                };
+                format!("{}: {role}", t.name())
+            })
+            .join(", ")
+    }
+}
+
+/// Publishes write hints without ever making a write wait.
+#[derive(Clone)]
+pub struct Hints {
+    queue: mpsc::Sender<CacheKey>,
+    stats: Arc<FleetStats>,
+}
+
+impl Hints {
+    /// Hints that `key` was written (DynamoDB acknowledged it).
+    pub fn publish(&self, key: CacheKey) {
+        if self.queue.try_send(key).is_err() {
+            self.stats.hints_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Fleet mode as the rest of the daemon sees it.
+pub struct Fleet {
+    pub stats: Arc<FleetStats>,
+    pub hints: Option<Hints>,
+}
+
+/// What fleet mode is built from.
+pub struct Parts {
+    pub fanout: FanoutConfig,
+    pub streams_config: StreamsConfig,
+    pub tables: [String; 2],
+    pub leases: Leases,
+    pub streams: Arc<SdkStreams>,
+    pub tail_stats: Arc<TailStats>,
+    pub coherence: Arc<Coherence>,
+    pub fanout_lag: metrics::Histogram,
+    pub hint_lag: metrics::Histogram,
+}
+
+/// Why fleet mode could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("fanout.redis_url is not usable: {0}")]
+pub struct StartError(#[from] redis::RedisError);
+
+/// This daemon's id in the fleet: host, process and a random part (a restarted process
+/// is a new relay).
+pub fn daemon_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// Starts the consumer (its position taken before this returns, if Redis answers), the
+/// relay candidates and the hint publisher, as tasks of `tasks` stopped by `stop`.
+pub async fn start(
+    parts: Parts,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<Fleet, StartError> {
+    let me = daemon_id();
+    let redis = Redis::open(&parts.fanout.redis_url)?;
+    let codec = Codec::new(&parts.fanout.auth_key);
+    let stats = Arc::new(FleetStats::default());
+    let keys = parts.tables.clone().map(|t| stream_key(&t));
+    let consuming = Arc::new(consumer::Consuming {
+        me: me.clone(),
+        redis: redis.clone(),
+        codec: codec.clone(),
+        coherence: parts.coherence,
+        keys: keys.clone(),
+        clock_skew_ms: parts.fanout.clock_skew_ms,
+        stats: stats.clone(),
+        fanout_lag: parts.fanout_lag,
+        hint_lag: parts.hint_lag,
+    });
+    let start = match consumer::position(&consuming).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "Redis unreachable at start: reads bypass the cache until it answers");
+            None
+        }
+    };
+    tasks.spawn(consumer::run(consuming, start, stop.clone()));
+    if parts.fanout.relay_eligible {
+        let relaying = Arc::new(relay::Relaying {
+            me: me.clone(),
+            redis: redis.clone(),
+            leases: parts.leases,
+            streams: parts.streams,
+            tail_stats: parts.tail_stats,
+            streams_config: parts.streams_config,
+            fanout: parts.fanout.clone(),
+            codec: codec.clone(),
+            stats: stats.clone(),
+        });
+        for t in Table::ALL {
+            tasks.spawn(relay::run(
+                relaying.clone(),
+                t,
+                parts.tables[t as usize].clone(),
+                stop.clone(),
+            ));
+        }
+    }
+    let hints = parts.fanout.write_hints.then(|| {
+        let (queue, pending) = mpsc::channel(HINT_QUEUE);
+        tasks.spawn(publish_hints(
+            pending,
+            redis,
+            codec,
+            me,
+            keys,
+            parts.fanout.retention_ms,
+            stats.clone(),
+            stop,
+        ));
+        Hints {
+            queue,
+            stats: stats.clone(),
+        }
+    });
+    tracing::info!(
+        relay_eligible = parts.fanout.relay_eligible,
+        "fleet mode started"
+    );
+    Ok(Fleet { stats, hints })
+}
+
+/// Appends queued hints, batched per table, until `stop`.
+#[allow(clippy::too_many_arguments)]
+async fn publish_hints(
+    mut pending: mpsc::Receiver<CacheKey>,
+    redis: Redis,
+    codec: Codec,
+    me: String,
+    keys: [String; 2],
+    retention_ms: u64,
+    stats: Arc<FleetStats>,
+    stop: CancellationToken,
+) {
+    let mut connection = None;
+    let mut batch = Vec::with_capacity(HINT_BATCH);
+    loop {
+        let received = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = pending.recv_many(&mut batch, HINT_BATCH) => n,
+        };
+        if received == 0 {
+            return;
+        }
+        if connection.is_none() {
+            match redis.connect(None).await {
+                Ok(c) => connection = Some(c),
+                Err(_) => {
+                    stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .hints_dropped
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    batch.clear();
+                    continue;
+                }
+            }
+        }
+        let Some(c) = connection.as_mut() else {
+            continue;
+        };
+        for t in Table::ALL {
+            let of_table: Vec<Key> = batch
+                .iter()
+                .filter(|k| {
+                    matches!(
+                        (t, k),
+                        (Table::Kv, CacheKey::Kv(..)) | (Table::Log, CacheKey::Log(_))
+                    )
+                })
+                .map(Key::from)
+                .collect();
+            if of_table.is_empty() {
+                continue;
+            }
+            let count = of_table.len() as u64;
+            let entry = Entry::Hint {
+                from: me.clone(),
+                sent_ms: wall_ms(),
+                keys: of_table,
+            };
+            let keep_after = wall_ms().saturating_sub(retention_ms);
+            match c
+                .append(&keys[t as usize], &codec.encode(&entry), keep_after)
+                .await
+            {
+                Ok(_) => {
+                    stats.hints_published.fetch_add(count, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                    stats.hints_dropped.fetch_add(count, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "publishing write hints failed");
+                    connection = None;
+                    break;
+                }
+            }
+        }
+        batch.clear();
+    }
+}

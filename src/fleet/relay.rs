@@ -1,0 +1,338 @@
+//! The relay: a daemon that holds one of a table's lease slots reads the table's stream
+//! with the ordinary tailer and publishes what it reads to the table's Redis stream
+//! instead of applying it ([`Publisher`] is the tailer's sink). Every daemon, relays
+//! included, applies changes only from Redis ([`super::consumer`]).
+//!
+//! [`run`] competes for a slot, and while it holds one renews the lease every third of
+//! `lease_ms`, writing the positions the publisher has had acknowledged by Redis as the
+//! lease's checkpoints. A new holder resumes after those checkpoints (a restarted relay
+//! may publish some records twice, which is harmless); a lease with no checkpoints, or
+//! checkpoints of another stream, starts from LATEST after publishing a reset, since
+//! what happened before is unknown. A relay that cannot renew within `lease_ms` stops
+//! reading, as the others may have taken its slot by then.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::entry::{wall_ms, Codec, Entry, Event, Fact};
+use super::lease::{lease_id, Lease, Leases};
+use super::transport::{stream_key, Redis};
+use super::FleetStats;
+use crate::coherence::{Seen, Sink, SinkError};
+use crate::config::{FanoutConfig, StreamsConfig};
+use crate::stream::api::{SdkStreams, StreamsApi};
+use crate::stream::change::Change;
+use crate::stream::{FlushCause, Table, TailStats, Tailer};
+
+/// The tailer's sink in a relay: publishes each thing seen as one numbered entry.
+pub struct Publisher {
+    redis: super::transport::Connection,
+    key: String,
+    relay: String,
+    epoch: u64,
+    table: Table,
+    /// The next entry's number. A failed append consumes its number too: had it been
+    /// written after all, reusing the number would make the next entry a "repeat".
+    next: AtomicU64,
+    /// Per shard, the last sequence number Redis acknowledged.
+    positions: Mutex<BTreeMap<String, String>>,
+    codec: Codec,
+    retention_ms: u64,
+    stats: Arc<FleetStats>,
+}
+
+impl Publisher {
+    async fn publish(&self, event: Event) -> Result<(), SinkError> {
+        let entry = Entry::Relay {
+            relay: self.relay.clone(),
+            epoch: self.epoch,
+            n: self.next.fetch_add(1, Ordering::Relaxed),
+            sent_ms: wall_ms(),
+            event,
+        };
+        let fields = self.codec.encode(&entry);
+        let keep_after = wall_ms().saturating_sub(self.retention_ms);
+        match self
+            .redis
+            .clone()
+            .append(&self.key, &fields, keep_after)
+            .await
+        {
+            Ok(_) => {
+                self.stats.published[self.table as usize].fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                Err(SinkError(format!("publishing to Redis: {e}")))
+            }
+        }
+    }
+
+    /// What Redis has acknowledged of each shard.
+    pub fn positions(&self) -> BTreeMap<String, String> {
+        self.positions.lock().expect("positions poisoned").clone()
+    }
+}
+
+impl Sink for Publisher {
+    async fn accept(&self, table: Table, seen: Seen<'_>) -> Result<(), SinkError> {
+        match seen {
+            Seen::Records {
+                shard,
+                after,
+                records,
+            } => {
+                let Some(last) = records.last() else {
+                    return Ok(());
+                };
+                let facts = records
+                    .iter()
+                    .filter_map(|r| Change::of(table, r))
+                    .map(|c| Fact::from(&c))
+                    .collect();
+                self.publish(Event::Batch {
+                    shard: shard.to_owned(),
+                    prev: after.into(),
+                    last: last.sequence_number.clone(),
+                    facts,
+                })
+                .await?;
+                self.positions
+                    .lock()
+                    .expect("positions poisoned")
+                    .insert(shard.to_owned(), last.sequence_number.clone());
+            }
+            Seen::ShardEnded { shard } => {
+                self.publish(Event::End {
+                    shard: shard.to_owned(),
+                })
+                .await?;
+                self.positions
+                    .lock()
+                    .expect("positions poisoned")
+                    .remove(shard);
+            }
+            Seen::ContinuityLost(cause) => {
+                self.publish(Event::Reset {
+                    cause: cause.name().into(),
+                })
+                .await?;
+            }
+            Seen::CaughtUp(Some(at)) => {
+                let t_ms = wall_ms().saturating_sub(at.elapsed().as_millis() as u64);
+                let shards = self.positions();
+                self.publish(Event::Watermark { t_ms, shards }).await?;
+            }
+            Seen::CaughtUp(None) => {}
+        }
+        Ok(())
+    }
+}
+
+/// What a relay needs, shared by the tables' relay tasks.
+pub struct Relaying {
+    pub me: String,
+    pub redis: Redis,
+    pub leases: Leases,
+    pub streams: Arc<SdkStreams>,
+    pub tail_stats: Arc<TailStats>,
+    pub streams_config: StreamsConfig,
+    pub fanout: FanoutConfig,
+    pub codec: Codec,
+    pub stats: Arc<FleetStats>,
+}
+
+/// Competes for one of `table`'s slots until `shutdown`, relaying while it holds one.
+pub async fn run(
+    ctx: Arc<Relaying>,
+    table: Table,
+    table_name: String,
+    shutdown: CancellationToken,
+) {
+    let period = ctx.fanout.lease() / 3;
+    // Per slot: the counter last seen and since when (on this host's clock).
+    let mut observed: HashMap<u32, (u64, Instant)> = HashMap::new();
+    loop {
+        if let Some(lease) = acquire(&ctx, &table_name, &mut observed).await {
+            ctx.stats.lease_changes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(table = %table_name, lease = %lease.id, epoch = lease.epoch, "relay lease taken");
+            ctx.stats.leases_held[table as usize].fetch_add(1, Ordering::Relaxed);
+            hold(&ctx, table, &table_name, lease, &shutdown).await;
+            ctx.stats.leases_held[table as usize].fetch_sub(1, Ordering::Relaxed);
+            ctx.stats.lease_changes.fetch_add(1, Ordering::Relaxed);
+            observed.clear();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
+
+/// Takes a free, released or expired slot, if there is one.
+async fn acquire(
+    ctx: &Relaying,
+    table_name: &str,
+    observed: &mut HashMap<u32, (u64, Instant)>,
+) -> Option<Lease> {
+    for slot in 0..ctx.fanout.relay_slots {
+        let id = lease_id(table_name, slot);
+        let taken = match ctx.leases.read(&id).await {
+            Ok(None) => ctx.leases.create(&id, &ctx.me).await,
+            Ok(Some(lease)) => {
+                let now = Instant::now();
+                let since = match observed.get(&slot) {
+                    Some(&(counter, since)) if counter == lease.counter => since,
+                    _ => {
+                        observed.insert(slot, (lease.counter, now));
+                        now
+                    }
+                };
+                if lease.owner.is_empty() || now.duration_since(since) >= ctx.fanout.lease() {
+                    ctx.leases.take(&lease, &ctx.me).await
+                } else {
+                    continue;
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match taken {
+            Ok(Some(lease)) => return Some(lease),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(lease = %id, error = %e, "reading the relay lease failed"),
+        }
+    }
+    None
+}
+
+/// Relays while the lease holds: tails from its checkpoints, renews it, stops the
+/// tailer when it is lost (or on shutdown, then releases it).
+async fn hold(
+    ctx: &Relaying,
+    table: Table,
+    table_name: &str,
+    mut lease: Lease,
+    shutdown: &CancellationToken,
+) {
+    let connection = match ctx.redis.connect(None).await {
+        Ok(c) => c,
+        Err(e) => {
+            ctx.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(table = %table_name, error = %e, "relay cannot reach Redis; giving the lease up");
+            release(ctx, &lease, "", &BTreeMap::new()).await;
+            return;
+        }
+    };
+    let arn = match ctx.streams.latest_stream_arn(table_name).await {
+        Ok(Some(arn)) => arn,
+        Ok(None) | Err(_) => {
+            tracing::warn!(table = %table_name, "relay cannot read the table's stream; giving the lease up");
+            release(ctx, &lease, "", &BTreeMap::new()).await;
+            return;
+        }
+    };
+    let resume = match &lease.stream_arn {
+        Some(a) if *a == arn && !lease.checkpoints.is_empty() => lease.checkpoints.clone(),
+        _ => BTreeMap::new(),
+    };
+    let publisher = Arc::new(Publisher {
+        redis: connection,
+        key: stream_key(table_name),
+        relay: ctx.me.clone(),
+        epoch: lease.epoch,
+        table,
+        next: AtomicU64::new(1),
+        // Shards without news keep their checkpoints through this holder's renewals.
+        positions: Mutex::new(resume.clone()),
+        codec: ctx.codec.clone(),
+        retention_ms: ctx.fanout.retention_ms,
+        stats: ctx.stats.clone(),
+    });
+    let started = Tailer::resume(
+        ctx.streams.clone(),
+        table_name.to_owned(),
+        table,
+        publisher.clone(),
+        ctx.tail_stats.clone(),
+        ctx.streams_config.clone(),
+        &resume,
+    )
+    .await;
+    let tailer = match started {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(table = %table_name, error = %e, "relay cannot start tailing; giving the lease up");
+            release(ctx, &lease, &arn, &BTreeMap::new()).await;
+            return;
+        }
+    };
+    if resume.is_empty() {
+        // What happened on the stream before this relay's LATEST is unknown to the fleet.
+        let cause = match &lease.stream_arn {
+            Some(a) if *a != arn => FlushCause::StreamReplaced,
+            _ => FlushCause::NoCheckpoint,
+        };
+        let _ = publisher.accept(table, Seen::ContinuityLost(cause)).await;
+    }
+    let stop = shutdown.child_token();
+    let reading = tokio::spawn(tailer.run(stop.clone()));
+    let period = ctx.fanout.lease() / 3;
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(period) => {}
+        }
+        match ctx
+            .leases
+            .renew(&lease, &arn, &publisher.positions(), false)
+            .await
+        {
+            Ok(Some(l)) => {
+                lease = l;
+                renewed = Instant::now();
+            }
+            Ok(None) => {
+                tracing::warn!(table = %table_name, lease = %lease.id, "relay lease lost to another daemon");
+                stop.cancel();
+                let _ = reading.await;
+                return;
+            }
+            Err(e) if renewed.elapsed() >= ctx.fanout.lease() => {
+                tracing::warn!(table = %table_name, error = %e, "relay lease not renewed in time; stopping");
+                stop.cancel();
+                let _ = reading.await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(table = %table_name, error = %e, "renewing the relay lease failed")
+            }
+        }
+    }
+    stop.cancel();
+    let _ = reading.await;
+    release(ctx, &lease, &arn, &publisher.positions()).await;
+}
+
+/// Gives the lease up with its final checkpoints, so that another daemon takes it at
+/// once instead of after `lease_ms`.
+async fn release(ctx: &Relaying, lease: &Lease, arn: &str, checkpoints: &BTreeMap<String, String>) {
+    let checkpoints = if arn.is_empty() {
+        &lease.checkpoints
+    } else {
+        checkpoints
+    };
+    let arn = if arn.is_empty() {
+        lease.stream_arn.as_deref().unwrap_or_default()
+    } else {
+        arn
+    };
+    if let Err(e) = ctx.leases.renew(lease, arn, checkpoints, true).await {
+        tracing::debug!(lease = %lease.id, error = %e, "releasing the relay lease failed");
+    }
+}
