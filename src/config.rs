@@ -208,7 +208,7 @@ impl StreamsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FanoutConfig {
-    /// `redis://host:port`, `rediss://...` or `unix:///path`; empty: no fleet, this daemon
+    /// `redis://host:port` or `unix:///path`; empty: no fleet, this daemon
     /// reads the streams itself (for one or two daemons per table). Credentials belong in
     /// the environment (`DDBCACHED_FANOUT_REDIS_URL`), not in this file.
     pub redis_url: String,
@@ -463,10 +463,10 @@ impl Config {
             "fanout.redis_url",
             &f.redis_url,
             f.redis_url.is_empty()
-                || ["redis://", "rediss://", "unix://"]
+                || ["redis://", "unix://"]
                     .iter()
                     .any(|scheme| f.redis_url.starts_with(scheme)),
-            "must be empty or start with redis://, rediss:// or unix://",
+            "must be empty or start with redis:// or unix:// (TLS, rediss://, is not supported yet)",
         )?;
         check(
             "fanout.relay_slots",
@@ -480,18 +480,20 @@ impl Config {
             f.lease_ms >= 300,
             "must be at least 300",
         )?;
-        check(
-            "fanout.clock_skew_ms",
-            f.clock_skew_ms,
-            f.clock_skew_ms + self.streams.poll_interval_ms < self.cache.max_staleness_ms,
-            "plus streams.poll_interval_ms must be less than cache.max_staleness_ms",
-        )?;
-        check(
-            "fanout.retention_ms",
-            f.retention_ms,
-            f.retention_ms > self.cache.max_staleness_ms,
-            "must be more than cache.max_staleness_ms",
-        )?;
+        if f.enabled() {
+            check(
+                "fanout.clock_skew_ms",
+                f.clock_skew_ms,
+                f.clock_skew_ms + self.streams.poll_interval_ms < self.cache.max_staleness_ms,
+                "plus streams.poll_interval_ms must be less than cache.max_staleness_ms",
+            )?;
+            check(
+                "fanout.retention_ms",
+                f.retention_ms,
+                f.retention_ms > self.cache.max_staleness_ms,
+                "must be more than cache.max_staleness_ms",
+            )?;
+        }
         check(
             "dynamodb.lease_table",
             &d.lease_table,

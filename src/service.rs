@@ -93,6 +93,9 @@ pub struct Service {
     ready: std::sync::atomic::AtomicBool,
     /// Fleet mode, once started.
     fleet: std::sync::OnceLock<Fleet>,
+    /// Fleet mode's counters (zero outside it, so that every daemon exports the same
+    /// families).
+    fleet_stats: Arc<FleetStats>,
     fill_max_versions: u32,
     /// Longest wait for a key's lock (the DynamoDB operation timeout).
     lock_wait: Duration,
@@ -125,6 +128,7 @@ impl Service {
             metrics,
             ready: Default::default(),
             fleet: Default::default(),
+            fleet_stats: Arc::default(),
             tables: [d.kv_table.clone(), d.log_table.clone()],
             streams_config: config.streams.clone(),
             kv: KvStore::new(client.clone(), d.kv_table.clone(), d.batch_max_attempts),
@@ -182,9 +186,7 @@ impl Service {
         self.cache.export(&mut out).await;
         self.tail_stats.export(&mut out);
         self.coherence.export(&mut out);
-        if let Some(fleet) = self.fleet.get() {
-            fleet.stats.export(&mut out);
-        }
+        self.fleet_stats.export(&mut out);
         out.finish(&self.metrics.render_histograms())
     }
 
@@ -209,8 +211,8 @@ impl Service {
                 behind.join(" and ")
             )
         };
-        if let Some(fleet) = self.fleet.get() {
-            detail.push_str(&format!("; fleet mode ({})", fleet.stats.roles()));
+        if self.fleet.get().is_some() {
+            detail.push_str(&format!("; fleet mode ({})", self.fleet_stats.roles()));
         }
         (true, detail)
     }
@@ -225,9 +227,9 @@ impl Service {
         &self.tail_stats
     }
 
-    /// Fleet mode's counters, if it runs.
-    pub fn fleet_stats(&self) -> Option<&FleetStats> {
-        self.fleet.get().map(|f| &*f.stats)
+    /// Fleet mode's counters.
+    pub fn fleet_stats(&self) -> &FleetStats {
+        &self.fleet_stats
     }
 
     /// Starts fleet mode instead of the tailers: the Redis consumer (positioned when
@@ -249,6 +251,7 @@ impl Service {
             coherence: self.coherence.clone(),
             fanout_lag: self.metrics.fanout_lag(),
             hint_lag: self.metrics.hint_lag(),
+            stats: self.fleet_stats.clone(),
         };
         let started = fleet::start(parts, &tasks, shutdown).await?;
         tasks.close();

@@ -154,7 +154,6 @@ impl Hints {
 
 /// Fleet mode as the rest of the daemon sees it.
 pub struct Fleet {
-    pub stats: Arc<FleetStats>,
     pub hints: Option<Hints>,
 }
 
@@ -169,6 +168,7 @@ pub struct Parts {
     pub coherence: Arc<Coherence>,
     pub fanout_lag: metrics::Histogram,
     pub hint_lag: metrics::Histogram,
+    pub stats: Arc<FleetStats>,
 }
 
 /// Why fleet mode could not start.
@@ -199,7 +199,7 @@ pub async fn start(
     let me = daemon_id();
     let redis = Redis::open(&parts.fanout.redis_url)?;
     let codec = Codec::new(&parts.fanout.auth_key);
-    let stats = Arc::new(FleetStats::default());
+    let stats = parts.stats;
     let keys = parts.tables.clone().map(|t| stream_key(&t));
     let consuming = Arc::new(consumer::Consuming {
         me: me.clone(),
@@ -263,7 +263,7 @@ pub async fn start(
         relay_eligible = parts.fanout.relay_eligible,
         "fleet mode started"
     );
-    Ok(Fleet { stats, hints })
+    Ok(Fleet { hints })
 }
 
 /// Appends queued hints, batched per table, until `stop`.

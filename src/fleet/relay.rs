@@ -6,9 +6,10 @@
 //! [`run`] competes for a slot, and while it holds one renews the lease every third of
 //! `lease_ms`, writing the positions the publisher has had acknowledged by Redis as the
 //! lease's checkpoints. A new holder resumes after those checkpoints (a restarted relay
-//! may publish some records twice, which is harmless); a lease with no checkpoints, or
-//! checkpoints of another stream, starts from LATEST after publishing a reset, since
-//! what happened before is unknown. A relay that cannot renew within `lease_ms` stops
+//! may publish some records twice, which is harmless), and reads shards its predecessor
+//! saw no record of from their first record; a lease never renewed on this stream (new,
+//! or of a replaced stream) starts from LATEST after publishing a reset, since what
+//! happened before is unknown. A relay that cannot renew within `lease_ms` stops
 //! reading, as the others may have taken its slot by then.
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::entry::{wall_ms, Codec, Entry, Event, Fact};
 use super::lease::{lease_id, Lease, Leases};
-use super::transport::{stream_key, Redis};
+use super::transport::{stream_key, Connection, Redis};
 use super::FleetStats;
 use crate::coherence::{Seen, Sink, SinkError};
 use crate::config::{FanoutConfig, StreamsConfig};
@@ -30,7 +31,9 @@ use crate::stream::{FlushCause, Table, TailStats, Tailer};
 
 /// The tailer's sink in a relay: publishes each thing seen as one numbered entry.
 pub struct Publisher {
-    redis: super::transport::Connection,
+    redis: Redis,
+    /// The connection, made again after any failure (a restarted Redis breaks it).
+    connection: tokio::sync::Mutex<Option<Connection>>,
     key: String,
     relay: String,
     epoch: u64,
@@ -40,6 +43,8 @@ pub struct Publisher {
     next: AtomicU64,
     /// Per shard, the last sequence number Redis acknowledged.
     positions: Mutex<BTreeMap<String, String>>,
+    /// Since when Redis has refused every entry (`None`: it took the last one).
+    failing_since: Mutex<Option<Instant>>,
     codec: Codec,
     retention_ms: u64,
     stats: Arc<FleetStats>,
@@ -56,21 +61,42 @@ impl Publisher {
         };
         let fields = self.codec.encode(&entry);
         let keep_after = wall_ms().saturating_sub(self.retention_ms);
-        match self
-            .redis
-            .clone()
-            .append(&self.key, &fields, keep_after)
-            .await
-        {
+        let mut connection = self.connection.lock().await;
+        let appended = match connection.as_mut() {
+            Some(c) => c.append(&self.key, &fields, keep_after).await,
+            None => match self.redis.connect(None).await {
+                Ok(mut c) => {
+                    let appended = c.append(&self.key, &fields, keep_after).await;
+                    *connection = Some(c);
+                    appended
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match appended {
             Ok(_) => {
                 self.stats.published[self.table as usize].fetch_add(1, Ordering::Relaxed);
+                *self.failing_since.lock().expect("clock poisoned") = None;
                 Ok(())
             }
             Err(e) => {
+                *connection = None;
+                self.failing_since
+                    .lock()
+                    .expect("clock poisoned")
+                    .get_or_insert_with(Instant::now);
                 self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
                 Err(SinkError(format!("publishing to Redis: {e}")))
             }
         }
+    }
+
+    /// How long Redis has refused every entry (zero if it took the last one).
+    fn failing_for(&self) -> std::time::Duration {
+        self.failing_since
+            .lock()
+            .expect("clock poisoned")
+            .map_or(std::time::Duration::ZERO, |since| since.elapsed())
     }
 
     /// What Redis has acknowledged of each shard.
@@ -219,15 +245,6 @@ async fn hold(
     mut lease: Lease,
     shutdown: &CancellationToken,
 ) {
-    let connection = match ctx.redis.connect(None).await {
-        Ok(c) => c,
-        Err(e) => {
-            ctx.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(table = %table_name, error = %e, "relay cannot reach Redis; giving the lease up");
-            release(ctx, &lease, "", &BTreeMap::new()).await;
-            return;
-        }
-    };
     let arn = match ctx.streams.latest_stream_arn(table_name).await {
         Ok(Some(arn)) => arn,
         Ok(None) | Err(_) => {
@@ -236,19 +253,23 @@ async fn hold(
             return;
         }
     };
+    // The earlier holder's checkpoints, if it read this stream (an empty map: it saw no
+    // record since it began).
     let resume = match &lease.stream_arn {
-        Some(a) if *a == arn && !lease.checkpoints.is_empty() => lease.checkpoints.clone(),
-        _ => BTreeMap::new(),
+        Some(a) if *a == arn => Some(lease.checkpoints.clone()),
+        _ => None,
     };
     let publisher = Arc::new(Publisher {
-        redis: connection,
+        redis: ctx.redis.clone(),
+        connection: tokio::sync::Mutex::new(None),
         key: stream_key(table_name),
         relay: ctx.me.clone(),
         epoch: lease.epoch,
         table,
         next: AtomicU64::new(1),
         // Shards without news keep their checkpoints through this holder's renewals.
-        positions: Mutex::new(resume.clone()),
+        positions: Mutex::new(resume.clone().unwrap_or_default()),
+        failing_since: Mutex::new(None),
         codec: ctx.codec.clone(),
         retention_ms: ctx.fanout.retention_ms,
         stats: ctx.stats.clone(),
@@ -260,7 +281,7 @@ async fn hold(
         publisher.clone(),
         ctx.tail_stats.clone(),
         ctx.streams_config.clone(),
-        &resume,
+        resume.as_ref(),
     )
     .await;
     let tailer = match started {
@@ -271,7 +292,7 @@ async fn hold(
             return;
         }
     };
-    if resume.is_empty() {
+    if resume.is_none() {
         // What happened on the stream before this relay's LATEST is unknown to the fleet.
         let cause = match &lease.stream_arn {
             Some(a) if *a != arn => FlushCause::StreamReplaced,
@@ -287,6 +308,12 @@ async fn hold(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(period) => {}
+        }
+        // A relay that cannot publish (Redis unreachable from here only, say) gives its
+        // slot to a daemon that may do better; a watermark takes at most a poll round.
+        if publisher.failing_for() >= ctx.fanout.lease() {
+            tracing::warn!(table = %table_name, "relay cannot publish to Redis; giving the lease up");
+            break;
         }
         match ctx
             .leases

@@ -223,21 +223,12 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
         stats: Arc<TailStats>,
         config: StreamsConfig,
     ) -> Result<Tailer<A, S>, StartError> {
-        Self::resume(
-            api,
-            table_name,
-            table,
-            sink,
-            stats,
-            config,
-            &BTreeMap::new(),
-        )
-        .await
+        Self::resume(api, table_name, table, sink, stats, config, None).await
     }
 
-    /// Like [`Tailer::start`], but reads on after `checkpoints` (per shard, the last
-    /// record handed over by an earlier reader of the same stream; see
-    /// [`Shards::resumed`]). Without checkpoints, the same as `start`.
+    /// Like [`Tailer::start`], but with `checkpoints`, reads on from where an earlier
+    /// reader of the same stream stopped: per shard, after the last record it handed
+    /// over (see [`Shards::resumed`]).
     pub async fn resume(
         api: Arc<A>,
         table_name: String,
@@ -245,7 +236,7 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
         sink: Arc<S>,
         stats: Arc<TailStats>,
         config: StreamsConfig,
-        checkpoints: &BTreeMap<String, String>,
+        checkpoints: Option<&BTreeMap<String, String>>,
     ) -> Result<Tailer<A, S>, StartError> {
         let fail = |source| StartError::Api {
             table: table_name.clone(),
@@ -258,7 +249,10 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
             .ok_or_else(|| StartError::NoStream(table_name.clone()))?;
         let listing = list_all(&*api, &arn).await.map_err(fail)?;
         let mut tailer = Tailer {
-            shards: Shards::resumed(&listing, checkpoints),
+            shards: match checkpoints {
+                Some(c) => Shards::resumed(&listing, c),
+                None => Shards::at_start(&listing),
+            },
             next_discovery: Instant::now() + config.discovery_interval(),
             stream_arn: arn,
             api,

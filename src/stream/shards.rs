@@ -89,12 +89,9 @@ impl Shards {
     /// checkpoint, whatever DescribeStream says of them, and their children wait for
     /// them. An open shard without a checkpoint had no record the earlier reader saw, so
     /// it is read from its first record (the earlier reader's LATEST is a moment nobody
-    /// recorded). Without checkpoints this is [`Shards::at_start`].
+    /// recorded).
     pub fn resumed(listing: &[ShardInfo], checkpoints: &BTreeMap<String, String>) -> Shards {
         let mut shards = Shards::at_start(listing);
-        if checkpoints.is_empty() {
-            return shards;
-        }
         for (id, s) in shards.shards.iter_mut() {
             match checkpoints.get(id) {
                 Some(seq) => {
@@ -265,11 +262,10 @@ mod tests {
             shard("quiet", None, false),
             shard("old", None, true),
         ];
-        let none = BTreeMap::new();
-        assert_eq!(
-            reading_from(&Shards::resumed(&listing, &none), "c"),
-            Some(StartAt::Latest)
-        );
+        // The earlier reader saw no record at all: every open shard from its first.
+        let s = Shards::resumed(&listing, &BTreeMap::new());
+        assert_eq!(reading_from(&s, "c"), Some(StartAt::TrimHorizon));
+        assert_eq!(reading_from(&s, "quiet"), Some(StartAt::TrimHorizon));
         // The closed parent was not read to its end: read on after its checkpoint, and
         // its child waits; a shard the earlier reader saw nothing of is read from its
         // first record; a closed one without checkpoint was done.
