@@ -187,7 +187,8 @@ async fn every_dashboard_expression_names_an_exported_metric() {
     }
 }
 
-fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+/// Every `expr` string in a dashboard.
+pub fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, v) in m {
