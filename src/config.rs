@@ -461,7 +461,7 @@ impl Config {
         let f = &self.fanout;
         check(
             "fanout.redis_url",
-            &f.redis_url,
+            redacted(&f.redis_url),
             f.redis_url.is_empty()
                 || ["redis://", "unix://"]
                     .iter()
@@ -516,6 +516,16 @@ impl Config {
             "must be `text` or `json`",
         )?;
         Ok(())
+    }
+}
+
+/// A URL with its credentials (`user:password@`) masked, for messages.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -692,6 +702,18 @@ mod tests {
             e.to_string().starts_with("log.format = xml is not valid"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_named_without_its_password() {
+        let e = Config::load_with_env(
+            None,
+            env(&[("DDBCACHED_FANOUT_REDIS_URL", "http://u:hunter2@h:6379")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("fanout.redis_url = http://***@h:6379"), "{e}");
+        assert!(!e.contains("hunter2"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use ddbcached::cache::{Cache, CacheKey, Cached, KeyVersions};
 use ddbcached::coherence::Coherence;
 use ddbcached::config::{CacheConfig, Config};
 use ddbcached::fleet::consumer::{self, Consuming};
-use ddbcached::fleet::entry::Codec;
+use ddbcached::fleet::entry::{wall_ms, Codec, Entry, Event};
 use ddbcached::fleet::lease::{lease_id, Leases};
 use ddbcached::fleet::transport::{stream_key, Redis};
 use ddbcached::store::KvStore;
@@ -856,4 +856,128 @@ async fn a_real_prometheus_scrapes_a_loaded_fleet_and_every_dashboard_query_has_
         exprs.len()
     );
     prometheus.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_and_garbled_entries_are_gaps_never_proofs() {
+    // No relay: nothing but the entries forged below could make the daemon fresh.
+    let fleet = Fleet::start(1, "relay_eligible = false\nauth_key = \"fleet-secret\"").await;
+    let client = &fleet.clients().await[0];
+    let d = &fleet.config.dynamodb;
+    let mut redis = Redis::open(&fleet.redis.url())
+        .unwrap()
+        .connect(None)
+        .await
+        .unwrap();
+    let kv = stream_key(&d.kv_table);
+    let watermark = |n| Entry::Relay {
+        relay: "forger".into(),
+        epoch: 1,
+        n,
+        sent_ms: wall_ms(),
+        event: Event::Watermark {
+            t_ms: wall_ms() + 3_600_000,
+            shards: BTreeMap::new(),
+        },
+    };
+    let fresh = || async {
+        let (_, detail) = client.health().await.unwrap();
+        !detail.contains("kv and log not proven fresh") && !detail.contains("kv not proven")
+    };
+    assert!(!fresh().await);
+    let bad_entries = || async {
+        total(
+            &scrape(fleet.members[0].metrics).await,
+            "ddbcached_fanout_bad_entries_total",
+            &[],
+        )
+    };
+
+    // Unsigned, signed with another key, and garbage: each refused, counted and flushed.
+    for fields in [
+        Codec::new("").encode(&watermark(1)),
+        Codec::new("guess").encode(&watermark(2)),
+        vec![("e", vec![0xc1, 0x00, 0xff])],
+    ] {
+        redis.append(&kv, &fields, 0).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bad_entries().await < 3.0 {
+        assert!(Instant::now() < deadline, "entries not refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!fresh().await, "a forged watermark was believed");
+    assert_eq!(fleet.flushes(&[0], "bad_entry").await, 3.0);
+
+    // The same watermark signed with the fleet's key is believed: the check above could
+    // have failed.
+    redis
+        .append(&kv, &Codec::new("fleet-secret").encode(&watermark(3)), 0)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, detail) = client.health().await.unwrap();
+        if detail.contains("log not proven fresh") && !detail.contains("kv and log") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{detail}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_paused_past_the_retention_flushes_and_serves_the_news() {
+    let mut fleet = Fleet::start(3, "retention_ms = 2500").await;
+    fleet.wait_until_fresh().await;
+    // A daemon that relays nothing: pausing it stops only its consumer.
+    let held = fleet.kv_relays().await;
+    let mut logs = Vec::new();
+    for m in &fleet.members {
+        let s = scrape(m.metrics).await;
+        logs.push(total(
+            &s,
+            "ddbcached_fanout_leases_held",
+            &["table=\"log\""],
+        ));
+    }
+    let paused = (0..3)
+        .find(|&i| held[i] == 0.0 && logs[i] == 0.0)
+        .expect("two slots per table, three daemons: at least one consumer only");
+    let clients = fleet.clients().await;
+    let ns = name();
+    clients[paused]
+        .kv_put(&ns, b("k"), b("v1"), 1)
+        .await
+        .unwrap();
+    clients[paused].kv_get(&ns, b("k"), None).await.unwrap();
+    // Either way of noticing counts: a skipped entry number (the trim), or the read's
+    // deadline passing while it was paused (a reconnect, which flushes as well).
+    let flushes = async |fleet: &Fleet| {
+        fleet.flushes(&[paused], "gap").await + fleet.flushes(&[paused], "reconnected").await
+    };
+    let before = flushes(&fleet).await;
+
+    fleet.signal(paused, "STOP");
+    fleet
+        .direct_kv()
+        .await
+        .put(&ns, b"k", b("v2"), 2)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    fleet.signal(paused, "CONT");
+
+    // What it missed was trimmed away: it flushed, and serves the news.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while flushes(&fleet).await <= before {
+        assert!(Instant::now() < deadline, "no flush after the trim");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = clients[paused]
+        .kv_get(&ns, b("k"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.value, b("v2"));
 }

@@ -609,6 +609,8 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            // Small stream nodes, so that trimming by age (MINID ~) is nearly exact.
+            .args(["--stream-node-max-entries", "4"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
