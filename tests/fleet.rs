@@ -721,7 +721,6 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-    stop.cancel();
     through.sort();
     around.sort();
     for (what, lags) in [
@@ -736,6 +735,80 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
             lags.len()
         );
     }
+
+    // Costs, without the poller above: an idle window (watermarks only), then a window
+    // of writes through a daemon and around them; what the writes add over idle is
+    // theirs. CPU: the relays' processes, and this process (the simulated consumers).
+    let pids: Vec<u32> = fleet
+        .members
+        .iter()
+        .map(|m| m.process.id().unwrap())
+        .collect();
+    let window = Duration::from_secs(3);
+    let measure = async |load: bool| {
+        let (egress, relay_cpu, consumer_cpu) = (
+            redis_output_bytes(&fleet.redis).await,
+            pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+            cpu_seconds(std::process::id()),
+        );
+        let started = Instant::now();
+        let mut n = 0;
+        while started.elapsed() < window {
+            if load {
+                let key = format!("cost{n}");
+                clients[0].kv_put(&ns, b(&key), b("v"), 1).await.unwrap();
+                direct.put(&ns, key.as_bytes(), b("v"), 2).await.unwrap();
+                n += 2;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (
+            n as f64,
+            (redis_output_bytes(&fleet.redis).await - egress) as f64,
+            pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - relay_cpu,
+            cpu_seconds(std::process::id()) - consumer_cpu,
+        )
+    };
+    let (_, idle_egress, idle_relay, idle_consumer) = measure(false).await;
+    let (n, egress, relay, consumer) = measure(true).await;
+    let per_write = |busy: f64, idle: f64| (busy - idle).max(0.0) / n;
+    eprintln!(
+        "{hosts} simulated hosts, {n} writes: Redis egress {:.0} B per write per host \
+         ({:.0} B/s per host idle); the two daemons' CPU (relaying both tables, serving \
+         half the writes) {:.0} µs per write; a simulated host's consumer CPU {:.1} µs \
+         per write",
+        per_write(egress, idle_egress) / hosts as f64,
+        idle_egress / 3.5 / hosts as f64,
+        per_write(relay, idle_relay) * 1e6,
+        per_write(consumer, idle_consumer) * 1e6 / hosts as f64,
+    );
+    stop.cancel();
+}
+
+/// Bytes Redis has sent to its clients so far.
+async fn redis_output_bytes(server: &RedisServer) -> u64 {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// CPU seconds a process has used (user and system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are the
+    // 12th and 13th, in clock ticks of 1/100 s.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
 }
 
 /// A GET to a loopback HTTP server that may answer in chunks: the body.
