@@ -589,7 +589,7 @@ async fn redis_down_past_the_bound_reads_bypass_then_recover() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn three_daemons_in_fleet_mode_pass_the_consistency_checker() {
+async fn three_daemons_in_fleet_mode_and_writes_around_them_pass_the_consistency_checker() {
     let fleet = Fleet::start(3, "").await;
     fleet.wait_until_fresh().await;
     let d = &fleet.config.dynamodb;
@@ -611,7 +611,7 @@ async fn three_daemons_in_fleet_mode_pass_the_consistency_checker() {
         check.arg("--socket").arg(&m.socket);
     }
     let out = check
-        .args(["--ops", "15000", "--json"])
+        .args(["--ops", "15000", "--around", "2", "--json"])
         .stderr(std::process::Stdio::inherit())
         .output()
         .await
@@ -621,6 +621,8 @@ async fn three_daemons_in_fleet_mode_pass_the_consistency_checker() {
     assert_eq!(report["violation_count"], 0, "{report:#}");
     assert!(out.status.success(), "{report:#}");
     assert_eq!(report["operations"]["total"], 15000);
+    // The writes around the daemons were among those the reads were checked against.
+    assert!(report["operations"]["kv_put_around"].as_u64().unwrap() > 100);
     assert_eq!(report["operations"]["failed_reads"], 0);
 }
 

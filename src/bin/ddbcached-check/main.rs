@@ -63,6 +63,10 @@ struct Args {
     /// Fraction of operations on the indexed store.
     #[arg(long, default_value_t = 0.25)]
     log_fraction: f64,
+    /// Clients writing key-value versions straight to DynamoDB, around every daemon (the
+    /// daemons learn of them only from the stream, or in fleet mode from the relays).
+    #[arg(long, default_value_t = 0)]
+    around: usize,
     /// Seed of the clients' choices (default: random).
     #[arg(long)]
     seed: Option<u64>,
@@ -103,9 +107,16 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let bound = Duration::from_millis(config.cache.max_staleness_ms);
     let seed = args.seed.unwrap_or_else(rand::random);
     let run_id = format!("{:016x}", rand::random::<u64>());
+    let client = dynamodb_client(&config.dynamodb, Default::default()).await;
+    let kv = KvStore::new(
+        client.clone(),
+        config.dynamodb.kv_table.clone(),
+        config.dynamodb.batch_max_attempts,
+    );
     let workload = Workload {
         ops: args.ops,
         clients_per_daemon: args.clients,
+        around: args.around,
         keys: args.keys,
         topics: args.topics,
         write_fraction: args.write_fraction,
@@ -115,6 +126,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     let (history, elapsed) = workload::run(
         &args.sockets,
+        &kv,
         &workload,
         Names {
             run: run_id.clone(),
@@ -130,13 +142,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     // Quiescence: with no writes for the staleness bound, every daemon must have caught up.
     tokio::time::sleep(bound + Duration::from_millis(100)).await;
-    let client = dynamodb_client(&config.dynamodb, Default::default()).await;
     let truth = Truth {
-        kv: KvStore::new(
-            client.clone(),
-            config.dynamodb.kv_table.clone(),
-            config.dynamodb.batch_max_attempts,
-        ),
+        kv,
         log: LogStore::new(
             client,
             config.dynamodb.log_table.clone(),
@@ -289,6 +296,11 @@ impl Report<'_> {
             "operations": {
                 "total": h.operations(),
                 "kv_put": h.kv_writes.len(),
+                "kv_put_around": h
+                    .kv_writes
+                    .iter()
+                    .filter(|w| w.daemon >= self.args.sockets.len())
+                    .count(),
                 "kv_get": h.kv_reads.len(),
                 "log_put": h.log_appends.len(),
                 "log_scan": h.log_reads.len(),

@@ -1,5 +1,7 @@
 //! The clients: on every daemon, `clients` connections, each running one operation at a
-//! time on a small shared set of keys and topics, recording each into the history.
+//! time on a small shared set of keys and topics, recording each into the history; and
+//! optionally clients writing key-value versions straight to DynamoDB, around every
+//! daemon (recorded as writes of a daemon index past the last one).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use ddbcached::store::KvStore;
 use ddbcached_protocol::Client;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -19,6 +22,8 @@ use crate::history::{kv_value, History, KvRead, KvWrite, LogAppend, LogRead, Nan
 pub struct Workload {
     pub ops: u64,
     pub clients_per_daemon: usize,
+    /// Clients writing around the daemons.
+    pub around: usize,
     pub keys: usize,
     pub topics: usize,
     /// Fraction of operations that write.
@@ -69,6 +74,7 @@ impl Shared {
 /// the operations took.
 pub async fn run(
     sockets: &[PathBuf],
+    direct: &KvStore,
     workload: &Workload,
     names: Names,
 ) -> anyhow::Result<(History, Duration)> {
@@ -94,6 +100,16 @@ pub async fn run(
                 StdRng::seed_from_u64(seed),
             ));
         }
+    }
+    for n in 0..workload.around {
+        let seed = workload.seed ^ (u64::MAX - n as u64);
+        tasks.spawn(around_loop(
+            direct.clone(),
+            sockets.len(),
+            shared.clone(),
+            workload.clone(),
+            StdRng::seed_from_u64(seed),
+        ));
     }
     let progress = tokio::spawn(report_progress(shared.clone(), workload.ops));
     let mut history = History::default();
@@ -205,6 +221,44 @@ async fn client_loop(
         if client.is_closed() {
             bail!("daemon {daemon} closed a connection");
         }
+    }
+    Ok(h)
+}
+
+/// A client around the daemons: key-value writes straight to DynamoDB, as `daemon`
+/// (an index no daemon has, so that no read-your-writes rule applies to them).
+async fn around_loop(
+    store: KvStore,
+    daemon: usize,
+    shared: Arc<Shared>,
+    w: Workload,
+    mut rng: StdRng,
+) -> anyhow::Result<History> {
+    let mut h = History::default();
+    let ns = shared.names.namespace();
+    while shared.started_ops.fetch_add(1, Ordering::Relaxed) < w.ops {
+        let k = rng.random_range(0..w.keys);
+        let ts = shared.next_ts.fetch_add(1, Ordering::Relaxed);
+        let start = shared.now();
+        let result = store
+            .put(
+                &ns,
+                &shared.names.key(k),
+                kv_value(&shared.names.run, ts),
+                ts,
+            )
+            .await;
+        let end = shared.now();
+        h.kv_writes.push(KvWrite {
+            key: k,
+            ts,
+            daemon,
+            start,
+            end,
+            acked: result.is_ok(),
+        });
+        // As often as one daemon client writes, roughly.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1..10))).await;
     }
     Ok(h)
 }
