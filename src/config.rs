@@ -208,7 +208,8 @@ impl StreamsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FanoutConfig {
-    /// `redis://host:port` or `unix:///path`; empty: no fleet, this daemon
+    /// `redis://host:port`, `rediss://host:port` (TLS) or `unix:///path`; empty: no
+    /// fleet, this daemon
     /// reads the streams itself (for one or two daemons per table). Credentials belong in
     /// the environment (`DDBCACHED_FANOUT_REDIS_URL`), not in this file.
     pub redis_url: String,
@@ -229,6 +230,9 @@ pub struct FanoutConfig {
     /// Publish the key of every acknowledged write so that the other daemons drop it at
     /// once instead of a poll round later.
     pub write_hints: bool,
+    /// With `rediss://`: the PEM file of the certificate authority that signed Redis's
+    /// certificate; empty: the system's trusted roots.
+    pub tls_ca_file: String,
     /// Shared key authenticating every entry (HMAC-SHA256); empty: entries are not
     /// authenticated, and whoever can write to Redis can claim freshness. Set it from the
     /// environment (`DDBCACHED_FANOUT_AUTH_KEY`).
@@ -245,6 +249,7 @@ impl Default for FanoutConfig {
             clock_skew_ms: 250,
             retention_ms: 600_000,
             write_hints: true,
+            tls_ca_file: String::new(),
             auth_key: String::new(),
         }
     }
@@ -463,10 +468,10 @@ impl Config {
             "fanout.redis_url",
             redacted(&f.redis_url),
             f.redis_url.is_empty()
-                || ["redis://", "unix://"]
+                || ["redis://", "rediss://", "unix://"]
                     .iter()
                     .any(|scheme| f.redis_url.starts_with(scheme)),
-            "must be empty or start with redis:// or unix:// (TLS, rediss://, is not supported yet)",
+            "must be empty or start with redis://, rediss:// or unix://",
         )?;
         check(
             "fanout.relay_slots",

@@ -50,6 +50,11 @@ impl Fleet {
     /// Creates tables for it and starts `n` daemons with `extra` configuration lines in
     /// their `[fanout]` section.
     async fn start(n: usize, extra: &str) -> Fleet {
+        Fleet::start_on(RedisServer::start().await, n, extra).await
+    }
+
+    /// The same on a given Redis.
+    async fn start_on(redis: RedisServer, n: usize, extra: &str) -> Fleet {
         let mut config = dynamo_config(endpoint());
         // Short enough for DynamoDB's 255 characters with any suffix.
         let prefix: String = name().chars().take(24).collect();
@@ -62,7 +67,7 @@ impl Fleet {
             .unwrap();
         let mut fleet = Fleet {
             config,
-            redis: RedisServer::start().await,
+            redis,
             members: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
         };
@@ -83,11 +88,12 @@ impl Fleet {
             "[dynamodb]\nkv_table = {:?}\nlog_table = {:?}\nlease_table = {:?}\n\
              [streams]\npoll_interval_ms = 100\n\
              [metrics]\nlisten = \"{metrics}\"\n\
-             [fanout]\nredis_url = {:?}\nlease_ms = 1500\n{extra}\n",
+             [fanout]\nredis_url = {:?}\ntls_ca_file = {:?}\nlease_ms = 1500\n{extra}\n",
             d.kv_table,
             d.log_table,
             d.lease_table,
             self.redis.url(),
+            self.redis.ca_file(),
         );
         let (process, socket) = spawn_daemon(&dir, &toml).await;
         self.members.push(Member {
@@ -650,7 +656,7 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
     let clients = fleet.clients().await;
     let direct = fleet.direct_kv().await;
     let d = &fleet.config.dynamodb;
-    let redis = Redis::open(&fleet.redis.url()).unwrap();
+    let redis = Redis::open(&fleet.redis.url(), "").unwrap();
     let keys = [stream_key(&d.kv_table), stream_key(&d.log_table)];
     let stop = CancellationToken::new();
     let mut sims = Vec::new();
@@ -939,7 +945,7 @@ async fn forged_and_garbled_entries_are_gaps_never_proofs() {
     let fleet = Fleet::start(1, "relay_eligible = false\nauth_key = \"fleet-secret\"").await;
     let client = &fleet.clients().await[0];
     let d = &fleet.config.dynamodb;
-    let mut redis = Redis::open(&fleet.redis.url())
+    let mut redis = Redis::open(&fleet.redis.url(), "")
         .unwrap()
         .connect(None)
         .await
@@ -1055,4 +1061,33 @@ async fn a_consumer_paused_past_the_retention_flushes_and_serves_the_news() {
         .unwrap()
         .unwrap();
     assert_eq!(got.value, b("v2"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_over_tls_relays_and_hints() {
+    let fleet = Fleet::start_on(RedisServer::start_tls().await, 2, "").await;
+    assert!(fleet.redis.url().starts_with("rediss://"));
+    fleet.wait_until_fresh().await;
+    let clients = fleet.clients().await;
+    let ns = name();
+    clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
+    assert!(seen_within(&clients[1], &ns, "k", "v1", BOUND)
+        .await
+        .is_some());
+    clients[0].kv_put(&ns, b("k"), b("v2"), 2).await.unwrap();
+    assert!(seen_within(&clients[1], &ns, "k", "v2", BOUND)
+        .await
+        .is_some());
+    fleet
+        .direct_kv()
+        .await
+        .put(&ns, b"k", b("v3"), 3)
+        .await
+        .unwrap();
+    for c in &clients {
+        assert!(seen_within(c, &ns, "k", "v3", BOUND).await.is_some());
+    }
+    let s = scrape(fleet.members[1].metrics).await;
+    assert!(total(&s, "ddbcached_fanout_consumed_total", &[]) > 0.0);
+    assert_eq!(total(&s, "ddbcached_fanout_redis_errors_total", &[]), 0.0);
 }

@@ -197,7 +197,7 @@ pub async fn start(
     stop: CancellationToken,
 ) -> Result<Fleet, StartError> {
     let me = daemon_id();
-    let redis = Redis::open(&parts.fanout.redis_url)?;
+    let redis = Redis::open(&parts.fanout.redis_url, &parts.fanout.tls_ca_file)?;
     let codec = Codec::new(&parts.fanout.auth_key);
     let stats = parts.stats;
     let keys = parts.tables.clone().map(|t| stream_key(&t));

@@ -1,5 +1,6 @@
 //! Redis, as fleet mode uses it: one stream per table, entries appended with XADD (and
-//! trimmed by age on the way), read with a blocking XREAD on a connection of its own.
+//! trimmed by age on the way), read with a blocking XREAD on a connection of its own;
+//! over TCP, TLS (rustls) or a Unix socket.
 //! Every call has a deadline: a Redis that stops answering is an error here, never a
 //! hang.
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamRangeReply, StreamReadReply};
-use redis::{AsyncConnectionConfig, RedisResult, Value};
+use redis::{AsyncConnectionConfig, RedisResult, TlsCertificates, Value};
 
 /// Time to connect, and to answer any call but a blocking read.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -32,11 +33,22 @@ pub struct StreamEntry {
 }
 
 impl Redis {
-    /// Checks the URL; connects only when asked.
-    pub fn open(url: &str) -> RedisResult<Redis> {
-        Ok(Redis {
-            client: redis::Client::open(url)?,
-        })
+    /// Checks the URL (and reads `tls_ca_file`, a PEM file, for `rediss://`; empty: the
+    /// system's roots); connects only when asked.
+    pub fn open(url: &str, tls_ca_file: &str) -> RedisResult<Redis> {
+        let client = if url.starts_with("rediss://") && !tls_ca_file.is_empty() {
+            let root_cert = Some(std::fs::read(tls_ca_file)?);
+            redis::Client::build_with_tls(
+                url,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert,
+                },
+            )?
+        } else {
+            redis::Client::open(url)?
+        };
+        Ok(Redis { client })
     }
 
     /// A new connection whose calls may take up to `reply_within` (a blocking read's
