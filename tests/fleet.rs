@@ -1,7 +1,7 @@
 //! Fleet mode on real parts: DynamoDB Local, a real `redis-server`, and daemon processes
 //! on tables of their own (so that their leases and streams are theirs alone).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::harness::{
     dynamo_config, endpoint, free_port, http_get, name, spawn_daemon, RedisServer,
 };
-use crate::ops::collect_exprs;
+use crate::ops::{collect_exprs, samples};
 
 /// The staleness bound the fleets here run with (the default).
 const BOUND: Duration = Duration::from_millis(2000);
@@ -75,6 +75,20 @@ impl Fleet {
             fleet.add(extra).await;
         }
         fleet
+    }
+
+    /// A fresh fleet of `n` daemons in which key `k` holds `v1` and every daemon has
+    /// read it: the clients and the namespace.
+    async fn with_cached_key(n: usize, extra: &str) -> (Fleet, Vec<Client>, String) {
+        let fleet = Fleet::start(n, extra).await;
+        fleet.wait_until_fresh().await;
+        let clients = fleet.clients().await;
+        let ns = name();
+        clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
+        for c in &clients {
+            c.kv_get(&ns, b("k"), None).await.unwrap();
+        }
+        (fleet, clients, ns)
     }
 
     /// Starts one more daemon.
@@ -139,19 +153,12 @@ impl Fleet {
 }
 
 /// One daemon's samples, by metric name with labels (`name{a="b",...}`).
-async fn scrape(addr: std::net::SocketAddr) -> HashMap<String, f64> {
-    let (_, body) = http_get(addr, "/metrics").await;
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
+async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
+    samples(&http_get(addr, "/metrics").await.1)
 }
 
 /// The sum of a metric's samples whose labels contain every one of `labels`.
-fn total(samples: &HashMap<String, f64>, metric: &str, labels: &[&str]) -> f64 {
+fn total(samples: &BTreeMap<String, f64>, metric: &str, labels: &[&str]) -> f64 {
     samples
         .iter()
         .filter(|(k, _)| {
@@ -244,6 +251,18 @@ async fn four_daemons_two_relays_per_table_and_every_write_seen_everywhere() {
     // The cache was in use (under a loaded machine a daemon may bypass for a moment).
     assert!(hits > 0.0, "no read was served from the cache");
     assert_eq!(relays, [2.0, 2.0], "two relay leases held per table");
+    // Health says each daemon's role.
+    let mut roles = Vec::new();
+    for c in &clients {
+        let (ready, detail) = c.health().await.unwrap();
+        assert!(ready);
+        roles.push(detail);
+    }
+    assert!(
+        roles.iter().all(|d| d.contains("fleet mode (kv: ")),
+        "{roles:?}"
+    );
+    assert!(roles.iter().any(|d| d.contains("kv: relay")), "{roles:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -405,19 +424,9 @@ async fn write_around_and_watch(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_slot_a_killed_relay_is_replaced_and_nothing_stale_is_served_meanwhile() {
-    let mut fleet = Fleet::start(3, "relay_slots = 1").await;
-    fleet.wait_until_fresh().await;
+    let (mut fleet, clients, ns) = Fleet::with_cached_key(3, "relay_slots = 1").await;
     let relay = fleet.a_kv_relay().await;
     let others: Vec<usize> = (0..3).filter(|i| *i != relay).collect();
-    let clients = fleet.clients().await;
-    let ns = name();
-    clients[others[0]]
-        .kv_put(&ns, b("k"), b("v1"), 1)
-        .await
-        .unwrap();
-    for &i in &others {
-        clients[i].kv_get(&ns, b("k"), None).await.unwrap();
-    }
 
     let resets = fleet.flushes(&others, "no_checkpoint").await;
     fleet.signal(relay, "KILL");
@@ -458,16 +467,9 @@ async fn one_slot_a_killed_relay_is_replaced_and_nothing_stale_is_served_meanwhi
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_slots_the_other_relay_keeps_the_fleet_fresh() {
-    let mut fleet = Fleet::start(4, "").await;
-    fleet.wait_until_fresh().await;
+    let (mut fleet, clients, ns) = Fleet::with_cached_key(4, "").await;
     let relay = fleet.a_kv_relay().await;
     let others: Vec<usize> = (0..4).filter(|i| *i != relay).collect();
-    let clients = fleet.clients().await;
-    let ns = name();
-    clients[others[0]]
-        .kv_put(&ns, b("k"), b("v1"), 1)
-        .await
-        .unwrap();
     fleet.signal(relay, "KILL");
     let watching: Vec<&Client> = others.iter().map(|&i| &clients[i]).collect();
     // Seen through the surviving relay well within the bound, with no bypass.
@@ -481,16 +483,9 @@ async fn two_slots_the_other_relay_keeps_the_fleet_fresh() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_zombie_relay_cannot_move_the_checkpoint_and_changes_nothing() {
-    let mut fleet = Fleet::start(3, "relay_slots = 1").await;
-    fleet.wait_until_fresh().await;
+    let (mut fleet, clients, ns) = Fleet::with_cached_key(3, "relay_slots = 1").await;
     let relay = fleet.a_kv_relay().await;
     let others: Vec<usize> = (0..3).filter(|i| *i != relay).collect();
-    let clients = fleet.clients().await;
-    let ns = name();
-    clients[others[0]]
-        .kv_put(&ns, b("k"), b("v1"), 1)
-        .await
-        .unwrap();
 
     fleet.signal(relay, "STOP");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -537,15 +532,8 @@ impl Fleet {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_restarted_empty_every_daemon_flushes_and_recovers() {
-    let mut fleet = Fleet::start(3, "").await;
-    fleet.wait_until_fresh().await;
-    let clients = fleet.clients().await;
+    let (mut fleet, clients, ns) = Fleet::with_cached_key(3, "").await;
     let all: Vec<usize> = (0..3).collect();
-    let ns = name();
-    clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
-    for c in &clients {
-        c.kv_get(&ns, b("k"), None).await.unwrap();
-    }
     let before = fleet.flushes(&all, "reconnected").await;
     fleet.redis.kill();
     fleet.redis.restart().await;
@@ -561,14 +549,7 @@ async fn redis_restarted_empty_every_daemon_flushes_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_down_past_the_bound_reads_bypass_then_recover() {
-    let mut fleet = Fleet::start(3, "").await;
-    fleet.wait_until_fresh().await;
-    let clients = fleet.clients().await;
-    let ns = name();
-    clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
-    for c in &clients {
-        c.kv_get(&ns, b("k"), None).await.unwrap();
-    }
+    let (mut fleet, clients, ns) = Fleet::with_cached_key(3, "").await;
     fleet.redis.kill();
     // Nothing invalidates now: the write around is seen only by bypassing.
     let watching: Vec<&Client> = clients.iter().collect();
@@ -747,16 +728,14 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
     // Costs, without the poller above: an idle window (watermarks only), then a window
     // of writes through a daemon and around them; what the writes add over idle is
     // theirs. CPU: the relays' processes, and this process (the simulated consumers).
-    let pids: Vec<u32> = fleet
-        .members
-        .iter()
-        .map(|m| m.process.id().unwrap())
-        .collect();
+    // Daemon 1 serves none of the writes: it only relays (both tables, like daemon 0)
+    // and consumes.
+    let relay_pid = fleet.members[1].process.id().unwrap();
     let window = Duration::from_secs(3);
     let measure = async |load: bool| {
         let (egress, relay_cpu, consumer_cpu) = (
             redis_output_bytes(&fleet.redis).await,
-            pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+            cpu_seconds(relay_pid),
             cpu_seconds(std::process::id()),
         );
         let started = Instant::now();
@@ -774,7 +753,7 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
         (
             n as f64,
             (redis_output_bytes(&fleet.redis).await - egress) as f64,
-            pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - relay_cpu,
+            cpu_seconds(relay_pid) - relay_cpu,
             cpu_seconds(std::process::id()) - consumer_cpu,
         )
     };
@@ -783,12 +762,12 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
     let per_write = |busy: f64, idle: f64| (busy - idle).max(0.0) / n;
     eprintln!(
         "{hosts} simulated hosts, {n} writes: Redis egress {:.0} B per write per host \
-         ({:.0} B/s per host idle); the two daemons' CPU (relaying both tables, serving \
-         half the writes) {:.0} µs per write; a simulated host's consumer CPU {:.1} µs \
-         per write",
+         ({:.0} B/s per host idle); a relay's CPU (its own consumer included) {:.0} µs per \
+         write ({:.1} ms/s idle); a simulated host's consumer CPU {:.1} µs per write",
         per_write(egress, idle_egress) / hosts as f64,
         idle_egress / 3.5 / hosts as f64,
         per_write(relay, idle_relay) * 1e6,
+        idle_relay / 3.5 * 1e3,
         per_write(consumer, idle_consumer) * 1e6 / hosts as f64,
     );
     stop.cancel();

@@ -16,7 +16,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::harness::{dynamo_config, field, http_get, msgpack_map, name, Daemon, Raw, Val};
 
 /// Exposition samples: `name{labels}` -> value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
+pub fn samples(text: &str) -> BTreeMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| {
