@@ -243,6 +243,9 @@ impl Service {
         let tasks = TaskTracker::new();
         let parts = fleet::Parts {
             fanout: config.fanout.clone(),
+            // A quarter of the bound: proofs arrive often enough that a reader never
+            // bypasses while the relays keep up, and not every poll round.
+            watermark_every: Duration::from_millis(config.cache.max_staleness_ms / 4),
             streams_config: self.streams_config.clone(),
             tables: self.tables.clone(),
             leases: Leases::new(self.dynamodb.clone(), config.dynamodb.lease_table.clone()),

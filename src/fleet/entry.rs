@@ -93,6 +93,7 @@ pub enum Fact {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         ts: i64,
+        #[serde(with = "serde_bytes")]
         digest: Option<Digest>,
     },
     KvUnknown {
@@ -104,6 +105,7 @@ pub enum Fact {
     LogEntry {
         topic: String,
         index: i64,
+        #[serde(with = "serde_bytes")]
         digest: Option<Digest>,
     },
     LogCounter {
@@ -316,6 +318,9 @@ mod tests {
         let codec = Codec::new("");
         let fields = codec.encode(&batch());
         assert_eq!(fields.len(), 1, "unsigned");
+        // The digest travels as 16 raw bytes (MessagePack bin), not as 16 integers.
+        let d = crate::stream::change::digest(b"v");
+        assert!(fields[0].1.windows(16).any(|w| w == d));
         let back = decode(&codec, &fields).unwrap();
         assert_eq!(back, batch());
         let Entry::Relay {

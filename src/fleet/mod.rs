@@ -160,6 +160,8 @@ pub struct Fleet {
 /// What fleet mode is built from.
 pub struct Parts {
     pub fanout: FanoutConfig,
+    /// The least time between two watermarks of a relay.
+    pub watermark_every: std::time::Duration,
     pub streams_config: StreamsConfig,
     pub tables: [String; 2],
     pub leases: Leases,
@@ -230,6 +232,7 @@ pub async fn start(
             tail_stats: parts.tail_stats,
             streams_config: parts.streams_config,
             fanout: parts.fanout.clone(),
+            watermark_every: parts.watermark_every,
             codec: codec.clone(),
             stats: stats.clone(),
         });

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,10 @@ pub struct Publisher {
     positions: Mutex<BTreeMap<String, String>>,
     /// Since when Redis has refused every entry (`None`: it took the last one).
     failing_since: Mutex<Option<Instant>>,
+    /// The least time between two watermarks, and when the last one was published: a
+    /// quiet table needs no proof every poll round, and every host receives each one.
+    watermark_every: Duration,
+    last_watermark: Mutex<Option<Instant>>,
     codec: Codec,
     retention_ms: u64,
     stats: Arc<FleetStats>,
@@ -92,11 +97,11 @@ impl Publisher {
     }
 
     /// How long Redis has refused every entry (zero if it took the last one).
-    fn failing_for(&self) -> std::time::Duration {
+    fn failing_for(&self) -> Duration {
         self.failing_since
             .lock()
             .expect("clock poisoned")
-            .map_or(std::time::Duration::ZERO, |since| since.elapsed())
+            .map_or(Duration::ZERO, |since| since.elapsed())
     }
 
     /// What Redis has acknowledged of each shard.
@@ -150,9 +155,17 @@ impl Sink for Publisher {
                 .await?;
             }
             Seen::CaughtUp(Some(at)) => {
-                let t_ms = wall_ms().saturating_sub(at.elapsed().as_millis() as u64);
-                let shards = self.positions();
-                self.publish(Event::Watermark { t_ms, shards }).await?;
+                let due = self
+                    .last_watermark
+                    .lock()
+                    .expect("clock poisoned")
+                    .is_none_or(|last| last.elapsed() >= self.watermark_every);
+                if due {
+                    let t_ms = wall_ms().saturating_sub(at.elapsed().as_millis() as u64);
+                    let shards = self.positions();
+                    self.publish(Event::Watermark { t_ms, shards }).await?;
+                    *self.last_watermark.lock().expect("clock poisoned") = Some(Instant::now());
+                }
             }
             Seen::CaughtUp(None) => {}
         }
@@ -169,6 +182,8 @@ pub struct Relaying {
     pub tail_stats: Arc<TailStats>,
     pub streams_config: StreamsConfig,
     pub fanout: FanoutConfig,
+    /// The least time between two watermarks of a relay.
+    pub watermark_every: Duration,
     pub codec: Codec,
     pub stats: Arc<FleetStats>,
 }
@@ -249,7 +264,7 @@ async fn hold(
         Ok(Some(arn)) => arn,
         Ok(None) | Err(_) => {
             tracing::warn!(table = %table_name, "relay cannot read the table's stream; giving the lease up");
-            release(ctx, &lease, "", &BTreeMap::new()).await;
+            release(ctx, &lease, None).await;
             return;
         }
     };
@@ -270,6 +285,8 @@ async fn hold(
         // Shards without news keep their checkpoints through this holder's renewals.
         positions: Mutex::new(resume.clone().unwrap_or_default()),
         failing_since: Mutex::new(None),
+        watermark_every: ctx.watermark_every,
+        last_watermark: Mutex::new(None),
         codec: ctx.codec.clone(),
         retention_ms: ctx.fanout.retention_ms,
         stats: ctx.stats.clone(),
@@ -288,7 +305,7 @@ async fn hold(
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(table = %table_name, error = %e, "relay cannot start tailing; giving the lease up");
-            release(ctx, &lease, &arn, &BTreeMap::new()).await;
+            release(ctx, &lease, None).await;
             return;
         }
     };
@@ -343,22 +360,21 @@ async fn hold(
     }
     stop.cancel();
     let _ = reading.await;
-    release(ctx, &lease, &arn, &publisher.positions()).await;
+    release(ctx, &lease, Some((&arn, &publisher.positions()))).await;
 }
 
-/// Gives the lease up with its final checkpoints, so that another daemon takes it at
-/// once instead of after `lease_ms`.
-async fn release(ctx: &Relaying, lease: &Lease, arn: &str, checkpoints: &BTreeMap<String, String>) {
-    let checkpoints = if arn.is_empty() {
-        &lease.checkpoints
-    } else {
-        checkpoints
-    };
-    let arn = if arn.is_empty() {
-        lease.stream_arn.as_deref().unwrap_or_default()
-    } else {
-        arn
-    };
+/// Gives the lease up, so that another daemon takes it at once instead of after
+/// `lease_ms`: with `progress` (the stream read and the checkpoints reached), or as it
+/// was when nothing was read.
+async fn release(
+    ctx: &Relaying,
+    lease: &Lease,
+    progress: Option<(&str, &BTreeMap<String, String>)>,
+) {
+    let (arn, checkpoints) = progress.unwrap_or((
+        lease.stream_arn.as_deref().unwrap_or_default(),
+        &lease.checkpoints,
+    ));
     if let Err(e) = ctx.leases.renew(lease, arn, checkpoints, true).await {
         tracing::debug!(lease = %lease.id, error = %e, "releasing the relay lease failed");
     }
