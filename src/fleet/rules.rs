@@ -33,6 +33,10 @@ use crate::cache::CacheKey;
 use crate::fleet::entry::{Entry, Event, Fact, Prev};
 use crate::stream::FlushCause;
 
+/// Relay incarnations remembered (each restart or take-over is a new one); past this the
+/// oldest are forgotten, so that a long-lived consumer does not grow with them.
+const RELAYS_REMEMBERED: usize = 64;
+
 /// What the consumer must do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -51,8 +55,11 @@ pub enum Action {
 pub struct Rules {
     /// This daemon's id: its own hints are skipped.
     me: String,
-    /// Per relay: the newest epoch seen and the last number of it.
-    relays: HashMap<String, (u64, u64)>,
+    /// Per relay: the newest epoch seen, the last number of it, and when it was last
+    /// heard from (in entries read).
+    relays: HashMap<String, (u64, u64, u64)>,
+    /// Entries read, the clock of `relays`.
+    read: u64,
     /// Per shard: the furthest sequence number known published.
     shards: HashMap<String, String>,
     /// The newest watermark time accepted.
@@ -69,6 +76,7 @@ impl Rules {
         Rules {
             me: me.into(),
             relays: HashMap::new(),
+            read: 0,
             shards: HashMap::new(),
             fresh_ms: None,
         }
@@ -102,15 +110,16 @@ impl Rules {
                 event,
                 ..
             } => {
+                self.read += 1;
                 match self.relays.get(&relay) {
-                    Some(&(newest, _)) if epoch < newest => {
+                    Some(&(newest, _, _)) if epoch < newest => {
                         // A deposed relay's late entry: a fact still, but it proves nothing.
                         if let Event::Batch { facts, .. } = event {
                             out.push(Action::Apply(facts));
                         }
                         return;
                     }
-                    Some(&(newest, last)) if epoch == newest => {
+                    Some(&(newest, last, _)) if epoch == newest => {
                         if n <= last {
                             return;
                         }
@@ -120,7 +129,19 @@ impl Rules {
                     }
                     _ => {}
                 }
-                self.relays.insert(relay, (epoch, n));
+                self.relays.insert(relay, (epoch, n, self.read));
+                if self.relays.len() > RELAYS_REMEMBERED {
+                    // A forgotten relay's next entry starts a new sequence: one number
+                    // goes unchecked, the positions still are.
+                    let oldest = self
+                        .relays
+                        .iter()
+                        .min_by_key(|(_, &(_, _, heard))| heard)
+                        .map(|(r, _)| r.clone());
+                    if let Some(r) = oldest {
+                        self.relays.remove(&r);
+                    }
+                }
                 self.event(event, out);
             }
         }
@@ -484,6 +505,26 @@ mod tests {
         };
         rules.entry(entry(1, 10, batch), &mut out);
         assert_eq!(out, vec![Action::Apply(vec![fact(1)])]);
+    }
+
+    #[test]
+    fn relay_incarnations_are_remembered_up_to_a_bound() {
+        let mut rules = Rules::new("me");
+        let mut out = Vec::new();
+        for r in 0..1000 {
+            rules.entry(
+                Entry::Relay {
+                    relay: format!("r{r}"),
+                    epoch: 1,
+                    n: 1,
+                    sent_ms: 0,
+                    event: Event::End { shard: "s".into() },
+                },
+                &mut out,
+            );
+        }
+        assert_eq!(rules.relays.len(), RELAYS_REMEMBERED);
+        assert!(rules.relays.contains_key("r999"), "the newest is kept");
     }
 
     #[test]
