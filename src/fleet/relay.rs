@@ -10,7 +10,10 @@
 //! saw no record of from their first record; a lease never renewed on this stream (new,
 //! or of a replaced stream) starts from LATEST after publishing a reset, since what
 //! happened before is unknown. A relay that cannot renew within `lease_ms` stops
-//! reading, as the others may have taken its slot by then.
+//! reading, as the others may have taken its slot by then; one whose entries Redis has
+//! refused for that long gives the lease up to a daemon that may reach Redis better.
+//! Watermarks go out at most every quarter of the staleness bound: every host receives
+//! each one, and a quiet table needs no proof every poll round.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
