@@ -182,10 +182,11 @@ impl Coherence {
         content: &[u8],
         write: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        self.note_write(item.clone(), content);
+        let digest = digest(content);
+        self.note_digest(item.clone(), digest);
         let result = write.await;
         match &result {
-            Ok(_) => self.note_write(item, content),
+            Ok(_) => self.note_digest(item, digest),
             Err(_) => self.forget_write(&item),
         }
         result
@@ -194,7 +195,10 @@ impl Coherence {
     /// Remembers an acknowledged write of `content` (a value, or a counter's bytes), to
     /// recognise its record when it comes back and to time it.
     pub fn note_write(&self, item: ItemKey, content: &[u8]) {
-        let digest = digest(content);
+        self.note_digest(item, digest(content));
+    }
+
+    fn note_digest(&self, item: ItemKey, digest: Digest) {
         let mut e = self.echoes.lock().expect("echo map poisoned");
         if e.written
             .insert(item.clone(), (Instant::now(), digest))
