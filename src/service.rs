@@ -681,23 +681,24 @@ impl Service {
         result: &Result<T, StoreError>,
         change: impl FnOnce(&T, Option<Cached>) -> Option<Cached>,
     ) {
-        let hint = self.fleet.get().and_then(|f| f.hints.as_ref());
+        let refused = matches!(
+            result,
+            Err(StoreError::InvalidArgument(_) | StoreError::ItemTooLarge { .. })
+        );
+        // In fleet mode the other daemons drop the key too, unless it surely did not change.
+        if let Some(hints) = self.fleet.get().and_then(|f| f.hints.as_ref()) {
+            if !refused {
+                hints.publish(key.clone());
+            }
+        }
         match result {
             Ok(done) => {
-                if let Some(hints) = hint {
-                    hints.publish(key.clone());
-                }
                 self.cache
                     .update(key, |current| change(done, current))
                     .await
             }
-            Err(StoreError::InvalidArgument(_) | StoreError::ItemTooLarge { .. }) => {}
-            Err(_) => {
-                if let Some(hints) = hint {
-                    hints.publish(key.clone());
-                }
-                self.cache.invalidate(key).await
-            }
+            Err(_) if refused => {}
+            Err(_) => self.cache.invalidate(key).await,
         }
     }
 
