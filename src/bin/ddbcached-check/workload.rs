@@ -181,20 +181,11 @@ async fn client_loop(
             let k = rng.random_range(0..w.keys);
             let key = shared.names.key(k);
             if write {
-                let ts = shared.next_ts.fetch_add(1, Ordering::Relaxed);
-                let start = shared.now();
-                let result = client
-                    .kv_put(&ns, key, kv_value(&shared.names.run, ts), ts)
-                    .await;
-                let end = shared.now();
-                h.kv_writes.push(KvWrite {
-                    key: k,
-                    ts,
-                    daemon,
-                    start,
-                    end,
-                    acked: result.is_ok(),
+                let (client, ns) = (&client, &ns);
+                let write = kv_write(&shared, k, daemon, |ts, value| async move {
+                    client.kv_put(ns, key, value, ts).await.is_ok()
                 });
+                h.kv_writes.push(write.await);
             } else {
                 // One read in four asks for the newest version up to a past timestamp.
                 let before = rng
@@ -238,29 +229,37 @@ async fn around_loop(
     let ns = shared.names.namespace();
     while shared.started_ops.fetch_add(1, Ordering::Relaxed) < w.ops {
         let k = rng.random_range(0..w.keys);
-        let ts = shared.next_ts.fetch_add(1, Ordering::Relaxed);
-        let start = shared.now();
-        let result = store
-            .put(
-                &ns,
-                &shared.names.key(k),
-                kv_value(&shared.names.run, ts),
-                ts,
-            )
-            .await;
-        let end = shared.now();
-        h.kv_writes.push(KvWrite {
-            key: k,
-            ts,
-            daemon,
-            start,
-            end,
-            acked: result.is_ok(),
+        let key = shared.names.key(k);
+        let (store, ns, key) = (&store, &ns, &key);
+        let write = kv_write(&shared, k, daemon, |ts, value| async move {
+            store.put(ns, key, value, ts).await.is_ok()
         });
+        h.kv_writes.push(write.await);
         // As often as one daemon client writes, roughly.
         tokio::time::sleep(Duration::from_millis(rng.random_range(1..10))).await;
     }
     Ok(h)
+}
+
+/// A put of key `k` at the next timestamp with its run's value, made by `put` (which says
+/// whether it was acknowledged) and timed.
+async fn kv_write<F: std::future::Future<Output = bool>>(
+    shared: &Shared,
+    k: usize,
+    daemon: usize,
+    put: impl FnOnce(i64, Bytes) -> F,
+) -> KvWrite {
+    let ts = shared.next_ts.fetch_add(1, Ordering::Relaxed);
+    let start = shared.now();
+    let acked = put(ts, kv_value(&shared.names.run, ts)).await;
+    KvWrite {
+        key: k,
+        ts,
+        daemon,
+        start,
+        end: shared.now(),
+        acked,
+    }
 }
 
 /// A progress line on stderr every ten seconds, for long runs.
