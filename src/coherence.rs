@@ -29,6 +29,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -134,7 +135,11 @@ impl Coherence {
     pub fn new(cache: Arc<Cache>, max_staleness_ms: u64, lag: metrics::Histogram) -> Coherence {
         Coherence {
             cache,
-            clock: Instant::now(),
+            // Set back by the bound, so that any proof still within it can be represented
+            // (one older than the origin is stale anyway).
+            clock: Instant::now()
+                .checked_sub(Duration::from_millis(max_staleness_ms))
+                .unwrap_or_else(Instant::now),
             max_staleness_ms,
             fresh_as_of_ms: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
             bypassing: [AtomicBool::new(true), AtomicBool::new(true)],
@@ -295,7 +300,7 @@ impl Coherence {
 
     /// Every change of `table` made before `as_of` has been applied (`None`: not proven).
     pub fn fresh_as_of(&self, table: Table, as_of: Option<Instant>) {
-        // A proof older than this module's clock cannot be represented: none, then.
+        // A proof older than this module's clock (set back by the bound) is stale anyway.
         let ms = as_of
             .and_then(|at| at.checked_duration_since(self.clock))
             .map_or(u64::MAX, |since| since.as_millis() as u64);

@@ -15,6 +15,7 @@ use ddbcached::fleet::entry::{wall_ms, Codec, Entry, Event};
 use ddbcached::fleet::lease::{lease_id, Leases};
 use ddbcached::fleet::transport::{stream_key, Redis};
 use ddbcached::store::KvStore;
+use ddbcached::stream::{FlushCause, Table};
 use ddbcached::{aws, tables};
 use ddbcached_protocol::Client;
 use tokio::process::Child;
@@ -1096,4 +1097,73 @@ async fn a_fleet_over_tls_relays_and_hints() {
     let s = scrape(fleet.members[1].metrics).await;
     assert!(total(&s, "ddbcached_fanout_consumed_total", &[]) > 0.0);
     assert_eq!(total(&s, "ddbcached_fanout_redis_errors_total", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_repeat() {
+    // The daemon's consumer code against a real Redis, fed by this test as the relay, so
+    // that which entries exist is up to the test.
+    let redis_server = RedisServer::start().await;
+    let redis = Redis::open(&redis_server.url(), "").unwrap();
+    let table = format!("t{}", name().chars().take(12).collect::<String>());
+    let keys = [
+        stream_key(&format!("{table}_kv")),
+        stream_key(&format!("{table}_log")),
+    ];
+    let cache = Arc::new(Cache::new(&CacheConfig::default()));
+    let coherence = Arc::new(Coherence::new(cache, 2000, metrics::Histogram::noop()));
+    let ctx = Arc::new(Consuming {
+        me: "consumer".into(),
+        redis: redis.clone(),
+        codec: Codec::new(""),
+        coherence: coherence.clone(),
+        keys: keys.clone(),
+        clock_skew_ms: 250,
+        stats: Arc::default(),
+        fanout_lag: metrics::Histogram::noop(),
+        hint_lag: metrics::Histogram::noop(),
+    });
+    let stop = CancellationToken::new();
+    let start = consumer::position(&ctx).await.unwrap();
+    tokio::spawn(consumer::run(ctx, Some(start), stop.clone()));
+
+    let mut relay = redis.connect(None).await.unwrap();
+    let mut publish = async |n: u64| {
+        let entry = Entry::Relay {
+            relay: "relay".into(),
+            epoch: 1,
+            n,
+            sent_ms: wall_ms(),
+            event: Event::Watermark {
+                t_ms: wall_ms(),
+                shards: BTreeMap::new(),
+            },
+        };
+        relay
+            .append(&keys[0], &Codec::new("").encode(&entry), 0)
+            .await
+            .unwrap();
+    };
+    let gaps = || coherence.snapshot().flushes[FlushCause::Gap as usize];
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+
+    publish(1).await;
+    publish(2).await;
+    publish(2).await; // a repeat: ignored
+    settle().await;
+    assert_eq!(gaps(), 0);
+    assert!(
+        !coherence.must_bypass(Table::Kv),
+        "the watermarks made it fresh"
+    );
+    publish(4).await; // 3 never arrives
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gaps() == 0 {
+        assert!(Instant::now() < deadline, "the skipped number was not seen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    publish(5).await;
+    settle().await;
+    assert_eq!(gaps(), 1, "one gap, one flush");
+    stop.cancel();
 }
