@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use ddbcached::fleet::consumer::{self, Consuming};
 use ddbcached::fleet::entry::{wall_ms, Codec, Entry, Event};
 use ddbcached::fleet::lease::{lease_id, Leases};
 use ddbcached::fleet::transport::{stream_key, Redis};
+use ddbcached::fleet::FleetStats;
 use ddbcached::store::KvStore;
 use ddbcached::stream::{FlushCause, Table};
 use ddbcached::{aws, tables};
@@ -139,7 +141,7 @@ impl Fleet {
     /// Waits until every daemon says it is fresh (it has accepted a watermark).
     async fn wait_until_fresh(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        for m in &self.members {
+        for m in self.members.iter().filter(|m| m.answering) {
             let c = Client::connect(&m.socket).await.unwrap();
             loop {
                 let (_, detail) = c.health().await.unwrap();
@@ -151,6 +153,12 @@ impl Fleet {
             }
         }
     }
+}
+
+/// Whether a daemon's health detail proves the key-value table fresh (it lists the
+/// tables that are not: "kv and log not proven fresh", "log not proven fresh").
+fn kv_fresh(detail: &str) -> bool {
+    !detail.contains("kv and log not proven") && !detail.contains("; kv not proven")
 }
 
 /// One daemon's samples, by metric name with labels (`name{a="b",...}`).
@@ -489,7 +497,10 @@ async fn one_slot_a_killed_relay_is_replaced_and_nothing_stale_is_served_meanwhi
         killed.elapsed()
     );
     // The new relay resumed from the old one's checkpoint: it published no reset.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A reset would be the new relay's first entry. Past the bound since the kill, a
+    // fresh daemon has read a watermark of the new relay, so whatever preceded it.
+    tokio::time::sleep_until((killed + BOUND).into()).await;
+    fleet.wait_until_fresh().await;
     assert_eq!(fleet.flushes(&others, "no_checkpoint").await, resets);
 }
 
@@ -543,12 +554,26 @@ async fn a_zombie_relay_cannot_move_the_checkpoint_and_changes_nothing() {
         Duration::from_secs(10),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let now = leases.read(&id).await.unwrap().unwrap();
+    // The zombie finds its renewal refused at its next attempt and stops relaying.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fleet.kv_relays().await[relay] > 0.0 {
+        assert!(Instant::now() < deadline, "the zombie kept relaying");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The new holder renews on (its counter moves) and is still the owner, in its epoch.
+    let now = loop {
+        let now = leases.read(&id).await.unwrap().unwrap();
+        if now.counter > holder.counter {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lease is not renewed any more"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(now.owner, holder.owner, "the zombie got its lease back");
-    assert!(now.epoch == holder.epoch && now.counter > holder.counter);
-    let held = fleet.kv_relays().await;
-    assert_eq!(held[relay], 0.0, "the zombie stopped relaying");
+    assert_eq!(now.epoch, holder.epoch);
 }
 
 impl Fleet {
@@ -968,10 +993,7 @@ async fn forged_and_garbled_entries_are_gaps_never_proofs() {
             shards: BTreeMap::new(),
         },
     };
-    let fresh = || async {
-        let (_, detail) = client.health().await.unwrap();
-        !detail.contains("kv and log not proven fresh") && !detail.contains("kv not proven")
-    };
+    let fresh = async || kv_fresh(&client.health().await.unwrap().1);
     assert!(!fresh().await);
     let bad_entries = || async {
         total(
@@ -1006,7 +1028,7 @@ async fn forged_and_garbled_entries_are_gaps_never_proofs() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, detail) = client.health().await.unwrap();
-        if detail.contains("log not proven fresh") && !detail.contains("kv and log") {
+        if kv_fresh(&detail) {
             break;
         }
         assert!(Instant::now() < deadline, "{detail}");
@@ -1112,6 +1134,7 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     ];
     let cache = Arc::new(Cache::new(&CacheConfig::default()));
     let coherence = Arc::new(Coherence::new(cache, 2000, metrics::Histogram::noop()));
+    let stats = Arc::new(FleetStats::default());
     let ctx = Arc::new(Consuming {
         me: "consumer".into(),
         redis: redis.clone(),
@@ -1119,7 +1142,7 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
         coherence: coherence.clone(),
         keys: keys.clone(),
         clock_skew_ms: 250,
-        stats: Arc::default(),
+        stats: stats.clone(),
         fanout_lag: metrics::Histogram::noop(),
         hint_lag: metrics::Histogram::noop(),
     });
@@ -1144,26 +1167,40 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
             .await
             .unwrap();
     };
+    // The consumer handles entries one after the other: once it has read an (ignored)
+    // hint appended after the others, it has acted on every one before.
+    let settled = async |entries: u64| {
+        let marker = Entry::Hint {
+            from: "another daemon".into(),
+            sent_ms: wall_ms(),
+            keys: Vec::new(),
+        };
+        let mut c = redis.connect(None).await.unwrap();
+        c.append(&keys[0], &Codec::new("").encode(&marker), 0)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stats.consumed[Table::Kv as usize].load(Ordering::Relaxed) < entries + 1 {
+            assert!(Instant::now() < deadline, "the consumer did not read on");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
     let gaps = || coherence.snapshot().flushes[FlushCause::Gap as usize];
-    let settle = || tokio::time::sleep(Duration::from_millis(300));
 
     publish(1).await;
     publish(2).await;
     publish(2).await; // a repeat: ignored
-    settle().await;
+    settled(3).await;
     assert_eq!(gaps(), 0);
     assert!(
         !coherence.must_bypass(Table::Kv),
         "the watermarks made it fresh"
     );
     publish(4).await; // 3 never arrives
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gaps() == 0 {
-        assert!(Instant::now() < deadline, "the skipped number was not seen");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    settled(5).await;
+    assert_eq!(gaps(), 1, "the skipped number was seen");
     publish(5).await;
-    settle().await;
+    settled(7).await;
     assert_eq!(gaps(), 1, "one gap, one flush");
     stop.cancel();
 }
