@@ -10,7 +10,8 @@
 use bytes::Bytes;
 use bytes::BytesMut;
 use ddbcached_protocol::codec::{
-    decode_request, decode_response, encode_reply, encode_request, frame_codec, is_frame_too_large,
+    complete_frame, decode_request, decode_request_ref, decode_response, encode_reply,
+    encode_request, frame_codec, is_frame_too_large, FRAME_HEADER_BYTES,
 };
 use ddbcached_protocol::{Reply, Request};
 use tokio_util::codec::Decoder;
@@ -19,26 +20,41 @@ use tokio_util::codec::Decoder;
 const MAX_FRAME_BYTES: usize = 4096;
 
 /// A connection's bytes, as the daemon reads them: the first byte picks the size of the
-/// reads (1 to 64 bytes), the rest is the stream. Every frame is decoded as a request, a
-/// bad length is the codec's oversized-frame error and nothing else, and a trailing
-/// partial frame is an error at end of stream, not a frame.
+/// reads (1 to 64 bytes), the rest is the stream. The daemon's splitter
+/// ([`complete_frame`]) cuts the same frames as the clients' codec and refuses the same
+/// oversized prefix; every frame is decoded as a request; a trailing partial frame is an
+/// error at end of stream, not a frame.
 pub fn frames(data: &[u8]) {
     let Some((&cut, stream)) = data.split_first() else {
         return;
     };
     let mut codec = frame_codec(MAX_FRAME_BYTES);
     let mut buf = BytesMut::new();
+    let mut split = Vec::new();
     for read in stream.chunks(usize::from(cut % 64) + 1) {
         buf.extend_from_slice(read);
+        split.extend_from_slice(read);
         loop {
+            let by_splitter = complete_frame(&split, MAX_FRAME_BYTES);
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
                     assert!(frame.len() <= MAX_FRAME_BYTES);
+                    assert_eq!(by_splitter, Ok(Some(frame.len())));
+                    let body = &split[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + frame.len()];
+                    assert_eq!(body, &frame[..]);
                     request(&frame);
+                    split.drain(..FRAME_HEADER_BYTES + frame.len());
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    assert_eq!(by_splitter, Ok(None));
+                    break;
+                }
                 Err(e) => {
                     assert!(is_frame_too_large(&e), "unexpected codec error: {e}");
+                    assert!(
+                        by_splitter.is_err(),
+                        "the splitter accepted an oversized frame"
+                    );
                     return;
                 }
             }
@@ -58,6 +74,11 @@ pub fn frames(data: &[u8]) {
 /// that decodes to the same request and id, or it is refused with a message and a code
 /// whose error reply encodes.
 pub fn request(body: &[u8]) {
+    // The borrowing decoder reads every body as the owning one does.
+    assert_eq!(
+        decode_request_ref(body).map(|(id, r)| (id, r.into_owned())),
+        decode_request(body)
+    );
     match decode_request(body) {
         Ok((id, req)) => {
             let again = encode_request(id, &req);

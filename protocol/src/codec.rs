@@ -15,7 +15,7 @@ use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::error::ErrorCode;
 use crate::message::{
-    Item, Items, Reply, Request, Versioned, WireIdOnly, WireRequestIn, WireRequestOut,
+    Item, Items, Reply, Request, RequestRef, Versioned, WireIdOnly, WireRequestIn, WireRequestOut,
     WireResponseIn, WireResponseOut,
 };
 
@@ -32,6 +32,34 @@ pub fn frame_codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
 pub fn is_frame_too_large(err: &std::io::Error) -> bool {
     err.get_ref()
         .is_some_and(|e| e.is::<tokio_util::codec::LengthDelimitedCodecError>())
+}
+
+/// Bytes of a frame's length prefix.
+pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// A frame whose length prefix announces more than the reader accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a frame of {announced} bytes exceeds the limit of {limit}")]
+pub struct FrameTooLarge {
+    pub announced: usize,
+    pub limit: usize,
+}
+
+/// The body length of the frame at the start of `buf` once all of it is there (`None`
+/// while it is incomplete), read the way [`frame_codec`] reads it: a prefix announcing more
+/// than `max_frame_bytes` is refused as soon as the prefix is in, before any body.
+pub fn complete_frame(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, FrameTooLarge> {
+    let Some(prefix) = buf.first_chunk::<FRAME_HEADER_BYTES>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(*prefix) as usize;
+    if len > max_frame_bytes {
+        return Err(FrameTooLarge {
+            announced: len,
+            limit: max_frame_bytes,
+        });
+    }
+    Ok((buf.len() - FRAME_HEADER_BYTES >= len).then_some(len))
 }
 
 /// Why a request body could not be turned into a [`Request`].
@@ -103,6 +131,12 @@ pub fn encode_request(id: u64, request: &Request) -> Bytes {
 
 /// Decodes a request body, checking every field the operation needs.
 pub fn decode_request(body: &[u8]) -> Result<(u64, Request), RequestError> {
+    decode_request_ref(body).map(|(id, request)| (id, request.into_owned()))
+}
+
+/// Decodes a request body like [`decode_request`], borrowing what the reads a cache can
+/// answer need from `body` instead of copying it.
+pub fn decode_request_ref(body: &[u8]) -> Result<(u64, RequestRef<'_>), RequestError> {
     let w: WireRequestIn = rmp_serde::from_slice(body).map_err(|e| RequestError {
         // The body did not decode as a whole; its id may still be readable.
         id: rmp_serde::from_slice::<WireIdOnly>(body)
@@ -124,74 +158,74 @@ pub fn decode_request(body: &[u8]) -> Result<(u64, Request), RequestError> {
 }
 
 /// Checks and takes the fields of one decoded request map.
-struct Fields {
+struct Fields<'a> {
     id: u64,
-    w: WireRequestIn,
+    w: WireRequestIn<'a>,
 }
 
-impl Fields {
-    fn request(&mut self) -> Result<Request, RequestError> {
+impl<'a> Fields<'a> {
+    fn request(&mut self) -> Result<RequestRef<'a>, RequestError> {
         let op = self
             .w
             .op
             .take()
             .ok_or_else(|| self.malformed("request has no `op` field"))?;
-        Ok(match op.as_str() {
+        let owned = match op {
+            "kv.get" => {
+                return Ok(RequestRef::KvGet {
+                    ns: self.name("kv.get", "ns")?,
+                    key: self.key("kv.get")?,
+                    before: self.w.before,
+                    consistent: self.w.consistent.unwrap_or(false),
+                })
+            }
+            "kv.latest_ts" => {
+                return Ok(RequestRef::KvLatestTs {
+                    ns: self.name("kv.latest_ts", "ns")?,
+                    key: self.key("kv.latest_ts")?,
+                })
+            }
+            "log.position" => {
+                return Ok(RequestRef::LogPosition {
+                    topic: self.name("log.position", "topic")?,
+                })
+            }
             "hello" => Request::Hello {
                 version: self.need("hello", "version", |w| w.version.take())?,
-                client: self.w.client.take(),
+                client: self.w.client.take().map(str::to_owned),
             },
             "ping" => Request::Ping,
             "health" => Request::Health,
             "kv.put" => Request::KvPut {
-                ns: self.name("kv.put", "ns")?,
-                key: self.key("kv.put")?,
-                value: self
-                    .need("kv.put", "value", |w| w.value.take())?
-                    .into_vec()
-                    .into(),
+                ns: self.name("kv.put", "ns")?.to_owned(),
+                key: Bytes::copy_from_slice(self.key("kv.put")?),
+                value: Bytes::copy_from_slice(self.need("kv.put", "value", |w| w.value.take())?),
                 ts: self.need("kv.put", "ts", |w| w.ts.take())?,
             },
-            "kv.get" => Request::KvGet {
-                ns: self.name("kv.get", "ns")?,
-                key: self.key("kv.get")?,
-                before: self.w.before,
-                consistent: self.w.consistent.unwrap_or(false),
-            },
-            "kv.latest_ts" => Request::KvLatestTs {
-                ns: self.name("kv.latest_ts", "ns")?,
-                key: self.key("kv.latest_ts")?,
-            },
             "kv.timestamps" => Request::KvTimestamps {
-                ns: self.name("kv.timestamps", "ns")?,
-                key: self.key("kv.timestamps")?,
+                ns: self.name("kv.timestamps", "ns")?.to_owned(),
+                key: Bytes::copy_from_slice(self.key("kv.timestamps")?),
             },
             "kv.scan" => Request::KvScan {
-                ns: self.name("kv.scan", "ns")?,
+                ns: self.name("kv.scan", "ns")?.to_owned(),
                 keys_only: self.w.keys_only.unwrap_or(false),
             },
             "kv.delete" => Request::KvDelete {
-                ns: self.name("kv.delete", "ns")?,
-                key: self.key("kv.delete")?,
+                ns: self.name("kv.delete", "ns")?.to_owned(),
+                key: Bytes::copy_from_slice(self.key("kv.delete")?),
                 marker: self.w.marker,
             },
             "log.put" => Request::LogPut {
-                topic: self.name("log.put", "topic")?,
-                value: self
-                    .need("log.put", "value", |w| w.value.take())?
-                    .into_vec()
-                    .into(),
-            },
-            "log.position" => Request::LogPosition {
-                topic: self.name("log.position", "topic")?,
+                topic: self.name("log.put", "topic")?.to_owned(),
+                value: Bytes::copy_from_slice(self.need("log.put", "value", |w| w.value.take())?),
             },
             "log.scan" => Request::LogScan {
-                topic: self.name("log.scan", "topic")?,
+                topic: self.name("log.scan", "topic")?.to_owned(),
                 from: self.need("log.scan", "from", |w| w.from.take())?,
                 until: self.need("log.scan", "until", |w| w.until.take())?,
             },
             "log.delete" => Request::LogDelete {
-                topic: self.name("log.delete", "topic")?,
+                topic: self.name("log.delete", "topic")?.to_owned(),
             },
             other => {
                 return Err(RequestError {
@@ -200,7 +234,8 @@ impl Fields {
                     message: format!("unknown operation `{}`", other.escape_debug()),
                 })
             }
-        })
+        };
+        Ok(RequestRef::Owned(owned))
     }
 
     fn malformed(&self, message: &str) -> RequestError {
@@ -223,13 +258,13 @@ impl Fields {
         &mut self,
         op: &str,
         field: &str,
-        take: impl FnOnce(&mut WireRequestIn) -> Option<T>,
+        take: impl FnOnce(&mut WireRequestIn<'a>) -> Option<T>,
     ) -> Result<T, RequestError> {
         take(&mut self.w).ok_or_else(|| self.invalid(format!("{op} needs field `{field}`")))
     }
 
     /// A namespace or topic: present, non-empty, UTF-8.
-    fn name(&mut self, op: &str, field: &str) -> Result<String, RequestError> {
+    fn name(&mut self, op: &str, field: &str) -> Result<&'a str, RequestError> {
         let raw = match field {
             "ns" => self.w.ns.take(),
             _ => self.w.topic.take(),
@@ -238,22 +273,46 @@ impl Fields {
         if raw.is_empty() {
             return Err(self.invalid(format!("`{field}` must not be empty")));
         }
-        String::from_utf8(raw.into_vec())
+        std::str::from_utf8(raw)
             .map_err(|e| self.invalid(format!("`{field}` is not valid UTF-8: {e}")))
     }
 
     /// A key: present and non-empty.
-    fn key(&mut self, op: &str) -> Result<Bytes, RequestError> {
+    fn key(&mut self, op: &str) -> Result<&'a [u8], RequestError> {
         let key = self.need(op, "key", |w| w.key.take())?;
         if key.is_empty() {
             return Err(self.invalid("`key` must not be empty".into()));
         }
-        Ok(key.into_vec().into())
+        Ok(key)
     }
 }
 
 /// Encodes a response body addressed to `id` (`None` when the request id is unknown).
 pub fn encode_reply(id: Option<u64>, reply: &Reply) -> Bytes {
+    let mut body = Vec::new();
+    write_reply_body(&mut body, id, reply);
+    body.into()
+}
+
+/// Appends a whole response frame (length prefix and body) addressed to `id` to `out`:
+/// a server answers into one buffer and writes many frames with one system call.
+pub fn write_reply(out: &mut Vec<u8>, id: Option<u64>, reply: &Reply) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    write_reply_body(out, id, reply);
+    let len = u32::try_from(out.len() - start - FRAME_HEADER_BYTES)
+        .expect("a reply frame is smaller than 4 GiB");
+    out[start..start + FRAME_HEADER_BYTES].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Appends a whole frame holding `body` to `out`.
+pub fn write_frame(out: &mut Vec<u8>, body: &[u8]) {
+    let len = u32::try_from(body.len()).expect("a frame is smaller than 4 GiB");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+fn write_reply_body(out: &mut Vec<u8>, id: Option<u64>, reply: &Reply) {
     let mut w = WireResponseOut {
         id,
         ..Default::default()
@@ -294,7 +353,7 @@ pub fn encode_reply(id: Option<u64>, reply: &Reply) -> Bytes {
             w.message = Some(&e.message);
         }
     }
-    to_msgpack(&w)
+    to_msgpack_into(out, &w)
 }
 
 /// Why a response body could not be read as a reply.
@@ -429,11 +488,16 @@ fn items_of(request: &Request, items: Vec<Item>) -> Result<Items, ResponseError>
 }
 
 fn to_msgpack<T: serde::Serialize>(value: &T) -> Bytes {
+    let mut out = Vec::new();
+    to_msgpack_into(&mut out, value);
+    out.into()
+}
+
+fn to_msgpack_into<T: serde::Serialize>(out: &mut Vec<u8>, value: &T) {
     // Serializing these plain structs into a Vec cannot fail: every field is a number,
     // string, bytes or a sequence of them, and a Vec grows as needed.
-    rmp_serde::to_vec_named(value)
-        .expect("a request or response map always serializes")
-        .into()
+    rmp_serde::encode::write_named(out, value)
+        .expect("a request or response map always serializes");
 }
 
 #[cfg(test)]
@@ -593,12 +657,70 @@ mod tests {
             ),
             (get, Reply::error(ErrorCode::Conflict, "x")),
         ];
+        let mut frames = vec![0xee];
         for (request, reply) in cases {
-            let r = decode_response(&encode_reply(Some(3), &reply)).unwrap();
+            let body = encode_reply(Some(3), &reply);
+            // The same body, framed, appended after what the buffer already holds.
+            let at = frames.len();
+            write_reply(&mut frames, Some(3), &reply);
+            assert_eq!(
+                complete_frame(&frames[at..], usize::MAX),
+                Ok(Some(body.len()))
+            );
+            assert_eq!(&frames[at + FRAME_HEADER_BYTES..], &body[..]);
+            let r = decode_response(&body).unwrap();
             assert_eq!(r.id(), Some(3));
             assert_eq!(r.is_error(), matches!(reply, Reply::Error(_)));
             assert_eq!(r.into_reply(&request), Ok(reply), "{request:?}");
         }
+    }
+
+    #[test]
+    fn cacheable_reads_borrow_from_the_frame() {
+        let get = Request::KvGet {
+            ns: "n".into(),
+            key: Bytes::from_static(b"key"),
+            before: Some(7),
+            consistent: true,
+        };
+        let body = encode_request(5, &get);
+        let (id, borrowed) = decode_request_ref(&body).unwrap();
+        let RequestRef::KvGet { key, .. } = borrowed else {
+            panic!("{borrowed:?}");
+        };
+        assert!(
+            body.as_ptr_range().contains(&key.as_ptr()),
+            "the key was copied"
+        );
+        assert_eq!((id, borrowed.clone().into_owned()), (5, get));
+        for read in [
+            Request::KvLatestTs {
+                ns: "n".into(),
+                key: Bytes::from_static(b"k"),
+            },
+            Request::LogPosition { topic: "t".into() },
+        ] {
+            let body = encode_request(1, &read);
+            let (_, borrowed) = decode_request_ref(&body).unwrap();
+            assert!(!matches!(borrowed, RequestRef::Owned(_)), "{read:?}");
+            assert_eq!(borrowed.op(), read.op());
+            assert_eq!(borrowed.into_owned(), read);
+        }
+    }
+
+    #[test]
+    fn frames_are_split_as_the_codec_splits_them() {
+        assert_eq!(complete_frame(&[0, 0], 8), Ok(None));
+        assert_eq!(complete_frame(&[0, 0, 0, 2, 1], 8), Ok(None));
+        assert_eq!(complete_frame(&[0, 0, 0, 2, 1, 2, 3], 8), Ok(Some(2)));
+        assert_eq!(complete_frame(&[0, 0, 0, 8], 8), Ok(None));
+        assert_eq!(
+            complete_frame(&[0, 0, 0, 9], 8),
+            Err(FrameTooLarge {
+                announced: 9,
+                limit: 8
+            })
+        );
     }
 
     #[test]

@@ -17,4 +17,4 @@ pub mod message;
 
 pub use client::{Client, ServerInfo};
 pub use error::{ClientError, ErrorCode, ServerError};
-pub use message::{Items, Op, Reply, Request, Versioned, PROTOCOL_VERSION};
+pub use message::{Items, Op, Reply, Request, RequestRef, Versioned, PROTOCOL_VERSION};

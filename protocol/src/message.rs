@@ -152,6 +152,63 @@ impl Request {
     }
 }
 
+/// A request as decoded from its frame. The reads a cache can answer at once borrow their
+/// namespace, key or topic from the frame, so answering them copies nothing; every other
+/// request is read into an owned [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestRef<'a> {
+    /// [`Request::KvGet`], borrowed.
+    KvGet {
+        ns: &'a str,
+        key: &'a [u8],
+        before: Option<i64>,
+        consistent: bool,
+    },
+    /// [`Request::KvLatestTs`], borrowed.
+    KvLatestTs { ns: &'a str, key: &'a [u8] },
+    /// [`Request::LogPosition`], borrowed.
+    LogPosition { topic: &'a str },
+    /// Any other request.
+    Owned(Request),
+}
+
+impl RequestRef<'_> {
+    /// The operation.
+    pub fn op(&self) -> Op {
+        match self {
+            RequestRef::KvGet { .. } => Op::KvGet,
+            RequestRef::KvLatestTs { .. } => Op::KvLatestTs,
+            RequestRef::LogPosition { .. } => Op::LogPosition,
+            RequestRef::Owned(r) => r.op(),
+        }
+    }
+
+    /// The same request, owning its fields.
+    pub fn into_owned(self) -> Request {
+        match self {
+            RequestRef::KvGet {
+                ns,
+                key,
+                before,
+                consistent,
+            } => Request::KvGet {
+                ns: ns.to_owned(),
+                key: Bytes::copy_from_slice(key),
+                before,
+                consistent,
+            },
+            RequestRef::KvLatestTs { ns, key } => Request::KvLatestTs {
+                ns: ns.to_owned(),
+                key: Bytes::copy_from_slice(key),
+            },
+            RequestRef::LogPosition { topic } => Request::LogPosition {
+                topic: topic.to_owned(),
+            },
+            RequestRef::Owned(r) => r,
+        }
+    }
+}
+
 /// One version of a key: its timestamp and value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned {
@@ -253,19 +310,26 @@ pub(crate) struct WireRequestOut<'a> {
     pub keys_only: bool,
 }
 
-/// A request map as it is received: every field optional, checked per operation after
-/// decoding so that errors can name the field and echo the request id. Namespaces and
-/// topics arrive as bytes so that invalid UTF-8 is reported as such, not as a decode error.
+/// A request map as it is received, borrowing from the frame: every field optional,
+/// checked per operation after decoding so that errors can name the field and echo the
+/// request id. Namespaces and topics arrive as bytes so that invalid UTF-8 is reported as
+/// such, not as a decode error. Byte fields accept a bin or a str, as documented.
 #[derive(Deserialize, Default)]
-pub(crate) struct WireRequestIn {
+pub(crate) struct WireRequestIn<'a> {
     pub id: Option<u64>,
-    pub op: Option<String>,
+    #[serde(borrow)]
+    pub op: Option<&'a str>,
     pub version: Option<u32>,
-    pub client: Option<String>,
-    pub ns: Option<ByteBuf>,
-    pub topic: Option<ByteBuf>,
-    pub key: Option<ByteBuf>,
-    pub value: Option<ByteBuf>,
+    #[serde(borrow)]
+    pub client: Option<&'a str>,
+    #[serde(borrow, default, with = "serde_bytes")]
+    pub ns: Option<&'a [u8]>,
+    #[serde(borrow, default, with = "serde_bytes")]
+    pub topic: Option<&'a [u8]>,
+    #[serde(borrow, default, with = "serde_bytes")]
+    pub key: Option<&'a [u8]>,
+    #[serde(borrow, default, with = "serde_bytes")]
+    pub value: Option<&'a [u8]>,
     pub ts: Option<i64>,
     pub before: Option<i64>,
     pub marker: Option<i64>,
