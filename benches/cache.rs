@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use ddbcached::cache::{Cache, CacheKey, Cached, KeyVersions};
+use ddbcached::cache::{Cache, CacheKey, Cached, KeyBuf, KeyVersions};
 use ddbcached::config::CacheConfig;
 
 fn hits(c: &mut Criterion) {
@@ -15,10 +15,8 @@ fn hits(c: &mut Criterion) {
     let cache = Cache::new(&CacheConfig::default());
     let mut group = c.benchmark_group("cache hit");
     for versions in [1i64, 10, 100] {
-        let key = CacheKey::Kv(
-            "flow-7f3a9c".into(),
-            Bytes::from(format!("variable-{versions}")),
-        );
+        let name = format!("variable-{versions}");
+        let key = CacheKey::kv("flow-7f3a9c", name.as_bytes());
         let newest_first = (0..versions)
             .rev()
             .map(|ts| (ts * 10, Bytes::from(vec![7u8; 64])))
@@ -32,9 +30,13 @@ fn hits(c: &mut Criterion) {
         });
         // As the executor asks: the newest version at or before a clock in the middle.
         let before = Some(versions * 5);
-        group.bench_with_input(BenchmarkId::new("versions", versions), &key, |b, key| {
+        // As the connection looks it up: by its flat form, as written into a `KeyBuf`.
+        let flat = KeyBuf::default()
+            .kv("flow-7f3a9c", name.as_bytes())
+            .to_vec();
+        group.bench_with_input(BenchmarkId::new("versions", versions), &flat, |b, flat| {
             b.to_async(&rt).iter(|| async {
-                match cache.get(black_box(key)).await {
+                match cache.get(black_box(&flat[..])).await {
                     Some(Cached::Kv(v)) => v.latest(black_box(before)),
                     _ => unreachable!("the key was cached above"),
                 }
@@ -48,7 +50,7 @@ fn hits(c: &mut Criterion) {
 /// the daemon builds its cache (weigher, bounded size).
 fn moka_flavours(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("a runtime");
-    let key = CacheKey::Kv("flow-7f3a9c".into(), Bytes::from_static(b"variable"));
+    let key = CacheKey::kv("flow-7f3a9c", b"variable");
     let entry = Cached::Kv(Arc::new(KeyVersions::from_fill(
         vec![(10, Bytes::from(vec![7u8; 64]))],
         true,

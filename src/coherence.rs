@@ -156,9 +156,17 @@ impl Coherence {
     /// Whether reads of `table` must bypass the cache: nobody has proven it fresh within
     /// the staleness bound. Logs and counts each switch.
     pub fn must_bypass(&self, table: Table) -> bool {
+        self.must_bypass_at(table, Instant::now())
+    }
+
+    /// [`Coherence::must_bypass`] for reads received by `at`: judging them as of `at`
+    /// (earlier than now) is safe, since they began no later. A connection answers a
+    /// batch of reads with one clock read.
+    pub fn must_bypass_at(&self, table: Table, at: Instant) -> bool {
         let fresh_as_of = self.fresh_as_of_ms[table as usize].load(Ordering::Acquire);
-        let stale = fresh_as_of == u64::MAX
-            || self.now_ms().saturating_sub(fresh_as_of) > self.max_staleness_ms;
+        let at_ms = at.saturating_duration_since(self.clock).as_millis() as u64;
+        let stale =
+            fresh_as_of == u64::MAX || at_ms.saturating_sub(fresh_as_of) > self.max_staleness_ms;
         let flag = &self.bypassing[table as usize];
         if flag.load(Ordering::Relaxed) != stale && flag.swap(stale, Ordering::Relaxed) != stale {
             self.stats.bypass_switches.fetch_add(1, Ordering::Relaxed);
@@ -417,7 +425,7 @@ mod tests {
     #[tokio::test]
     async fn changes_the_cache_shows_keep_the_entry_and_news_drop_it() {
         let (cache, c) = coherence();
-        let key = CacheKey::Kv("ns".into(), Bytes::from_static(b"k"));
+        let key = CacheKey::kv("ns", b"k");
         let entry = KeyVersions::from_fill(vec![(5, Bytes::from_static(b"v"))], true);
         fill(&cache, &key, Cached::Kv(Arc::new(entry))).await;
         assert!(
@@ -433,7 +441,7 @@ mod tests {
         assert!(!cache.commit_fill(key.clone(), t, |_| None).await);
         assert_eq!(c.snapshot().invalidations, [1, 0]);
 
-        let topic = CacheKey::Log("t".into());
+        let topic = CacheKey::log("t");
         let tail = TopicTail::at(0, 8)
             .with_entry(1, Bytes::from_static(b"e1"))
             .with_entry(2, Bytes::from_static(b"e2"));
@@ -456,7 +464,7 @@ mod tests {
     #[tokio::test]
     async fn an_own_write_is_an_echo_once_and_only_with_its_content() {
         let (cache, c) = coherence();
-        let key = CacheKey::Kv("ns".into(), Bytes::from_static(b"k"));
+        let key = CacheKey::kv("ns", b"k");
         let item = ItemKey::Kv("ns".into(), Bytes::from_static(b"k"), 7);
         let written: Result<(), ()> = c.own_write(item.clone(), b"mine", async { Ok(()) }).await;
         assert!(written.is_ok());
@@ -490,8 +498,8 @@ mod tests {
         assert!(c.must_bypass(Table::Kv));
         assert_eq!(c.snapshot().bypass_switches, 2);
 
-        let key = CacheKey::Kv("ns".into(), Bytes::from_static(b"k"));
-        let topic = CacheKey::Log("t".into());
+        let key = CacheKey::kv("ns", b"k");
+        let topic = CacheKey::log("t");
         fill(&cache, &key, Cached::Kv(Arc::new(KeyVersions::absent()))).await;
         fill(&cache, &topic, Cached::Log(Arc::new(TopicTail::at(0, 8)))).await;
         c.accept(Table::Kv, Seen::ContinuityLost(FlushCause::Trimmed))

@@ -55,6 +55,10 @@ pub struct ServerConfig {
     pub allowed_uids: Vec<u32>,
     /// If not empty, peers whose gid is one of these may connect too.
     pub allowed_gids: Vec<u32>,
+    /// Threads that run the daemon. 1 runs everything on one thread (no wake-up crosses
+    /// threads: the cheapest on a small host); 0 picks 1 on a host of at most two cores
+    /// and one per core on larger ones.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +73,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 300_000,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            worker_threads: 0,
         }
     }
 }

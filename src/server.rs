@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
 use crate::connection;
-use crate::metrics::{self, Exposition, Kind, OP_LABELS};
+use crate::metrics::{self, Durations, Exposition, Kind, OP_LABELS};
 use crate::service::Service;
 
 /// Results a request can end with: ok, or an error code.
@@ -53,10 +53,13 @@ impl Rejection {
     }
 }
 
-/// What the server counts: requests by operation and result, connections, refusals.
+/// What the server counts: requests by operation and result, their durations,
+/// connections, refusals.
 pub struct ServerStats {
     /// `[op label][result]`: see [`metrics::op_labels`]; result 0 is ok, then the codes.
     requests: [[AtomicU64; RESULTS]; OP_LABELS],
+    /// By op label.
+    durations: [Durations; OP_LABELS],
     connections: AtomicI64,
     rejected: [AtomicU64; 4],
     peers_refused: AtomicU64,
@@ -66,6 +69,7 @@ impl Default for ServerStats {
     fn default() -> ServerStats {
         ServerStats {
             requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            durations: Default::default(),
             connections: AtomicI64::new(0),
             rejected: Default::default(),
             peers_refused: AtomicU64::new(0),
@@ -74,10 +78,20 @@ impl Default for ServerStats {
 }
 
 impl ServerStats {
-    /// A request was answered (`op` `None`: it did not decode).
-    pub fn request(&self, op: Option<Op>, error: Option<ErrorCode>) {
+    /// A request was answered after `elapsed` (`op` `None`: it did not decode).
+    pub fn request(&self, op: Option<Op>, error: Option<ErrorCode>, elapsed: Duration) {
         let result = error.map_or(0, |c| 1 + c.index());
-        self.requests[metrics::op_index(op)][result].fetch_add(1, Ordering::Relaxed);
+        let op = metrics::op_index(op);
+        self.requests[op][result].fetch_add(1, Ordering::Relaxed);
+        self.durations[op].record(elapsed, 1);
+    }
+
+    /// `count` requests of `op` were answered successfully, none after more than
+    /// `elapsed`: a connection's batch of hits.
+    pub fn requests_ok(&self, op: Op, count: u64, elapsed: Duration) {
+        let op = metrics::op_index(Some(op));
+        self.requests[op][0].fetch_add(count, Ordering::Relaxed);
+        self.durations[op].record(elapsed, count);
     }
 
     pub fn connection_opened(&self) {
@@ -114,6 +128,15 @@ impl ServerStats {
                     load(&self.requests[i][r]),
                 );
             }
+        }
+        let name = "ddbcached_server_request_duration_seconds";
+        out.family(
+            name,
+            Kind::Histogram,
+            "Time from a request's decoding to its last reply frame being queued (for a batch of hits answered together: the batch's).",
+        );
+        for (i, op) in metrics::op_labels() {
+            self.durations[i].export(out, name, &[("op", op)]);
         }
         out.single(
             "ddbcached_server_connections",

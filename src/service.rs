@@ -26,12 +26,12 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
-use ddbcached_protocol::{ErrorCode, Items, Op, Reply, Request, Versioned};
+use ddbcached_protocol::{Items, Reply, Request, RequestRef, Versioned};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use crate::aws::{self, ApiCalls};
 use crate::cache::{
-    Cache, CacheKey, Cached, KeyVersions, Known, Lookup, Queued, ReadOp, Served, TopicTail,
+    Cache, CacheKey, Cached, KeyBuf, KeyVersions, Known, Lookup, Queued, ReadOp, Served, TopicTail,
 };
 use crate::coherence::{Coherence, ItemKey};
 use crate::config::{Config, StreamsConfig};
@@ -172,12 +172,6 @@ impl Service {
         &self.server_stats
     }
 
-    /// A request was answered (`op` `None`: it did not decode) after `elapsed`.
-    pub fn answered(&self, op: Option<Op>, error: Option<ErrorCode>, elapsed: Duration) {
-        self.server_stats.request(op, error);
-        self.metrics.request_duration(op, elapsed);
-    }
-
     /// The Prometheus exposition of every metric, each written by its owner.
     pub async fn render_metrics(&self) -> String {
         let mut out = Exposition::default();
@@ -298,36 +292,54 @@ impl Service {
 
     /// The reply to a read the cache answers right now, without touching DynamoDB, or the
     /// request with what the cache holds for it when it needs the full path (a miss, a
-    /// write, a scan, a bypass). Cheap enough to run in the connection's reader task,
-    /// which saves hits a task each; the one cache lookup of the request happens here.
-    pub async fn answer_from_cache(&self, request: Request) -> Result<Reply, Pending> {
+    /// write, a scan, a bypass). Cheap enough to run in the connection's own task, which
+    /// saves hits a task each; the one cache lookup of the request happens here. A hit
+    /// allocates nothing: the request borrows from its frame, the key is looked up in its
+    /// flat form written into `buf`, and the reply shares the cached value. `received`:
+    /// when the request had arrived (freshness is judged as of then).
+    pub async fn answer_from_cache(
+        &self,
+        request: RequestRef<'_>,
+        buf: &mut KeyBuf,
+        received: tokio::time::Instant,
+    ) -> Result<Reply, Pending> {
         let (op, lookup) = match &request {
-            Request::KvGet {
+            RequestRef::KvGet {
                 ns,
                 key,
                 consistent,
                 ..
-            } => (ReadOp::KvGet, self.kv_lookup(ns, key, *consistent).await),
-            Request::KvLatestTs { ns, key } => {
-                (ReadOp::KvLatestTs, self.kv_lookup(ns, key, false).await)
-            }
-            Request::LogPosition { topic } => (ReadOp::LogPosition, self.log_lookup(topic).await),
-            _ => return Err(Pending::new(request)),
+            } => (
+                ReadOp::KvGet,
+                self.lookup(Table::Kv, buf.kv(ns, key), *consistent, received)
+                    .await,
+            ),
+            RequestRef::KvLatestTs { ns, key } => (
+                ReadOp::KvLatestTs,
+                self.lookup(Table::Kv, buf.kv(ns, key), false, received)
+                    .await,
+            ),
+            RequestRef::LogPosition { topic } => (
+                ReadOp::LogPosition,
+                self.lookup(Table::Log, buf.log(topic), false, received)
+                    .await,
+            ),
+            RequestRef::Owned(_) => return Err(Pending::new(request.into_owned())),
         };
         let reply = match (&request, &lookup) {
-            (Request::KvGet { before, .. }, Lookup::Looked(Some(Cached::Kv(v)))) => {
+            (RequestRef::KvGet { before, .. }, Lookup::Looked(Some(Cached::Kv(v)))) => {
                 match v.latest(*before) {
                     Known::Yes(answer) => Some(Reply::Value(answer)),
                     Known::Unknown => None,
                 }
             }
-            (Request::KvLatestTs { .. }, Lookup::Looked(Some(Cached::Kv(v)))) => {
+            (RequestRef::KvLatestTs { .. }, Lookup::Looked(Some(Cached::Kv(v)))) => {
                 match v.latest_ts() {
                     Known::Yes(answer) => Some(Reply::Timestamp(answer)),
                     Known::Unknown => None,
                 }
             }
-            (Request::LogPosition { .. }, Lookup::Looked(Some(Cached::Log(t)))) => {
+            (RequestRef::LogPosition { .. }, Lookup::Looked(Some(Cached::Log(t)))) => {
                 Some(Reply::Index(t.position()))
             }
             _ => None,
@@ -337,28 +349,26 @@ impl Service {
                 self.cache.record(op, Served::Hit);
                 Ok(reply)
             }
-            None => Err(Pending { request, lookup }),
+            None => Err(Pending {
+                request: request.into_owned(),
+                lookup,
+            }),
         }
     }
 
-    /// Looks a key up, unless its read must bypass the cache.
-    async fn kv_lookup(&self, ns: &str, key: &Bytes, consistent: bool) -> Lookup {
-        if consistent || self.coherence.must_bypass(Table::Kv) {
+    /// Looks a key or topic of `table` (its flat form) up, unless its read must bypass
+    /// the cache.
+    async fn lookup(
+        &self,
+        table: Table,
+        flat: &[u8],
+        consistent: bool,
+        at: tokio::time::Instant,
+    ) -> Lookup {
+        if consistent || self.coherence.must_bypass_at(table, at) {
             return Lookup::Bypass;
         }
-        Lookup::Looked(
-            self.cache
-                .get(&CacheKey::Kv(ns.to_owned(), key.clone()))
-                .await,
-        )
-    }
-
-    /// Looks a topic up, unless its read must bypass the cache.
-    async fn log_lookup(&self, topic: &str) -> Lookup {
-        if self.coherence.must_bypass(Table::Log) {
-            return Lookup::Bypass;
-        }
-        Lookup::Looked(self.cache.get(&CacheKey::Log(topic.to_owned())).await)
+        Lookup::Looked(self.cache.get(flat).await)
     }
 
     /// `lookup`, or a bypass when the table's freshness is not proven.
@@ -502,7 +512,7 @@ impl Service {
         key: &Bytes,
         lookup: Lookup,
     ) -> Result<(Arc<KeyVersions>, Served), StoreError> {
-        let ck = CacheKey::Kv(ns.to_owned(), key.clone());
+        let ck = CacheKey::kv(ns, key);
         let load = || async {
             let (newest, complete) = self
                 .kv
@@ -524,7 +534,7 @@ impl Service {
     }
 
     async fn log_position(&self, topic: String, lookup: Lookup) -> Result<i64, StoreError> {
-        let ck = CacheKey::Log(topic.clone());
+        let ck = CacheKey::log(&topic);
         let load = || async {
             let position = self.log.position(&topic).await?;
             Ok::<_, StoreError>(Cached::Log(Arc::new(TopicTail::at(
@@ -551,7 +561,7 @@ impl Service {
             self.cache.record(ReadOp::LogScan, Served::Bypass);
             return self.stream_values(self.log.scan(&topic, from, until));
         }
-        let ck = CacheKey::Log(topic.clone());
+        let ck = CacheKey::log(&topic);
         let cached = match self.cache.get(&ck).await {
             Some(Cached::Log(t)) => Some(t),
             _ => None,
@@ -590,7 +600,7 @@ impl Service {
         value: Bytes,
         ts: i64,
     ) -> Result<(), StoreError> {
-        let ck = CacheKey::Kv(ns.clone(), key.clone());
+        let ck = CacheKey::kv(&ns, &key);
         let _writing = self.wait_for(self.cache.lock_write(&ck)).await?;
         let item = ItemKey::Kv(ns.clone(), key.clone(), ts);
         let result = self
@@ -611,7 +621,7 @@ impl Service {
         key: Bytes,
         marker: Option<i64>,
     ) -> Result<(), StoreError> {
-        let ck = CacheKey::Kv(ns.clone(), key.clone());
+        let ck = CacheKey::kv(&ns, &key);
         let _writing = self.wait_for(self.cache.lock_write(&ck)).await?;
         let result = self.kv.delete(&ns, &key, marker).await;
         self.after_write(ck, &result, |_, current| match (current, marker) {
@@ -625,7 +635,7 @@ impl Service {
     }
 
     async fn log_put(&self, topic: String, value: Bytes) -> Result<i64, StoreError> {
-        let ck = CacheKey::Log(topic.clone());
+        let ck = CacheKey::log(&topic);
         let _writing = self.wait_for(self.cache.lock_write(&ck)).await?;
         let known = match self.cache.get(&ck).await {
             Some(Cached::Log(t)) => Some(t.position()),
@@ -653,7 +663,7 @@ impl Service {
     }
 
     async fn log_delete(&self, topic: String) -> Result<(), StoreError> {
-        let ck = CacheKey::Log(topic.clone());
+        let ck = CacheKey::log(&topic);
         let _writing = self.wait_for(self.cache.lock_write(&ck)).await?;
         let result = self.log.delete(&topic).await;
         let deleted = Cached::Log(Arc::new(TopicTail::deleted(self.cache.tail_capacity())));

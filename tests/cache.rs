@@ -224,7 +224,7 @@ async fn a_fill_that_raced_a_write_is_not_stored() {
     let (reader, writer) = (d.client().await, d.client().await);
     let ns = name();
     writer.kv_put(&ns, b("k"), b("old"), 1).await.unwrap();
-    let (pause, reached) = pause_fills_of(&d, CacheKey::Kv(ns.clone(), b("k")));
+    let (pause, reached) = pause_fills_of(&d, CacheKey::kv(&ns, b"k"));
 
     // The read misses, reads "old" from DynamoDB, and stops before storing it.
     let read = tokio::spawn({
@@ -251,7 +251,7 @@ async fn a_fill_that_raced_an_invalidation_is_not_stored() {
     let c = d.client().await;
     let ns = name();
     c.kv_put(&ns, b("k"), b("old"), 1).await.unwrap();
-    let key = CacheKey::Kv(ns.clone(), b("k"));
+    let key = CacheKey::kv(&ns, b"k");
     let (pause, reached) = pause_fills_of(&d, key.clone());
     let read = tokio::spawn({
         let (c, ns) = (c.clone(), ns.clone());
@@ -666,7 +666,7 @@ async fn a_later_write_cannot_overtake_an_earlier_one_in_the_cache() {
     a.kv_get(&ns, b("k"), None).await.unwrap(); // cached
                                                 // The first overwrite of version 1 is accepted by DynamoDB, then held before it
                                                 // reaches the cache.
-    let (pause, reached) = pause_at(&d, HookPoint::Update, CacheKey::Kv(ns.clone(), b("k")));
+    let (pause, reached) = pause_at(&d, HookPoint::Update, CacheKey::kv(&ns, b"k"));
     let first = tokio::spawn({
         let (a, ns) = (a.clone(), ns.clone());
         async move { a.kv_put(&ns, b("k"), b("first"), 1).await }

@@ -722,7 +722,7 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
     let ns = name();
     let (mut through, mut around) = (Vec::new(), Vec::new());
     for w in 0..writes {
-        let key = CacheKey::Kv(ns.clone(), b(&format!("k{w}")));
+        let key = CacheKey::kv(&ns, format!("k{w}").as_bytes());
         // Every host holds the key's old state.
         for s in &sims {
             let t = s.cache.ticket(&key);

@@ -249,10 +249,7 @@ async fn shutdown_refuses_newcomers_and_waits_for_requests_in_progress() {
     let (reached_tx, reached) = oneshot::channel::<()>();
     let reached_tx = Mutex::new(Some(reached_tx));
     let release = Arc::new(Notify::new());
-    let (r, target) = (
-        release.clone(),
-        CacheKey::Kv(ns.clone(), Bytes::from_static(b"k")),
-    );
+    let (r, target) = (release.clone(), CacheKey::kv(&ns, b"k"));
     d.service.cache().set_test_hook(Arc::new(move |at, key| {
         let first = (at == HookPoint::Fill && key == target)
             .then(|| reached_tx.lock().unwrap().take())

@@ -57,21 +57,114 @@ const STRIPES: usize = 4096;
 /// Bookkeeping per cache entry counted by the weigher (moka's node, hash slots, key).
 const ENTRY_OVERHEAD_BYTES: usize = 160;
 
-/// What the cache stores things under.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum CacheKey {
-    /// One key of the key-value store: (namespace, key).
-    Kv(String, Bytes),
-    /// One topic of the indexed store.
-    Log(String),
+/// What the cache stores things under: one key of the key-value store (namespace and key)
+/// or one topic of the indexed store, held as one flat byte string so that a lookup can
+/// be made from borrowed parts written into a reusable [`KeyBuf`], without allocating.
+///
+/// The flat form: a tag byte, then for a key the namespace's length (u32, big-endian), the
+/// namespace and the key; for a topic, the topic. Two keys are equal exactly when their
+/// parts are. `Hash` is the flat form's, as `Borrow<[u8]>` requires.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(Box<[u8]>);
+
+/// The parts of a [`CacheKey`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyParts<'a> {
+    Kv { ns: &'a str, key: &'a [u8] },
+    Log { topic: &'a str },
+}
+
+const KV_TAG: u8 = 0;
+const LOG_TAG: u8 = 1;
+const NS_LEN_BYTES: usize = 4;
+
+fn write_kv(out: &mut Vec<u8>, ns: &str, key: &[u8]) {
+    out.clear();
+    out.push(KV_TAG);
+    // A namespace is a DynamoDB string attribute: far below 4 GiB.
+    out.extend_from_slice(&(ns.len() as u32).to_be_bytes());
+    out.extend_from_slice(ns.as_bytes());
+    out.extend_from_slice(key);
+}
+
+fn write_log(out: &mut Vec<u8>, topic: &str) {
+    out.clear();
+    out.push(LOG_TAG);
+    out.extend_from_slice(topic.as_bytes());
 }
 
 impl CacheKey {
-    fn len(&self) -> usize {
-        match self {
-            CacheKey::Kv(ns, key) => ns.len() + key.len(),
-            CacheKey::Log(topic) => topic.len(),
+    /// Key `key` of namespace `ns` of the key-value store.
+    pub fn kv(ns: &str, key: &[u8]) -> CacheKey {
+        let mut flat = Vec::with_capacity(1 + NS_LEN_BYTES + ns.len() + key.len());
+        write_kv(&mut flat, ns, key);
+        CacheKey(flat.into_boxed_slice())
+    }
+
+    /// Topic `topic` of the indexed store.
+    pub fn log(topic: &str) -> CacheKey {
+        let mut flat = Vec::with_capacity(1 + topic.len());
+        write_log(&mut flat, topic);
+        CacheKey(flat.into_boxed_slice())
+    }
+
+    /// The namespace and key, or the topic.
+    pub fn parts(&self) -> KeyParts<'_> {
+        // The flat form is only ever written by `write_kv` and `write_log`, from a `&str`.
+        let text = |b| std::str::from_utf8(b).expect("written from a str");
+        match self.0.split_first() {
+            Some((&KV_TAG, rest)) => {
+                let (len, rest) = rest.split_at(NS_LEN_BYTES);
+                let len = u32::from_be_bytes(len.try_into().expect("four bytes")) as usize;
+                let (ns, key) = rest.split_at(len);
+                KeyParts::Kv { ns: text(ns), key }
+            }
+            Some((_, topic)) => KeyParts::Log { topic: text(topic) },
+            None => unreachable!("a flat key has a tag"),
         }
+    }
+
+    /// Whether this is a key of the key-value store (else a topic).
+    pub fn is_kv(&self) -> bool {
+        self.0[0] == KV_TAG
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for CacheKey {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.parts() {
+            KeyParts::Kv { ns, key } => write!(f, "Kv({ns:?}, {:?})", Bytes::copy_from_slice(key)),
+            KeyParts::Log { topic } => write!(f, "Log({topic:?})"),
+        }
+    }
+}
+
+/// A buffer reused across lookups, in which a key's flat form is written to look it up
+/// with [`Cache::get`] without allocating a [`CacheKey`].
+#[derive(Default)]
+pub struct KeyBuf(Vec<u8>);
+
+impl KeyBuf {
+    /// The flat form of key `key` of namespace `ns`.
+    pub fn kv(&mut self, ns: &str, key: &[u8]) -> &[u8] {
+        write_kv(&mut self.0, ns, key);
+        &self.0
+    }
+
+    /// The flat form of topic `topic`.
+    pub fn log(&mut self, topic: &str) -> &[u8] {
+        write_log(&mut self.0, topic);
+        &self.0
     }
 }
 
@@ -286,7 +379,12 @@ impl Cache {
     }
 
     /// The cached value, if any. Takes no lock.
-    pub async fn get(&self, key: &CacheKey) -> Option<Cached> {
+    /// The entry under `key`: a [`CacheKey`], or a flat form written into a [`KeyBuf`].
+    pub async fn get<Q>(&self, key: &Q) -> Option<Cached>
+    where
+        CacheKey: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.entries.get(key).await
     }
 
@@ -449,20 +547,18 @@ impl Cache {
     /// Forgets every key of namespace `ns`.
     pub async fn invalidate_namespace(&self, ns: &str) {
         let ns = ns.to_owned();
-        self.invalidate_where(move |k| matches!(k, CacheKey::Kv(n, _) if *n == ns))
+        self.invalidate_where(move |k| matches!(k.parts(), KeyParts::Kv { ns: n, .. } if n == ns))
             .await;
     }
 
     /// Forgets every topic of the indexed store (lost continuity of its stream).
     pub async fn invalidate_topics(&self) {
-        self.invalidate_where(|k| matches!(k, CacheKey::Log(_)))
-            .await;
+        self.invalidate_where(|k| !k.is_kv()).await;
     }
 
     /// Forgets every key of the key-value store (lost continuity of its stream).
     pub async fn invalidate_keys(&self) {
-        self.invalidate_where(|k| matches!(k, CacheKey::Kv(..)))
-            .await;
+        self.invalidate_where(CacheKey::is_kv).await;
     }
 
     /// Forgets everything.
@@ -566,7 +662,7 @@ mod tests {
     }
 
     fn key(k: &str) -> CacheKey {
-        CacheKey::Kv("ns".into(), Bytes::copy_from_slice(k.as_bytes()))
+        CacheKey::kv("ns", k.as_bytes())
     }
 
     fn entry(ts: i64) -> Cached {
@@ -626,8 +722,8 @@ mod tests {
             let t = c.ticket(&key(k));
             c.commit_fill(key(k), t, |_| Some(entry(1))).await;
         }
-        let t = c.ticket(&CacheKey::Log("t".into()));
-        c.commit_fill(CacheKey::Log("t".into()), t, |_| {
+        let t = c.ticket(&CacheKey::log("t"));
+        c.commit_fill(CacheKey::log("t"), t, |_| {
             Some(Cached::Log(Arc::new(TopicTail::at(3, 8))))
         })
         .await;
@@ -636,9 +732,9 @@ mod tests {
         assert!(c.get(&key("b")).await.is_some());
         c.invalidate_namespace("ns").await;
         assert!(c.get(&key("b")).await.is_none());
-        assert!(c.get(&CacheKey::Log("t".into())).await.is_some());
+        assert!(c.get(&CacheKey::log("t")).await.is_some());
         c.invalidate_all().await;
-        assert!(c.get(&CacheKey::Log("t".into())).await.is_none());
+        assert!(c.get(&CacheKey::log("t")).await.is_none());
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::cache::CacheKey;
+use crate::cache::{CacheKey, KeyParts};
 use crate::stream::api::StartAt;
 use crate::stream::change::{Change, Content, Digest};
 
@@ -193,13 +193,13 @@ pub enum Key {
 
 impl From<&CacheKey> for Key {
     fn from(key: &CacheKey) -> Key {
-        match key {
-            CacheKey::Kv(ns, key) => Key::Kv {
-                ns: ns.clone(),
+        match key.parts() {
+            KeyParts::Kv { ns, key } => Key::Kv {
+                ns: ns.to_owned(),
                 key: key.to_vec(),
             },
-            CacheKey::Log(topic) => Key::Log {
-                topic: topic.clone(),
+            KeyParts::Log { topic } => Key::Log {
+                topic: topic.to_owned(),
             },
         }
     }
@@ -208,8 +208,8 @@ impl From<&CacheKey> for Key {
 impl From<Key> for CacheKey {
     fn from(key: Key) -> CacheKey {
         match key {
-            Key::Kv { ns, key } => CacheKey::Kv(ns, Bytes::from(key)),
-            Key::Log { topic } => CacheKey::Log(topic),
+            Key::Kv { ns, key } => CacheKey::kv(&ns, &key),
+            Key::Log { topic } => CacheKey::log(&topic),
         }
     }
 }

@@ -310,12 +310,7 @@ async fn publish_hints(
         for t in Table::ALL {
             let of_table: Vec<Key> = batch
                 .iter()
-                .filter(|k| {
-                    matches!(
-                        (t, k),
-                        (Table::Kv, CacheKey::Kv(..)) | (Table::Log, CacheKey::Log(_))
-                    )
-                })
+                .filter(|k| k.is_kv() == (t == Table::Kv))
                 .map(Key::from)
                 .collect();
             if of_table.is_empty() {

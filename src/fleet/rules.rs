@@ -475,7 +475,7 @@ mod tests {
             },
             &mut out,
         );
-        assert_eq!(out, vec![Action::Drop(vec![CacheKey::Log("t".into())])]);
+        assert_eq!(out, vec![Action::Drop(vec![CacheKey::log("t")])]);
     }
 
     #[test]

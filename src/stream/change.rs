@@ -137,10 +137,10 @@ impl Change {
     pub fn cache_key(&self) -> CacheKey {
         match self {
             Change::KvVersion { ns, key, .. } | Change::KvUnknown { ns, key, .. } => {
-                CacheKey::Kv(ns.clone(), key.clone())
+                CacheKey::kv(ns, key)
             }
             Change::LogEntry { topic, .. } | Change::LogCounter { topic, .. } => {
-                CacheKey::Log(topic.clone())
+                CacheKey::log(topic)
             }
         }
     }

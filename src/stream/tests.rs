@@ -70,7 +70,7 @@ impl Rig {
 
     /// Caches key `k` of namespace "ns" as holding `v` at version 1.
     async fn cache_key(&self, k: &str, v: &str) -> CacheKey {
-        let key = CacheKey::Kv("ns".into(), Bytes::copy_from_slice(k.as_bytes()));
+        let key = CacheKey::kv("ns", k.as_bytes());
         let t = self.cache.ticket(&key);
         let entry = KeyVersions::from_fill(vec![(1, Bytes::copy_from_slice(v.as_bytes()))], true);
         self.cache
@@ -231,7 +231,7 @@ async fn trimmed_records_flush_the_table_and_restart_from_the_horizon() {
     fake.add_shard("a", None);
     let mut r = rig(fake).await;
     let key = r.cache_key("k", "v").await;
-    let topic = CacheKey::Log("topic".into());
+    let topic = CacheKey::log("topic");
     let t = r.cache.ticket(&topic);
     let tail = crate::cache::TopicTail::at(3, 8);
     r.cache

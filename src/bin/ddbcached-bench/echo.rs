@@ -1,15 +1,18 @@
-//! The floor: a Unix-socket server with the daemon's framing that answers every frame at
-//! once with a canned `kv.get` hit of the configured size, addressed to the request's id.
-//! Whatever the daemon costs on top of this is the daemon's own work.
+//! The floor: a Unix-socket server with the daemon's framing and codec that answers every
+//! frame at once with a canned `kv.get` hit of the configured size, addressed to the
+//! request's id. It reads and writes the way the daemon's connection loop does (every
+//! complete frame of a read decoded in place, the replies written into one buffer, one
+//! write per batch), so whatever the daemon costs on top of this is the daemon's own work.
 
 use std::path::Path;
 
-use bytes::Bytes;
-use ddbcached_protocol::codec::{decode_request, encode_reply, frame_codec};
+use bytes::{Buf, Bytes, BytesMut};
+use ddbcached_protocol::codec::{
+    complete_frame, decode_request_ref, write_reply, FRAME_HEADER_BYTES,
+};
 use ddbcached_protocol::{Reply, Versioned};
-use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio_util::codec::{FramedRead, FramedWrite};
 
 const MAX_FRAME: usize = 16 * 1024 * 1024;
 
@@ -36,20 +39,22 @@ pub async fn serve(socket: &Path, value_bytes: usize) -> anyhow::Result<()> {
     }
 }
 
-async fn answer(stream: UnixStream, value: Bytes) -> anyhow::Result<()> {
-    let (rd, wr) = stream.into_split();
-    let mut frames = FramedRead::new(rd, frame_codec(MAX_FRAME));
-    let mut sink = FramedWrite::new(wr, frame_codec(MAX_FRAME));
+async fn answer(mut stream: UnixStream, value: Bytes) -> anyhow::Result<()> {
     let reply = Reply::Value(Some(Versioned { ts: 1, value }));
-    while let Some(frame) = frames.next().await {
-        let id = decode_request(&frame?).ok().map(|(id, _)| id);
-        sink.feed(encode_reply(id, &reply)).await?;
-        // Batch like the daemon's writer: flush once nothing more is waiting.
-        if frames.read_buffer().is_empty() {
-            SinkExt::<Bytes>::flush(&mut sink).await?;
+    let mut input = BytesMut::new();
+    let mut output = Vec::new();
+    loop {
+        input.reserve(16 * 1024);
+        if stream.read_buf(&mut input).await? == 0 {
+            return Ok(());
         }
+        while let Some(len) = complete_frame(&input, MAX_FRAME)? {
+            let body = &input[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
+            let id = decode_request_ref(body).ok().map(|(id, _)| id);
+            write_reply(&mut output, id, &reply);
+            input.advance(FRAME_HEADER_BYTES + len);
+        }
+        stream.write_all(&output).await?;
+        output.clear();
     }
-    // Replies fed after the last flush must still leave before the connection closes.
-    SinkExt::<Bytes>::flush(&mut sink).await?;
-    Ok(())
 }
