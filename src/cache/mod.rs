@@ -390,7 +390,12 @@ impl Cache {
 
     /// Counts how a read was served.
     pub fn record(&self, op: ReadOp, served: Served) {
-        self.stats.served[op as usize][served as usize].fetch_add(1, Ordering::Relaxed);
+        self.record_many(op, served, 1);
+    }
+
+    /// Counts `count` reads served alike.
+    pub fn record_many(&self, op: ReadOp, served: Served, count: u64) {
+        self.stats.served[op as usize][served as usize].fetch_add(count, Ordering::Relaxed);
     }
 
     /// The entry of `key`: the cached one, or, on a miss, the one `load` reads from

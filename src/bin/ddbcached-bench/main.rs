@@ -81,7 +81,7 @@ struct RunArgs {
     #[arg(long, short = 'd', default_value_t = 1)]
     depth: usize,
     /// Measured time, in seconds (after a one-second warm-up).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
     /// Distinct keys.
     #[arg(long, default_value_t = 1000)]
