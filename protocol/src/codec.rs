@@ -131,12 +131,21 @@ pub fn encode_request(id: u64, request: &Request) -> Bytes {
 
 /// Decodes a request body, checking every field the operation needs.
 pub fn decode_request(body: &[u8]) -> Result<(u64, Request), RequestError> {
-    decode_request_ref(body).map(|(id, request)| (id, request.into_owned()))
+    decode_fields(body).map(|(id, request)| (id, request.into_owned()))
 }
 
 /// Decodes a request body like [`decode_request`], borrowing what the reads a cache can
-/// answer need from `body` instead of copying it.
+/// answer need from `body` instead of copying it. Those reads are first tried on a fast
+/// path ([`scan_cacheable_read`]).
 pub fn decode_request_ref(body: &[u8]) -> Result<(u64, RequestRef<'_>), RequestError> {
+    match scan_cacheable_read(body) {
+        Some(read) => Ok(read),
+        None => decode_fields(body),
+    }
+}
+
+/// The full decoder: the map through serde, then each operation's fields checked.
+fn decode_fields(body: &[u8]) -> Result<(u64, RequestRef<'_>), RequestError> {
     let w: WireRequestIn = rmp_serde::from_slice(body).map_err(|e| RequestError {
         // The body did not decode as a whole; its id may still be readable.
         id: rmp_serde::from_slice::<WireIdOnly>(body)
@@ -155,6 +164,89 @@ pub fn decode_request_ref(body: &[u8]) -> Result<(u64, RequestRef<'_>), RequestE
     let mut fields = Fields { id, w };
     let request = fields.request()?;
     Ok((id, request))
+}
+
+/// The fast path of [`decode_request_ref`]: a well-formed `kv.get`, `kv.latest_ts` or
+/// `log.position` map (only their fields, each once, of the documented types) read with
+/// MessagePack's primitives, field names compared as bytes. Anything else, including
+/// every invalid request, is `None` and left to the full decoder, which reads the same
+/// body to the same request or names what is wrong with it; so this path only has to be
+/// right about what it accepts.
+fn scan_cacheable_read(body: &[u8]) -> Option<(u64, RequestRef<'_>)> {
+    use rmp::decode::{read_bool, read_int, read_map_len, read_marker};
+    use rmp::Marker;
+
+    /// A str or bin, borrowed.
+    fn bytes<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = match read_marker(rd).ok()? {
+            Marker::FixStr(n) => usize::from(n),
+            Marker::Str8 | Marker::Bin8 => {
+                usize::from(rmp::decode::RmpRead::read_data_u8(rd).ok()?)
+            }
+            Marker::Str16 | Marker::Bin16 => {
+                usize::from(rmp::decode::RmpRead::read_data_u16(rd).ok()?)
+            }
+            Marker::Str32 | Marker::Bin32 => {
+                usize::try_from(rmp::decode::RmpRead::read_data_u32(rd).ok()?).ok()?
+            }
+            _ => return None,
+        };
+        let (value, rest) = rd.split_at_checked(len)?;
+        *rd = rest;
+        Some(value)
+    }
+
+    /// A namespace or topic: non-empty UTF-8.
+    fn name(raw: Option<&[u8]>) -> Option<&str> {
+        std::str::from_utf8(raw.filter(|n| !n.is_empty())?).ok()
+    }
+
+    let mut rd = body;
+    let (mut id, mut op, mut ns, mut key, mut topic) = (None, None, None, None, None);
+    let (mut before, mut consistent) = (None, None);
+    for _ in 0..read_map_len(&mut rd).ok()? {
+        let field = bytes(&mut rd)?;
+        let fresh = match field {
+            b"id" => id.replace(read_int::<u64, _>(&mut rd).ok()?).is_none(),
+            b"op" => op.replace(bytes(&mut rd)?).is_none(),
+            b"ns" => ns.replace(bytes(&mut rd)?).is_none(),
+            b"key" => key.replace(bytes(&mut rd)?).is_none(),
+            b"topic" => topic.replace(bytes(&mut rd)?).is_none(),
+            b"before" => before.replace(read_int::<i64, _>(&mut rd).ok()?).is_none(),
+            b"consistent" => consistent.replace(read_bool(&mut rd).ok()?).is_none(),
+            _ => false,
+        };
+        if !fresh {
+            return None;
+        }
+    }
+    if !rd.is_empty() {
+        return None;
+    }
+    let key = key.filter(|k| !k.is_empty());
+    let request = match op? {
+        b"kv.get" if topic.is_none() => RequestRef::KvGet {
+            ns: name(ns)?,
+            key: key?,
+            before,
+            consistent: consistent.unwrap_or(false),
+        },
+        b"kv.latest_ts" if topic.is_none() && before.is_none() && consistent.is_none() => {
+            RequestRef::KvLatestTs {
+                ns: name(ns)?,
+                key: key?,
+            }
+        }
+        b"log.position"
+            if ns.is_none() && key.is_none() && before.is_none() && consistent.is_none() =>
+        {
+            RequestRef::LogPosition {
+                topic: name(topic)?,
+            }
+        }
+        _ => return None,
+    };
+    Some((id?, request))
 }
 
 /// Checks and takes the fields of one decoded request map.
@@ -706,6 +798,103 @@ mod tests {
             assert_eq!(borrowed.op(), read.op());
             assert_eq!(borrowed.into_owned(), read);
         }
+    }
+
+    #[test]
+    fn the_fast_path_reads_what_the_full_decoder_reads() {
+        use rmpv::Value;
+        let s = |v: &str| Value::from(v);
+        let bin = |v: &[u8]| Value::Binary(v.to_vec());
+        let get = || {
+            vec![
+                (s("id"), Value::from(7)),
+                (s("op"), s("kv.get")),
+                (s("ns"), s("n")),
+                (s("key"), bin(b"k")),
+            ]
+        };
+        let with = |extra: Vec<(Value, Value)>| {
+            let mut m = get();
+            m.extend(extra);
+            m
+        };
+        let without = |field: &str| {
+            let mut m = get();
+            m.retain(|(k, _)| k.as_str() != Some(field));
+            m
+        };
+        let replaced = |field: &str, v: Value| {
+            let mut m = without(field);
+            m.push((s(field), v));
+            m
+        };
+        let maps = [
+            get(),
+            with(vec![
+                (s("before"), Value::from(-3)),
+                (s("consistent"), Value::from(true)),
+            ]),
+            replaced("ns", bin(b"n")),
+            replaced("key", s("k")),
+            replaced("op", bin(b"kv.get")),
+            replaced("op", s("kv.latest_ts")),
+            replaced("op", s("kv.put")),
+            replaced("op", s("KV.GET")),
+            vec![
+                (s("id"), Value::from(1)),
+                (s("op"), s("log.position")),
+                (s("topic"), s("t")),
+            ],
+            vec![
+                (s("id"), Value::from(1)),
+                (s("op"), s("log.position")),
+                (s("ns"), s("t")),
+            ],
+            // Each of these is refused, or read otherwise, by the full decoder.
+            with(vec![(s("id"), Value::from(8))]),
+            with(vec![(s("extra"), Value::from(1))]),
+            with(vec![(s("before"), Value::Nil)]),
+            with(vec![(s("before"), Value::from(u64::MAX))]),
+            with(vec![(s("consistent"), Value::from(1))]),
+            with(vec![(s("topic"), s("t"))]),
+            replaced("op", s("kv.latest_ts"))
+                .into_iter()
+                .chain([(s("before"), Value::from(1))])
+                .collect(),
+            replaced("id", Value::from(-1)),
+            replaced("id", Value::Nil),
+            replaced("ns", s("")),
+            replaced("ns", bin(b"\xff")),
+            replaced("key", bin(b"")),
+            replaced("key", Value::from(vec![Value::from(1)])),
+            without("id"),
+            without("op"),
+            without("ns"),
+            without("key"),
+        ];
+        let mut fast = 0;
+        for map in maps {
+            let mut body = Vec::new();
+            rmpv::encode::write_value(&mut body, &Value::Map(map.clone())).unwrap();
+            let full = decode_request(&body);
+            let scanned = scan_cacheable_read(&body);
+            if let Some((id, read)) = scanned.clone() {
+                fast += 1;
+                assert_eq!(Ok((id, read.into_owned())), full, "{map:?}");
+            }
+            assert_eq!(
+                decode_request_ref(&body).map(|(id, r)| (id, r.into_owned())),
+                full,
+                "{map:?}"
+            );
+            // Trailing bytes are the full decoder's to judge.
+            body.push(0xc0);
+            assert_eq!(scan_cacheable_read(&body), None, "{map:?}");
+        }
+        assert_eq!(
+            fast, 7,
+            "the fast path took another number of the good reads"
+        );
     }
 
     #[test]
