@@ -6,8 +6,9 @@
 //! allocator counts nothing else.
 //!
 //! moka itself allocates now and then: every 64 reads, a read runs the cache's
-//! housekeeping (about 5 allocations each time in moka 0.12's `future` cache, 0.5 in its
-//! `sync` one). So the path is compared with the bare lookups of the same key.
+//! housekeeping (about 0.5 allocations each time in moka 0.12's `sync` cache, which the
+//! daemon uses; 5.5 in its `future` one). So the path is compared with the bare lookups
+//! of the same key.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -143,9 +144,9 @@ async fn a_hit_allocates_nothing() {
         made <= by_moka + HITS / 1000,
         "{made} allocations in {HITS} hits, {by_moka} in the lookups alone: a hit allocates"
     );
-    // And moka's share stays what it is (about one in twelve reads).
+    // And moka's share stays what it is (about one in a hundred reads).
     assert!(
-        by_moka * 8 < HITS,
+        by_moka * 50 < HITS,
         "{by_moka} allocations in {HITS} lookups"
     );
 }
