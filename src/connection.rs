@@ -197,8 +197,11 @@ impl Connection {
                         tracing::debug!("closing an idle connection");
                         break;
                     }
-                    let next = if self.pending() > 0 { last_written } else { last_read } + limit;
-                    timer.as_mut().reset(next.max(at + Duration::from_millis(1)));
+                    let since = if self.pending() > 0 { last_written } else { last_read };
+                    // Past due with nothing to act on (requests still running): look
+                    // again a whole period later.
+                    let next = Some(since + limit).filter(|&t| t > at).unwrap_or(at + limit);
+                    timer.as_mut().reset(next);
                 }
             }
             now = Instant::now();
