@@ -891,6 +891,22 @@ mod tests {
             body.push(0xc0);
             assert_eq!(scan_cacheable_read(&body), None, "{map:?}");
         }
+        // A key sent as a str that is not UTF-8: both read its bytes.
+        let mut body = Vec::new();
+        rmp::encode::write_map_len(&mut body, 4).unwrap();
+        for (field, value) in [("id", None), ("op", Some("kv.get")), ("ns", Some("n"))] {
+            rmp::encode::write_str(&mut body, field).unwrap();
+            match value {
+                Some(v) => rmp::encode::write_str(&mut body, v).unwrap(),
+                None => rmp::encode::write_uint(&mut body, 7).map(drop).unwrap(),
+            }
+        }
+        rmp::encode::write_str(&mut body, "key").unwrap();
+        body.extend_from_slice(&[0xa1, 0xff]);
+        let full = decode_request(&body);
+        assert!(full.is_ok(), "{full:?}");
+        let (id, read) = scan_cacheable_read(&body).expect("a well-formed kv.get");
+        assert_eq!(Ok((id, read.into_owned())), full);
         assert_eq!(
             fast, 7,
             "the fast path took another number of the good reads"
