@@ -151,6 +151,9 @@ impl Connection {
             // A frame read after shutdown began is never run.
             self.draining |= shutdown.is_cancelled();
             self.answer_buffered(now).await;
+            // Counted before their replies leave: a client that has its answer sees it
+            // counted.
+            self.count_hits(now);
             self.take_queued();
             let had_output = self.pending() > 0;
             if self.write() || (!had_output && self.pending() > 0) {
@@ -158,7 +161,6 @@ impl Connection {
                 // started to wait.
                 last_written = now;
             }
-            self.count_hits(now);
             if self.state == State::Gone {
                 self.gone.cancel();
             }
