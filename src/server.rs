@@ -80,17 +80,19 @@ impl Default for ServerStats {
 impl ServerStats {
     /// A request was answered after `elapsed` (`op` `None`: it did not decode).
     pub fn request(&self, op: Option<Op>, error: Option<ErrorCode>, elapsed: Duration) {
-        let result = error.map_or(0, |c| 1 + c.index());
-        let op = metrics::op_index(op);
-        self.requests[op][result].fetch_add(1, Ordering::Relaxed);
-        self.durations[op].record(elapsed, 1);
+        self.add(op, error, 1, elapsed);
     }
 
     /// `count` requests of `op` were answered successfully, none after more than
     /// `elapsed`: a connection's batch of hits.
     pub fn requests_ok(&self, op: Op, count: u64, elapsed: Duration) {
-        let op = metrics::op_index(Some(op));
-        self.requests[op][0].fetch_add(count, Ordering::Relaxed);
+        self.add(Some(op), None, count, elapsed);
+    }
+
+    fn add(&self, op: Option<Op>, error: Option<ErrorCode>, count: u64, elapsed: Duration) {
+        let result = error.map_or(0, |c| 1 + c.index());
+        let op = metrics::op_index(op);
+        self.requests[op][result].fetch_add(count, Ordering::Relaxed);
         self.durations[op].record(elapsed, count);
     }
 
