@@ -49,7 +49,7 @@ children+=("$!")
 for i in $(seq 1 "$fleet"); do
   DDBCACHED_SOCKET="/tmp/ddbcached-$i.sock" \
   DDBCACHED_METRICS_LISTEN="127.0.0.1:$((9464 + i))" \
-  DDBCACHED_FANOUT_REDIS_URL="redis://127.0.0.1:$redis_port" \
+  DDBCACHED_FLEET_REDIS_URL="redis://127.0.0.1:$redis_port" \
     target/release/ddbcached serve --config "$config" &
   children+=("$!")
 done

@@ -34,11 +34,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::cache::{Cache, CacheKey};
+use crate::cache::{Cache, CacheKey, Cached};
 use crate::metrics::{Exposition, Kind};
-use crate::stream::api::{Record, StartAt};
+use crate::store::StoreTable;
 use crate::stream::change::{digest, Change, Digest};
-use crate::stream::{FlushCause, Table};
+use crate::stream::sink::{Seen, Sink, SinkError};
+use crate::stream::FlushCause;
 
 /// Own writes remembered until their records come back.
 const ECHOES_REMEMBERED: usize = 4096;
@@ -50,40 +51,6 @@ pub enum ItemKey {
     Kv(String, Bytes, i64),
     Log(String, i64),
     Counter(String),
-}
-
-/// What a reader of changes saw, in the order it saw it, for one table.
-#[derive(Debug)]
-pub enum Seen<'a> {
-    /// Records of one shard, in shard order, read from just after `after`.
-    Records {
-        shard: &'a str,
-        after: &'a StartAt,
-        records: &'a [Record],
-    },
-    /// The shard is closed and every record of it has been handed over.
-    ShardEnded { shard: &'a str },
-    /// Continuity was lost: some changes were never seen.
-    ContinuityLost(FlushCause),
-    /// Every change made before this instant has been handed over (`None`: no such
-    /// proof right now).
-    CaughtUp(Option<Instant>),
-}
-
-/// Why a sink did not take what it was given; the reader keeps its position and gives
-/// the same again later.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SinkError(pub String);
-
-/// Where a reader of changes hands what it saw. It moves its checkpoint past something
-/// only once the sink has accepted it.
-pub trait Sink: Send + Sync + 'static {
-    fn accept(
-        &self,
-        table: Table,
-        seen: Seen<'_>,
-    ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
 /// The coherence of one daemon's cache with the tables.
@@ -155,14 +122,14 @@ impl Coherence {
 
     /// Whether reads of `table` must bypass the cache: nobody has proven it fresh within
     /// the staleness bound. Logs and counts each switch.
-    pub fn must_bypass(&self, table: Table) -> bool {
+    pub fn must_bypass(&self, table: StoreTable) -> bool {
         self.must_bypass_at(table, Instant::now())
     }
 
     /// [`Coherence::must_bypass`] for reads received by `at`: judging them as of `at`
     /// (earlier than now) is safe, since they began no later. A connection answers a
     /// batch of reads with one clock read.
-    pub fn must_bypass_at(&self, table: Table, at: Instant) -> bool {
+    pub fn must_bypass_at(&self, table: StoreTable, at: Instant) -> bool {
         let fresh_as_of = self.fresh_as_of_ms[table as usize].load(Ordering::Acquire);
         let at_ms = at.saturating_duration_since(self.clock).as_millis() as u64;
         let stale =
@@ -269,13 +236,13 @@ impl Coherence {
 
     /// Brings the cache in line with a change of `table`; returns whether a cached entry
     /// was dropped.
-    pub async fn apply(&self, table: Table, change: &Change) -> bool {
+    pub async fn apply(&self, table: StoreTable, change: &Change) -> bool {
         if self.is_echo(change) {
             return false;
         }
         let dropped = self
             .cache
-            .reconcile(change.cache_key(), |cached| change.reflected_by(cached))
+            .reconcile(cache_key(change), |cached| reflected_by(change, cached))
             .await;
         if dropped {
             self.stats.invalidations[table as usize].fetch_add(1, Ordering::Relaxed);
@@ -285,7 +252,7 @@ impl Coherence {
 
     /// Someone changed `key` (a write hint from another daemon, which does not say how):
     /// the entry is dropped and fills in flight are rejected.
-    pub async fn drop_key(&self, table: Table, key: CacheKey) {
+    pub async fn drop_key(&self, table: StoreTable, key: CacheKey) {
         if self.cache.reconcile(key, |_| false).await {
             self.stats.invalidations[table as usize].fetch_add(1, Ordering::Relaxed);
         }
@@ -293,7 +260,7 @@ impl Coherence {
 
     /// Continuity lost: forgets everything cached from `table` (the other table is
     /// unaffected).
-    pub async fn flush(&self, table: Table, cause: FlushCause) {
+    pub async fn flush(&self, table: StoreTable, cause: FlushCause) {
         tracing::warn!(
             table = table.name(),
             cause = cause.name(),
@@ -301,13 +268,13 @@ impl Coherence {
         );
         self.stats.flushes[cause as usize].fetch_add(1, Ordering::Relaxed);
         match table {
-            Table::Kv => self.cache.invalidate_keys().await,
-            Table::Log => self.cache.invalidate_topics().await,
+            StoreTable::Kv => self.cache.invalidate_keys().await,
+            StoreTable::Log => self.cache.invalidate_topics().await,
         }
     }
 
     /// Every change of `table` made before `as_of` has been applied (`None`: not proven).
-    pub fn fresh_as_of(&self, table: Table, as_of: Option<Instant>) {
+    pub fn fresh_as_of(&self, table: StoreTable, as_of: Option<Instant>) {
         // A proof older than this module's clock (set back by the bound) is stale anyway.
         let ms = as_of
             .and_then(|at| at.checked_duration_since(self.clock))
@@ -323,7 +290,7 @@ impl Coherence {
             Kind::Counter,
             "Cached entries dropped by stream records, by table.",
             "table",
-            Table::ALL.map(|t| (t.name(), s.invalidations[t as usize])),
+            StoreTable::ALL.map(|t| (t.name(), s.invalidations[t as usize])),
         );
         out.by_label(
             "ddbcached_stream_flushes_total",
@@ -343,14 +310,14 @@ impl Coherence {
             Kind::Gauge,
             "1 while reads of the table bypass the cache (tailer behind the staleness bound).",
             "table",
-            Table::ALL.map(|t| (t.name(), u8::from(s.bypassing[t as usize]))),
+            StoreTable::ALL.map(|t| (t.name(), u8::from(s.bypassing[t as usize]))),
         );
         out.by_label(
             "ddbcached_stream_seconds_since_caught_up",
             Kind::Gauge,
             "Age of the table's last proof of being caught up (absent before the first).",
             "table",
-            Table::ALL
+            StoreTable::ALL
                 .into_iter()
                 .filter_map(|t| Some((t.name(), s.seconds_since_caught_up[t as usize]?))),
         );
@@ -374,9 +341,54 @@ impl Coherence {
     }
 }
 
+/// The cache key the change concerns.
+fn cache_key(change: &Change) -> CacheKey {
+    match change {
+        Change::KvVersion { ns, key, .. } | Change::KvUnknown { ns, key, .. } => {
+            CacheKey::kv(ns, key)
+        }
+        Change::LogEntry { topic, .. } | Change::LogCounter { topic, .. } => CacheKey::log(topic),
+    }
+}
+
+/// Whether the cached value already shows this change.
+fn reflected_by(change: &Change, cached: &Cached) -> bool {
+    match (change, cached) {
+        (
+            Change::KvVersion {
+                ts, value: Some(v), ..
+            },
+            Cached::Kv(e),
+        ) => e.reflects_put(*ts, |cached| v.matches(cached)),
+        (
+            Change::KvVersion {
+                ts, value: None, ..
+            },
+            Cached::Kv(e),
+        ) => e.reflects_removal(*ts),
+        (
+            Change::LogEntry {
+                index,
+                value: Some(v),
+                ..
+            },
+            Cached::Log(t),
+        ) => t.reflects_entry(*index, |cached| v.matches(cached)),
+        (Change::LogEntry { value: None, .. }, Cached::Log(t))
+        | (Change::LogCounter { position: None, .. }, Cached::Log(t)) => t.reflects_deletion(),
+        (
+            Change::LogCounter {
+                position: Some(p), ..
+            },
+            Cached::Log(t),
+        ) => t.reflects_position(*p),
+        _ => false,
+    }
+}
+
 /// Applying what a tailer read to the local cache.
 impl Sink for Coherence {
-    async fn accept(&self, table: Table, seen: Seen<'_>) -> Result<(), SinkError> {
+    async fn accept(&self, table: StoreTable, seen: Seen<'_>) -> Result<(), SinkError> {
         match seen {
             Seen::Records { records, .. } => {
                 for record in records {
@@ -429,15 +441,15 @@ mod tests {
         let entry = KeyVersions::from_fill(vec![(5, Bytes::from_static(b"v"))], true);
         fill(&cache, &key, Cached::Kv(Arc::new(entry))).await;
         assert!(
-            !c.apply(Table::Kv, &kv(5, Some(b"v"))).await,
+            !c.apply(StoreTable::Kv, &kv(5, Some(b"v"))).await,
             "shown already"
         );
         assert!(cache.get(&key).await.is_some());
-        assert!(c.apply(Table::Kv, &kv(5, Some(b"w"))).await);
+        assert!(c.apply(StoreTable::Kv, &kv(5, Some(b"w"))).await);
         assert!(cache.get(&key).await.is_none());
         // An uncached key: nothing to drop, but fills in flight are rejected.
         let t = cache.ticket(&key);
-        assert!(!c.apply(Table::Kv, &kv(5, Some(b"w"))).await);
+        assert!(!c.apply(StoreTable::Kv, &kv(5, Some(b"w"))).await);
         assert!(!cache.commit_fill(key.clone(), t, |_| None).await);
         assert_eq!(c.snapshot().invalidations, [1, 0]);
 
@@ -456,9 +468,9 @@ mod tests {
             position: Some(p),
         };
         for shown in [entry(1, b"e1"), counter(1), counter(2)] {
-            assert!(!c.apply(Table::Log, &shown).await, "{shown:?}");
+            assert!(!c.apply(StoreTable::Log, &shown).await, "{shown:?}");
         }
-        assert!(c.apply(Table::Log, &entry(3, b"e3")).await);
+        assert!(c.apply(StoreTable::Log, &entry(3, b"e3")).await);
     }
 
     #[tokio::test]
@@ -471,38 +483,38 @@ mod tests {
         // The cache holds an older state: a foreign record would drop it, the echo not.
         let old = KeyVersions::from_fill(vec![(1, Bytes::from_static(b"old"))], true);
         fill(&cache, &key, Cached::Kv(Arc::new(old.clone()))).await;
-        assert!(!c.apply(Table::Kv, &kv(7, Some(b"mine"))).await);
+        assert!(!c.apply(StoreTable::Kv, &kv(7, Some(b"mine"))).await);
         assert!(cache.get(&key).await.is_some());
         // Recognised once: the same record again is news to reconcile.
-        assert!(c.apply(Table::Kv, &kv(7, Some(b"mine"))).await);
+        assert!(c.apply(StoreTable::Kv, &kv(7, Some(b"mine"))).await);
         // Another content for the same item is someone else's write.
         fill(&cache, &key, Cached::Kv(Arc::new(old.clone()))).await;
         c.note_write(item.clone(), b"mine");
-        assert!(c.apply(Table::Kv, &kv(7, Some(b"theirs"))).await);
+        assert!(c.apply(StoreTable::Kv, &kv(7, Some(b"theirs"))).await);
         // A failed write leaves nothing to recognise.
         fill(&cache, &key, Cached::Kv(Arc::new(old))).await;
         let item = ItemKey::Kv("ns".into(), Bytes::from_static(b"k"), 8);
         let failed: Result<(), ()> = c.own_write(item, b"lost", async { Err(()) }).await;
         assert!(failed.is_err());
-        assert!(c.apply(Table::Kv, &kv(8, Some(b"lost"))).await);
+        assert!(c.apply(StoreTable::Kv, &kv(8, Some(b"lost"))).await);
     }
 
     #[tokio::test]
     async fn freshness_follows_the_proofs_and_a_flush_drops_one_table() {
         let (cache, c) = coherence();
-        assert!(c.must_bypass(Table::Kv), "no proof yet");
-        c.fresh_as_of(Table::Kv, Some(Instant::now()));
-        assert!(!c.must_bypass(Table::Kv));
-        assert!(c.must_bypass(Table::Log));
-        c.fresh_as_of(Table::Kv, None);
-        assert!(c.must_bypass(Table::Kv));
+        assert!(c.must_bypass(StoreTable::Kv), "no proof yet");
+        c.fresh_as_of(StoreTable::Kv, Some(Instant::now()));
+        assert!(!c.must_bypass(StoreTable::Kv));
+        assert!(c.must_bypass(StoreTable::Log));
+        c.fresh_as_of(StoreTable::Kv, None);
+        assert!(c.must_bypass(StoreTable::Kv));
         assert_eq!(c.snapshot().bypass_switches, 2);
 
         let key = CacheKey::kv("ns", b"k");
         let topic = CacheKey::log("t");
         fill(&cache, &key, Cached::Kv(Arc::new(KeyVersions::absent()))).await;
         fill(&cache, &topic, Cached::Log(Arc::new(TopicTail::at(0, 8)))).await;
-        c.accept(Table::Kv, Seen::ContinuityLost(FlushCause::Trimmed))
+        c.accept(StoreTable::Kv, Seen::ContinuityLost(FlushCause::Trimmed))
             .await
             .unwrap();
         assert!(cache.get(&key).await.is_none());

@@ -16,6 +16,10 @@ const MIN_FRAME_BYTES: usize = 512 * 1024;
 /// Environment variables that are not `DDBCACHED_<SECTION>_<KEY>` but name a key directly.
 const ENV_ALIASES: [(&str, &str, &str); 1] = [("DDBCACHED_SOCKET", "server", "socket_path")];
 
+/// Sections that were renamed, old name first. Files and variables that use the old name
+/// still load, with a warning ([`Config::warnings`]).
+const RENAMED_SECTIONS: [(&str, &str); 2] = [("fanout", "fleet"), ("log", "logging")];
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -24,9 +28,13 @@ pub struct Config {
     pub dynamodb: DynamoConfig,
     pub cache: CacheConfig,
     pub streams: StreamsConfig,
-    pub fanout: FanoutConfig,
+    pub fleet: FleetConfig,
     pub metrics: MetricsConfig,
-    pub log: LogConfig,
+    pub logging: LoggingConfig,
+    /// What the configuration said in an outdated way (a renamed section), for the
+    /// daemon to log once logging is set up.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// The Unix-socket server.
@@ -107,7 +115,7 @@ pub struct DynamoConfig {
     pub batch_max_attempts: u32,
     /// Attempts to allocate a log index when other writers keep winning the race.
     pub index_allocation_max_attempts: u32,
-    /// Table of the relay leases of fleet mode (`[fanout]`): who reads which table's
+    /// Table of the relay leases of fleet mode (`[fleet]`): who reads which table's
     /// stream, and where each reader stands.
     pub lease_table: String,
 }
@@ -212,11 +220,11 @@ impl StreamsConfig {
 /// through a Redis stream that every daemon consumes.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct FanoutConfig {
+pub struct FleetConfig {
     /// `redis://host:port`, `rediss://host:port` (TLS) or `unix:///path`; empty: no
     /// fleet, this daemon
     /// reads the streams itself (for one or two daemons per table). Credentials belong in
-    /// the environment (`DDBCACHED_FANOUT_REDIS_URL`), not in this file.
+    /// the environment (`DDBCACHED_FLEET_REDIS_URL`), not in this file.
     pub redis_url: String,
     /// Daemons reading each table's stream at once: 2 for single-Region tables, 1 for
     /// global tables or tables with another stream consumer (a Lambda trigger).
@@ -240,13 +248,13 @@ pub struct FanoutConfig {
     pub tls_ca_file: String,
     /// Shared key authenticating every entry (HMAC-SHA256); empty: entries are not
     /// authenticated, and whoever can write to Redis can claim freshness. Set it from the
-    /// environment (`DDBCACHED_FANOUT_AUTH_KEY`).
+    /// environment (`DDBCACHED_FLEET_AUTH_KEY`).
     pub auth_key: String,
 }
 
-impl Default for FanoutConfig {
+impl Default for FleetConfig {
     fn default() -> Self {
-        FanoutConfig {
+        FleetConfig {
             redis_url: String::new(),
             relay_slots: 2,
             relay_eligible: true,
@@ -260,7 +268,7 @@ impl Default for FanoutConfig {
     }
 }
 
-impl FanoutConfig {
+impl FleetConfig {
     /// Whether fleet mode is on.
     pub fn enabled(&self) -> bool {
         !self.redis_url.is_empty()
@@ -290,16 +298,16 @@ impl Default for MetricsConfig {
 /// Logging.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
+pub struct LoggingConfig {
     /// Filter in `tracing` syntax (`info`, `ddbcached=debug`); `RUST_LOG` overrides it.
     pub level: String,
     /// `text` for people, `json` for log collectors.
     pub format: String,
 }
 
-impl Default for LogConfig {
+impl Default for LoggingConfig {
     fn default() -> Self {
-        LogConfig {
+        LoggingConfig {
             level: "info".into(),
             format: "text".into(),
         }
@@ -357,14 +365,18 @@ impl Config {
             path: origin.clone(),
             message: e.to_string(),
         })?;
-        apply_env(&mut table, env)?;
-        let config: Config = table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: origin,
-                message: e.to_string(),
-            })?;
+        let mut warnings = Vec::new();
+        rename_sections(&mut table, &origin, &mut warnings)?;
+        apply_env(&mut table, env, &mut warnings)?;
+        let mut config: Config =
+            table
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: origin,
+                    message: e.to_string(),
+                })?;
         config.validate()?;
+        config.warnings = warnings;
         Ok(config)
     }
 
@@ -468,9 +480,9 @@ impl Config {
             self.streams.stream_readers > 0,
             "must be at least 1",
         )?;
-        let f = &self.fanout;
+        let f = &self.fleet;
         check(
-            "fanout.redis_url",
+            "fleet.redis_url",
             redacted(&f.redis_url),
             f.redis_url.is_empty()
                 || ["redis://", "rediss://", "unix://"]
@@ -479,26 +491,26 @@ impl Config {
             "must be empty or start with redis://, rediss:// or unix://",
         )?;
         check(
-            "fanout.relay_slots",
+            "fleet.relay_slots",
             f.relay_slots,
             (1..=2).contains(&f.relay_slots),
             "must be 1 or 2 (DynamoDB Streams serves about two readers per shard)",
         )?;
         check(
-            "fanout.lease_ms",
+            "fleet.lease_ms",
             f.lease_ms,
             f.lease_ms >= 300,
             "must be at least 300",
         )?;
         if f.enabled() {
             check(
-                "fanout.clock_skew_ms",
+                "fleet.clock_skew_ms",
                 f.clock_skew_ms,
                 f.clock_skew_ms + self.streams.poll_interval_ms < self.cache.max_staleness_ms,
                 "plus streams.poll_interval_ms must be less than cache.max_staleness_ms",
             )?;
             check(
-                "fanout.retention_ms",
+                "fleet.retention_ms",
                 f.retention_ms,
                 f.retention_ms > self.cache.max_staleness_ms,
                 "must be more than cache.max_staleness_ms",
@@ -520,9 +532,9 @@ impl Config {
             "must be empty or an address like 127.0.0.1:9464",
         )?;
         check(
-            "log.format",
-            &self.log.format,
-            matches!(self.log.format.as_str(), "text" | "json"),
+            "logging.format",
+            &self.logging.format,
+            matches!(self.logging.format.as_str(), "text" | "json"),
             "must be `text` or `json`",
         )?;
         Ok(())
@@ -556,19 +568,60 @@ fn check(
     }
 }
 
+/// Moves each renamed section of the file to its new name; a file with both is refused.
+fn rename_sections(
+    table: &mut toml::Table,
+    origin: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    for (old, new) in RENAMED_SECTIONS {
+        let Some(section) = table.remove(old) else {
+            continue;
+        };
+        if table.contains_key(new) {
+            return Err(ConfigError::Parse {
+                path: origin.to_owned(),
+                message: format!("[{old}] is the old name of [{new}]; keep only [{new}]"),
+            });
+        }
+        warnings.push(format!(
+            "config file {origin}: section [{old}] is now called [{new}]; the old name still works"
+        ));
+        table.insert(new.to_owned(), section);
+    }
+    Ok(())
+}
+
+/// A variable's name with a renamed section's old name replaced by the new one, and
+/// whether it was.
+fn current_env_name(name: &str) -> (String, bool) {
+    for (old, new) in RENAMED_SECTIONS {
+        let old_prefix = format!("DDBCACHED_{}_", old.to_ascii_uppercase());
+        if let Some(key) = name.strip_prefix(&old_prefix) {
+            return (
+                format!("DDBCACHED_{}_{key}", new.to_ascii_uppercase()),
+                true,
+            );
+        }
+    }
+    (name.to_owned(), false)
+}
+
 /// Writes every `DDBCACHED_<SECTION>_<KEY>` (and alias) variable into `table`, typed like
 /// the key's default so that `DDBCACHED_SERVER_MAX_FRAME_BYTES=2097152` is an integer.
 /// Variables that name no key are left alone: other tools share the prefix.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
+    warnings: &mut Vec<String>,
 ) -> Result<(), ConfigError> {
     let defaults = toml::Table::try_from(Config::default())
         .expect("the default configuration serializes to TOML");
-    for (name, value) in env {
-        if !name.starts_with("DDBCACHED_") {
+    for (given, value) in env {
+        if !given.starts_with("DDBCACHED_") {
             continue;
         }
+        let (name, renamed) = current_env_name(&given);
         let target = ENV_ALIASES
             .iter()
             .find(|(alias, _, _)| *alias == name)
@@ -586,8 +639,13 @@ fn apply_env(
         let Some((section, key)) = target else {
             continue;
         };
+        if renamed {
+            warnings.push(format!(
+                "{given} is now called {name}; the old name still works"
+            ));
+        }
         let invalid = |reason: &str| ConfigError::Env {
-            name: name.clone(),
+            name: given.clone(),
             value: value.clone(),
             reason: reason.into(),
         };
@@ -707,9 +765,11 @@ mod tests {
                 .starts_with("server.max_frame_bytes = 10 is not valid"),
             "{e}"
         );
-        let e = Config::load_with_env(None, env(&[("DDBCACHED_LOG_FORMAT", "xml")])).unwrap_err();
+        let e =
+            Config::load_with_env(None, env(&[("DDBCACHED_LOGGING_FORMAT", "xml")])).unwrap_err();
         assert!(
-            e.to_string().starts_with("log.format = xml is not valid"),
+            e.to_string()
+                .starts_with("logging.format = xml is not valid"),
             "{e}"
         );
     }
@@ -718,12 +778,54 @@ mod tests {
     fn a_bad_redis_url_is_named_without_its_password() {
         let e = Config::load_with_env(
             None,
-            env(&[("DDBCACHED_FANOUT_REDIS_URL", "http://u:hunter2@h:6379")]),
+            env(&[("DDBCACHED_FLEET_REDIS_URL", "http://u:hunter2@h:6379")]),
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("fanout.redis_url = http://***@h:6379"), "{e}");
+        assert!(e.contains("fleet.redis_url = http://***@h:6379"), "{e}");
         assert!(!e.contains("hunter2"));
+    }
+
+    #[test]
+    fn renamed_sections_still_load_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[fanout]\nlease_ms = 3000\n[log]\nformat = \"json\"\n").unwrap();
+        let c = Config::load_with_env(
+            Some(&p),
+            env(&[
+                ("DDBCACHED_FANOUT_RELAY_SLOTS", "1"),
+                ("DDBCACHED_LOG_LEVEL", "warn"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.fleet.lease_ms, 3000);
+        assert_eq!(c.fleet.relay_slots, 1);
+        assert_eq!(c.logging.format, "json");
+        assert_eq!(c.logging.level, "warn");
+        assert_eq!(c.warnings.len(), 4, "{:?}", c.warnings);
+        assert!(c
+            .warnings
+            .iter()
+            .any(|w| w.contains("[fanout] is now called [fleet]")));
+        assert!(c
+            .warnings
+            .iter()
+            .any(|w| w.contains("DDBCACHED_LOG_LEVEL is now called DDBCACHED_LOGGING_LEVEL")));
+        // Both names at once is a mistake to point out, not to guess at.
+        std::fs::write(
+            &p,
+            "[log]\nformat = \"json\"\n[logging]\nlevel = \"info\"\n",
+        )
+        .unwrap();
+        let e = Config::load_with_env(Some(&p), []).unwrap_err();
+        assert!(
+            e.to_string().contains("[log] is the old name of [logging]"),
+            "{e}"
+        );
+        // The current names warn of nothing.
+        let c = Config::load_with_env(None, env(&[("DDBCACHED_LOGGING_LEVEL", "warn")])).unwrap();
+        assert!(c.warnings.is_empty());
     }
 
     #[test]

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::KeyBuf;
 use crate::config::ServerConfig;
-use crate::server::{Rejection, ServerStats};
+use crate::server_stats::{Rejection, ServerStats};
 use crate::service::{error_reply, Outcome, Pending, Service};
 
 /// Output bytes beyond which no more frames are decoded until the client has read some.
@@ -64,17 +64,19 @@ enum Sent {
 pub async fn serve(
     stream: UnixStream,
     service: Arc<Service>,
+    stats: Arc<ServerStats>,
     config: ServerConfig,
     shutdown: CancellationToken,
 ) {
-    if !peer_allowed(&stream, &config, &service) {
+    if !peer_allowed(&stream, &config, &stats) {
         return;
     }
-    service.server_stats().connection_opened();
+    stats.connection_opened();
     let (sent, queued) = mpsc::channel(QUEUED_FRAMES);
     let mut connection = Connection {
         stream,
         service,
+        stats,
         config,
         input: BytesMut::new(),
         output: Vec::new(),
@@ -90,7 +92,7 @@ pub async fn serve(
         draining: false,
     };
     connection.run(&shutdown).await;
-    connection.service.server_stats().connection_closed();
+    connection.stats.connection_closed();
 }
 
 /// Where a connection is in its life.
@@ -112,6 +114,7 @@ enum State {
 struct Connection {
     stream: UnixStream,
     service: Arc<Service>,
+    stats: Arc<ServerStats>,
     config: ServerConfig,
     /// Bytes read and not yet decoded.
     input: BytesMut,
@@ -312,6 +315,7 @@ impl Connection {
             let Connection {
                 input,
                 service,
+                stats,
                 output,
                 keys,
                 ..
@@ -319,13 +323,12 @@ impl Connection {
             let body = &input[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
             let pending = match decode_request_ref(body) {
                 Err(e) if self.state == State::Greeting => {
-                    refuse_handshake(output, service.server_stats(), e.id);
+                    refuse_handshake(output, stats, e.id);
                     self.state = State::Refused;
                     None
                 }
                 Err(e) => {
                     // The frame boundary is intact, so the connection stays usable.
-                    let stats = service.server_stats();
                     stats.request(None, Some(e.code), Duration::ZERO);
                     stats.frame_rejected(match e.code {
                         ErrorCode::UnknownOperation => Rejection::UnknownOperation,
@@ -335,11 +338,11 @@ impl Connection {
                     None
                 }
                 Ok((id, request)) if self.state == State::Greeting => {
-                    self.state = greet(output, service.server_stats(), &self.config, id, request);
+                    self.state = greet(output, stats, &self.config, id, request);
                     None
                 }
                 Ok((id, request)) if self.draining => {
-                    refuse_stopping(output, service.server_stats(), id, request.op());
+                    refuse_stopping(output, stats, id, request.op());
                     None
                 }
                 Ok((id, request)) => {
@@ -397,9 +400,7 @@ impl Connection {
             Sent::Frame(_) => {}
             Sent::Finished(op, error, elapsed) => {
                 self.in_flight -= 1;
-                self.service
-                    .server_stats()
-                    .request(Some(op), error, elapsed);
+                self.stats.request(Some(op), error, elapsed);
             }
         }
     }
@@ -413,7 +414,8 @@ impl Connection {
         for op in Op::ALL {
             let count = std::mem::take(&mut self.hits[op.index()]);
             if count > 0 {
-                self.service.hits_answered(op, count, elapsed);
+                self.stats.requests_ok(op, count, elapsed);
+                self.service.hits_answered(op, count);
             }
         }
     }
@@ -421,9 +423,7 @@ impl Connection {
     /// Answers a frame whose prefix announces more than the limit (addressed to no id:
     /// its body is never read); the connection closes once that is written.
     fn refuse_too_large(&mut self) {
-        self.service
-            .server_stats()
-            .frame_rejected(Rejection::TooLarge);
+        self.stats.frame_rejected(Rejection::TooLarge);
         let reply = Reply::error(
             ErrorCode::FrameTooLarge,
             format!(
@@ -490,7 +490,7 @@ fn refuse_stopping(output: &mut Vec<u8>, stats: &ServerStats, id: u64, op: Op) {
 
 /// Whether the peer may use the daemon: with an allow-list configured, its uid or gid
 /// (from SO_PEERCRED) must be on it. A refused peer is logged, counted and disconnected.
-fn peer_allowed(stream: &UnixStream, config: &ServerConfig, service: &Service) -> bool {
+fn peer_allowed(stream: &UnixStream, config: &ServerConfig, stats: &ServerStats) -> bool {
     if config.allowed_uids.is_empty() && config.allowed_gids.is_empty() {
         return true;
     }
@@ -503,12 +503,12 @@ fn peer_allowed(stream: &UnixStream, config: &ServerConfig, service: &Service) -
         }
         Ok(cred) => {
             tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer not on the allow-list");
-            service.server_stats().peer_refused();
+            stats.peer_refused();
             false
         }
         Err(e) => {
             tracing::warn!(error = %e, "refused a peer whose credentials cannot be read");
-            service.server_stats().peer_refused();
+            stats.peer_refused();
             false
         }
     }

@@ -1,6 +1,7 @@
-//! The whole daemon as one value, built from a [`Config`] and run until a shutdown signal.
-//! The binary and the test harness both go through here, so that what the tests run is
-//! what is deployed.
+//! The composition root: the whole daemon built from a [`Config`] (SDK clients, metrics,
+//! cache, coherence, stores, tailers or fleet mode, the socket) and run until a shutdown
+//! signal. The binary and the test harness both go through here, so that what the tests
+//! run is what is deployed.
 //!
 //! The order of start-up is part of the correctness argument: the tables are checked and
 //! the stream tailers (in fleet mode, the Redis consumer) take their positions before the
@@ -16,10 +17,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::aws::{self, ApiCalls};
+use crate::cache::Cache;
+use crate::coherence::Coherence;
 use crate::config::{Config, ServerConfig};
+use crate::fleet::lease::Leases;
 use crate::metrics::Metrics;
+use crate::probe::Probe;
 use crate::server::{self, BindError, Listener};
+use crate::server_stats::ServerStats;
 use crate::service::Service;
+use crate::store::{KvStore, LogStore, StoreTable};
+use crate::stream::api::SdkStreams;
+use crate::stream::Tailer;
 use crate::tables::{self, TableError};
 use crate::{fleet, http, stream};
 
@@ -66,6 +76,9 @@ impl Tailers {
 /// A daemon that has started: tables checked, streams positioned, socket bound.
 pub struct Daemon {
     service: Arc<Service>,
+    probe: Arc<Probe>,
+    server_stats: Arc<ServerStats>,
+    api_calls: Arc<ApiCalls>,
     listener: Listener,
     metrics_endpoint: Option<TcpListener>,
     tailers: Option<Tailers>,
@@ -97,23 +110,91 @@ impl Daemon {
                     })?,
             ),
         };
-        let service = Service::connect(config).await;
+        let d = &config.dynamodb;
+        let metrics = Arc::new(Metrics::new());
+        let api_calls = Arc::new(ApiCalls::with_metrics(metrics.clone()));
+        let sdk = aws::sdk_config(d).await;
+        let dynamodb = aws::dynamodb_client_from(&sdk, api_calls.clone());
+        let streams = Arc::new(SdkStreams {
+            dynamodb: dynamodb.clone(),
+            streams: aws::streams_client_from(&sdk, api_calls.clone()),
+        });
+        let cache = Arc::new(Cache::new(&config.cache));
+        let coherence = Arc::new(Coherence::new(
+            cache.clone(),
+            config.cache.max_staleness_ms,
+            metrics.stream_lag(),
+        ));
+        let fleet_mode = config.fleet.enabled();
+        let probe = Arc::new(Probe {
+            ready: Default::default(),
+            fleet_mode,
+            server_stats: Arc::default(),
+            api_calls: api_calls.clone(),
+            cache: cache.clone(),
+            tail_stats: Arc::default(),
+            coherence: coherence.clone(),
+            fleet_stats: Arc::default(),
+            metrics,
+        });
+        let tables = [d.kv_table.clone(), d.log_table.clone()];
+
+        // Positions first: once the tailers (or the fleet's consumer) hold them, every
+        // later write is sure to reach the cache, and only then may reads use it.
+        let mut hints = None;
         let tailers = if tail {
-            let fleet_mode = config.fanout.enabled();
-            tables::check_tables(service.dynamodb(), &config.dynamodb, fleet_mode).await?;
+            tables::check_tables(&dynamodb, d, fleet_mode).await?;
             let stop = CancellationToken::new();
-            let tasks = if fleet_mode {
-                service.start_fleet(config, stop.clone()).await?
+            let tasks = TaskTracker::new();
+            if fleet_mode {
+                let parts = fleet::Parts {
+                    fleet: config.fleet.clone(),
+                    // A quarter of the bound: proofs arrive often enough that a reader
+                    // never bypasses while the relays keep up, and not every poll round.
+                    watermark_every: Duration::from_millis(config.cache.max_staleness_ms / 4),
+                    streams_config: config.streams.clone(),
+                    tables: tables.clone(),
+                    leases: Leases::new(dynamodb.clone(), d.lease_table.clone()),
+                    streams: streams.clone(),
+                    tail_stats: probe.tail_stats.clone(),
+                    coherence: coherence.clone(),
+                    fleet_lag: probe.metrics.fleet_lag(),
+                    hint_lag: probe.metrics.hint_lag(),
+                    stats: probe.fleet_stats.clone(),
+                };
+                hints = fleet::start(parts, &tasks, stop.clone()).await?.hints;
             } else {
-                service.start_tailers(stop.clone()).await?
-            };
+                start_tailers(config, &tables, &streams, &probe, &tasks, &stop).await?;
+            }
+            tasks.close();
+            probe.set_ready();
             Some(Tailers { tasks, stop })
         } else {
             None
         };
+
+        let kv = KvStore::new(dynamodb.clone(), d.kv_table.clone(), d.batch_max_attempts);
+        let log = LogStore::new(
+            dynamodb,
+            d.log_table.clone(),
+            d.batch_max_attempts,
+            d.index_allocation_max_attempts,
+        );
+        let service = Arc::new(Service::new(
+            kv,
+            log,
+            cache,
+            coherence,
+            probe.clone(),
+            hints,
+            config,
+        ));
         let listener = server::bind(&config.server)?;
         Ok(Daemon {
             service,
+            server_stats: probe.server_stats.clone(),
+            probe,
+            api_calls,
             listener,
             metrics_endpoint,
             tailers,
@@ -121,9 +202,19 @@ impl Daemon {
         })
     }
 
-    /// The daemon's internals: its cache, tailers' state and counters.
+    /// The daemon's request path: its cache and coherence, for tests' counters and hooks.
     pub fn service(&self) -> &Arc<Service> {
         &self.service
+    }
+
+    /// The daemon's health and metrics.
+    pub fn probe(&self) -> &Arc<Probe> {
+        &self.probe
+    }
+
+    /// DynamoDB calls made so far, by API.
+    pub fn api_calls(&self) -> &Arc<ApiCalls> {
+        &self.api_calls
     }
 
     /// Where the metrics endpoint listens, if it is enabled.
@@ -145,18 +236,54 @@ impl Daemon {
             if let Ok(addr) = endpoint.local_addr() {
                 tracing::info!(%addr, "metrics endpoint listening");
             }
-            tokio::spawn(http::serve(
-                endpoint,
-                self.service.clone(),
-                shutdown.clone(),
-            ));
+            tokio::spawn(http::serve(endpoint, self.probe.clone(), shutdown.clone()));
         }
-        tokio::spawn(upkeep(self.service.metrics().clone(), shutdown.clone()));
-        server::run(self.listener, self.service, self.server, shutdown).await;
+        tokio::spawn(upkeep(self.probe.metrics.clone(), shutdown.clone()));
+        server::run(
+            self.listener,
+            self.service,
+            self.server_stats,
+            self.server,
+            shutdown,
+        )
+        .await;
         if let Some(tailers) = self.tailers {
             tailers.stop().await;
         }
     }
+}
+
+/// Starts a stream tailer per table, tracked by `tasks` and stopped by `stop`. When this
+/// returns, both have taken their positions.
+async fn start_tailers(
+    config: &Config,
+    tables: &[String; 2],
+    streams: &Arc<SdkStreams>,
+    probe: &Probe,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<(), stream::StartError> {
+    if config.streams.stream_readers > 2 {
+        tracing::warn!(
+            stream_readers = config.streams.stream_readers,
+            "DynamoDB Streams serves about two readers per shard; with more, reads of the \
+             stream get throttled and invalidations arrive late: past two daemons per \
+             table, run fleet mode ([fleet] in the configuration)"
+        );
+    }
+    for table in StoreTable::ALL {
+        let tailer = Tailer::start(
+            streams.clone(),
+            tables[table as usize].clone(),
+            table,
+            probe.coherence.clone(),
+            probe.tail_stats.clone(),
+            config.streams.clone(),
+        )
+        .await?;
+        tasks.spawn(tailer.run(stop.clone()));
+    }
+    Ok(())
 }
 
 /// Folds histogram samples into buckets every [`METRICS_UPKEEP_INTERVAL`] until `shutdown`.

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::service::Service;
+use crate::probe::Probe;
 
 /// Longest request head read.
 const MAX_HEAD_BYTES: usize = 8192;
@@ -18,7 +18,7 @@ const MAX_HEAD_BYTES: usize = 8192;
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the endpoint on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, service: Arc<Service>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, probe: Arc<Probe>, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -26,9 +26,9 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>, shutdown: Cance
         };
         match accepted {
             Ok((stream, _)) => {
-                let service = service.clone();
+                let probe = probe.clone();
                 tokio::spawn(async move {
-                    if tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(stream, &service))
+                    if tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(stream, &probe))
                         .await
                         .is_err()
                     {
@@ -44,7 +44,7 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>, shutdown: Cance
     }
 }
 
-async fn exchange(mut stream: TcpStream, service: &Service) {
+async fn exchange(mut stream: TcpStream, probe: &Probe) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -70,12 +70,13 @@ async fn exchange(mut stream: TcpStream, service: &Service) {
     );
     match (method, path) {
         (b"GET", b"/metrics") => {
-            let body = service.render_metrics().await;
+            let body = probe.render_metrics().await;
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body).await
         }
         (b"GET", b"/ready") => {
-            let (ready, detail) = service.health();
-            let status = if ready {
+            let health = probe.health();
+            let detail = health.detail();
+            let status = if health.ready {
                 "200 OK"
             } else {
                 "503 Service Unavailable"

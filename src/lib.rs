@@ -2,7 +2,8 @@
 //! DynamoDB to local executors over a Unix socket.
 //!
 //! Layout:
-//! - [`daemon`]: the whole daemon built from a configuration, and run until shutdown.
+//! - [`daemon`]: the composition root: the whole daemon built from a configuration, in
+//!   the order that keeps the cache correct, and run until shutdown.
 //! - [`config`]: settings and their environment overrides.
 //! - [`aws`]: the AWS SDK configuration (endpoint, credentials, timeouts, retries).
 //! - [`tables`]: creating and checking the tables.
@@ -12,10 +13,13 @@
 //! - [`service`]: one request in, its replies out: the read path and the write path.
 //! - [`coherence`]: what a change in the tables means for the cache (own writes' echoes,
 //!   reconcile or drop, flush on lost continuity, freshness).
-//! - [`stream`]: the DynamoDB Streams tailers, which hand what they read to a sink.
+//! - [`stream`]: the DynamoDB Streams tailers, which hand what they read to a
+//!   [`stream::sink::Sink`].
 //! - [`fleet`]: fleet mode: relay leases, publishing to Redis, consuming from it.
 //! - [`connection`]: one client connection: handshake, pipelining, streamed replies.
-//! - [`server`]: the socket, the accept loop and shutdown.
+//! - [`server`]: the socket, the accept loop and shutdown; [`server_stats`]: what the
+//!   socket front counts.
+//! - [`probe`]: health, and the metrics exposition every part writes into.
 //! - [`metrics`]: Prometheus metrics; [`http`]: the endpoint serving them and readiness.
 
 pub mod aws;
@@ -28,7 +32,9 @@ pub mod fleet;
 pub mod http;
 pub mod locks;
 pub mod metrics;
+pub mod probe;
 pub mod server;
+pub mod server_stats;
 pub mod service;
 pub mod store;
 pub mod stream;

@@ -119,7 +119,7 @@ const WIRE_LEVEL_TARGETS: [&str; 6] = [
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let mut filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.logging.level));
     for target in WIRE_LEVEL_TARGETS {
         // Cannot fail: a literal target with a level is a valid directive.
         filter = filter.add_directive(format!("{target}=info").parse().expect("a valid directive"));
@@ -128,10 +128,13 @@ fn init_logging(config: &Config) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if config.log.format == "json" {
+    if config.logging.format == "json" {
         builder.json().init();
     } else {
         builder.init();
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
     }
 }
 

@@ -60,7 +60,7 @@ pub struct Metrics {
     /// Per DynamoDB API, registered at its first call (the SDK names the API).
     call_durations: Mutex<HashMap<String, Histogram>>,
     stream_lag: Histogram,
-    fanout_lag: Histogram,
+    fleet_lag: Histogram,
     hint_lag: Histogram,
 }
 
@@ -86,19 +86,19 @@ impl Metrics {
         );
         describe(
             r,
-            "ddbcached_fanout_lag_seconds",
+            "ddbcached_fleet_lag_seconds",
             "Fleet mode: from a relay's publication of an entry to this daemon's applying it (wall clocks of two hosts).",
         );
         describe(
             r,
-            "ddbcached_fanout_hint_lag_seconds",
+            "ddbcached_fleet_hint_lag_seconds",
             "Fleet mode: from another daemon's publication of a write hint to this daemon's dropping the key.",
         );
         Metrics {
             call_durations: Mutex::default(),
             stream_lag: histogram(r, "ddbcached_stream_visibility_lag_seconds", &[]),
-            fanout_lag: histogram(r, "ddbcached_fanout_lag_seconds", &[]),
-            hint_lag: histogram(r, "ddbcached_fanout_hint_lag_seconds", &[]),
+            fleet_lag: histogram(r, "ddbcached_fleet_lag_seconds", &[]),
+            hint_lag: histogram(r, "ddbcached_fleet_hint_lag_seconds", &[]),
             handle: recorder.handle(),
             recorder,
         }
@@ -110,8 +110,8 @@ impl Metrics {
     }
 
     /// Where fleet mode records the lag of relayed entries.
-    pub fn fanout_lag(&self) -> Histogram {
-        self.fanout_lag.clone()
+    pub fn fleet_lag(&self) -> Histogram {
+        self.fleet_lag.clone()
     }
 
     /// Where fleet mode records the lag of write hints.

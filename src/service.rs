@@ -24,26 +24,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
 use ddbcached_protocol::{Items, Op, Reply, Request, RequestRef, Versioned};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
-use crate::aws::{self, ApiCalls};
 use crate::cache::{
     Cache, CacheKey, Cached, KeyBuf, KeyVersions, Known, Lookup, Queued, ReadOp, Served, TopicTail,
 };
 use crate::coherence::{Coherence, ItemKey};
-use crate::config::{Config, StreamsConfig};
-use crate::fleet::lease::Leases;
-use crate::fleet::{self, Fleet, FleetStats};
-use crate::metrics::{Exposition, Metrics};
-use crate::server::ServerStats;
-use crate::store::{KvStore, LogStore, StoreError};
-use crate::stream::api::SdkStreams;
-use crate::stream::{StartError, Table, TailStats, Tailer};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use crate::config::Config;
+use crate::fleet::Hints;
+use crate::probe::Probe;
+use crate::store::{KvStore, LogStore, StoreError, StoreTable};
 
 /// MessagePack framing of one item (type tag and length) plus slack, so that summing
 /// payload lengths with it never underestimates a frame.
@@ -76,26 +68,14 @@ impl Pending {
 
 /// The stores behind the socket, and the cache in front of them.
 pub struct Service {
-    dynamodb: Client,
-    streams: Arc<SdkStreams>,
-    api_calls: Arc<ApiCalls>,
     kv: KvStore,
     log: LogStore,
     cache: Arc<Cache>,
     coherence: Arc<Coherence>,
-    tail_stats: Arc<TailStats>,
-    tables: [String; 2],
-    streams_config: StreamsConfig,
-    metrics: Arc<Metrics>,
-    server_stats: ServerStats,
-    /// Set once the tailers have taken their positions: from then on the daemon can
-    /// serve reads from the cache.
-    ready: std::sync::atomic::AtomicBool,
-    /// Fleet mode, once started.
-    fleet: std::sync::OnceLock<Fleet>,
-    /// Fleet mode's counters (zero outside it, so that every daemon exports the same
-    /// families).
-    fleet_stats: Arc<FleetStats>,
+    /// Answers the `health` request.
+    probe: Arc<Probe>,
+    /// In fleet mode, where acknowledged writes are announced to the other daemons.
+    hints: Option<Hints>,
     fill_max_versions: u32,
     /// Longest wait for a key's lock (the DynamoDB operation timeout).
     lock_wait: Duration,
@@ -104,190 +84,38 @@ pub struct Service {
 }
 
 impl Service {
-    /// A service on the DynamoDB that `config` names.
-    pub async fn connect(config: &Config) -> Arc<Service> {
-        let d = &config.dynamodb;
-        let metrics = Arc::new(Metrics::new());
-        let api_calls = Arc::new(ApiCalls::with_metrics(metrics.clone()));
-        let sdk = aws::sdk_config(d).await;
-        let client = aws::dynamodb_client_from(&sdk, api_calls.clone());
-        let streams = Arc::new(SdkStreams {
-            dynamodb: client.clone(),
-            streams: aws::streams_client_from(&sdk, api_calls.clone()),
-        });
-        let cache = Arc::new(Cache::new(&config.cache));
-        Arc::new(Service {
-            streams,
-            coherence: Arc::new(Coherence::new(
-                cache.clone(),
-                config.cache.max_staleness_ms,
-                metrics.stream_lag(),
-            )),
-            tail_stats: Arc::default(),
-            server_stats: ServerStats::default(),
-            metrics,
-            ready: Default::default(),
-            fleet: Default::default(),
-            fleet_stats: Arc::default(),
-            tables: [d.kv_table.clone(), d.log_table.clone()],
-            streams_config: config.streams.clone(),
-            kv: KvStore::new(client.clone(), d.kv_table.clone(), d.batch_max_attempts),
-            log: LogStore::new(
-                client.clone(),
-                d.log_table.clone(),
-                d.batch_max_attempts,
-                d.index_allocation_max_attempts,
-            ),
-            dynamodb: client,
-            api_calls,
+    /// A service over the stores, with `cache` in front of them kept coherent by
+    /// `coherence` (the daemon builds these; see [`crate::daemon`]).
+    pub fn new(
+        kv: KvStore,
+        log: LogStore,
+        cache: Arc<Cache>,
+        coherence: Arc<Coherence>,
+        probe: Arc<Probe>,
+        hints: Option<Hints>,
+        config: &Config,
+    ) -> Service {
+        Service {
+            kv,
+            log,
             cache,
+            coherence,
+            probe,
+            hints,
             fill_max_versions: config.cache.fill_max_versions,
-            lock_wait: d.operation_timeout(),
+            lock_wait: config.dynamodb.operation_timeout(),
             piece_bytes: config.server.max_frame_bytes / 2,
-        })
+        }
     }
 
-    /// The DynamoDB client (for the start-up table check).
-    pub fn dynamodb(&self) -> &Client {
-        &self.dynamodb
-    }
-
-    /// DynamoDB calls made so far, by API.
-    pub fn api_calls(&self) -> &ApiCalls {
-        &self.api_calls
-    }
-
-    /// The cache (its counters, and the invalidation interface for the stream tailer).
+    /// The cache (its counters, and the invalidation interface for tests).
     pub fn cache(&self) -> &Cache {
         &self.cache
-    }
-
-    /// The daemon's histograms.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    /// What the server counts.
-    pub fn server_stats(&self) -> &ServerStats {
-        &self.server_stats
-    }
-
-    /// The Prometheus exposition of every metric, each written by its owner.
-    pub async fn render_metrics(&self) -> String {
-        let mut out = Exposition::default();
-        self.server_stats.export(&mut out);
-        self.api_calls.export(&mut out);
-        self.cache.export(&mut out).await;
-        self.tail_stats.export(&mut out);
-        self.coherence.export(&mut out);
-        self.fleet_stats.export(&mut out);
-        out.finish(&self.metrics.render_histograms())
-    }
-
-    /// Whether the daemon is ready (tables checked, tailers positioned), and in words.
-    pub fn health(&self) -> (bool, String) {
-        if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
-            return (
-                false,
-                "not ready: the stream tailers have not taken their positions".into(),
-            );
-        }
-        let behind: Vec<&str> = Table::ALL
-            .into_iter()
-            .filter(|t| self.coherence.must_bypass(*t))
-            .map(Table::name)
-            .collect();
-        let mut detail = if behind.is_empty() {
-            "ready".to_owned()
-        } else {
-            format!(
-                "ready; {} not proven fresh, reads bypass the cache",
-                behind.join(" and ")
-            )
-        };
-        if self.fleet.get().is_some() {
-            detail.push_str(&format!("; fleet mode ({})", self.fleet_stats.roles()));
-        }
-        (true, detail)
     }
 
     /// The cache's coherence with the tables (freshness, echoes, flushes).
     pub fn coherence(&self) -> &Coherence {
         &self.coherence
-    }
-
-    /// The stream tailers' counters.
-    pub fn tail_stats(&self) -> &TailStats {
-        &self.tail_stats
-    }
-
-    /// Fleet mode's counters.
-    pub fn fleet_stats(&self) -> &FleetStats {
-        &self.fleet_stats
-    }
-
-    /// Starts fleet mode instead of the tailers: the Redis consumer (positioned when
-    /// this returns, if Redis answers), the relay candidates and the hint publisher,
-    /// running until `shutdown`, tracked by the returned tracker.
-    pub async fn start_fleet(
-        &self,
-        config: &Config,
-        shutdown: CancellationToken,
-    ) -> Result<TaskTracker, fleet::StartError> {
-        let tasks = TaskTracker::new();
-        let parts = fleet::Parts {
-            fanout: config.fanout.clone(),
-            // A quarter of the bound: proofs arrive often enough that a reader never
-            // bypasses while the relays keep up, and not every poll round.
-            watermark_every: Duration::from_millis(config.cache.max_staleness_ms / 4),
-            streams_config: self.streams_config.clone(),
-            tables: self.tables.clone(),
-            leases: Leases::new(self.dynamodb.clone(), config.dynamodb.lease_table.clone()),
-            streams: self.streams.clone(),
-            tail_stats: self.tail_stats.clone(),
-            coherence: self.coherence.clone(),
-            fanout_lag: self.metrics.fanout_lag(),
-            hint_lag: self.metrics.hint_lag(),
-            stats: self.fleet_stats.clone(),
-        };
-        let started = fleet::start(parts, &tasks, shutdown).await?;
-        tasks.close();
-        // Cannot be set twice: the daemon starts fleet mode once.
-        let _ = self.fleet.set(started);
-        self.ready.store(true, std::sync::atomic::Ordering::Release);
-        Ok(tasks)
-    }
-
-    /// Starts a stream tailer per table. When this returns, both have taken their
-    /// positions: every write from now on will reach the cache, so the daemon may serve
-    /// reads from it. The tailers run until `shutdown`, tracked by the returned tracker.
-    pub async fn start_tailers(
-        &self,
-        shutdown: CancellationToken,
-    ) -> Result<TaskTracker, StartError> {
-        if self.streams_config.stream_readers > 2 {
-            tracing::warn!(
-                stream_readers = self.streams_config.stream_readers,
-                "DynamoDB Streams serves about two readers per shard; with more, reads of the \
-                 stream get throttled and invalidations arrive late (fan-out is not built yet)"
-            );
-        }
-        let tailers = TaskTracker::new();
-        for table in Table::ALL {
-            let tailer = Tailer::start(
-                self.streams.clone(),
-                self.tables[table as usize].clone(),
-                table,
-                self.coherence.clone(),
-                self.tail_stats.clone(),
-                self.streams_config.clone(),
-            )
-            .await?;
-            tailers.spawn(tailer.run(shutdown.clone()));
-        }
-        tailers.close();
-        self.ready.store(true, std::sync::atomic::Ordering::Release);
-        Ok(tailers)
     }
 
     /// The reply to a read the cache answers right now, without touching DynamoDB, or the
@@ -311,15 +139,15 @@ impl Service {
                 consistent,
                 ..
             } => {
-                self.lookup(Table::Kv, buf.kv(ns, key), *consistent, received)
+                self.lookup(StoreTable::Kv, buf.kv(ns, key), *consistent, received)
                     .await
             }
             RequestRef::KvLatestTs { ns, key } => {
-                self.lookup(Table::Kv, buf.kv(ns, key), false, received)
+                self.lookup(StoreTable::Kv, buf.kv(ns, key), false, received)
                     .await
             }
             RequestRef::LogPosition { topic } => {
-                self.lookup(Table::Log, buf.log(topic), false, received)
+                self.lookup(StoreTable::Log, buf.log(topic), false, received)
                     .await
             }
             RequestRef::Owned(_) => return Err(Pending::new(request.into_owned())),
@@ -349,9 +177,8 @@ impl Service {
     }
 
     /// Counts `count` hits of `op` that a connection answered from the cache in one turn
-    /// of its loop, which took `elapsed`.
-    pub fn hits_answered(&self, op: Op, count: u64, elapsed: Duration) {
-        self.server_stats.requests_ok(op, count, elapsed);
+    /// of its loop (the connection counts them as requests too).
+    pub fn hits_answered(&self, op: Op, count: u64) {
         let read = match op {
             Op::KvGet => ReadOp::KvGet,
             Op::KvLatestTs => ReadOp::KvLatestTs,
@@ -366,7 +193,7 @@ impl Service {
     /// the cache.
     async fn lookup(
         &self,
-        table: Table,
+        table: StoreTable,
         flat: &[u8],
         consistent: bool,
         at: tokio::time::Instant,
@@ -378,7 +205,7 @@ impl Service {
     }
 
     /// `lookup`, or a bypass when the table's freshness is not proven.
-    fn fresh(&self, lookup: Lookup, table: Table) -> Lookup {
+    fn fresh(&self, lookup: Lookup, table: StoreTable) -> Lookup {
         match lookup {
             Lookup::Look if self.coherence.must_bypass(table) => Lookup::Bypass,
             other => other,
@@ -394,8 +221,11 @@ impl Service {
             )),
             Request::Ping => Ok(Reply::Done),
             Request::Health => {
-                let (ready, detail) = self.health();
-                Ok(Reply::Health { ready, detail })
+                let health = self.probe.health();
+                Ok(Reply::Health {
+                    ready: health.ready,
+                    detail: health.detail(),
+                })
             }
 
             // Reads.
@@ -528,7 +358,7 @@ impl Service {
                 newest, complete,
             ))))
         };
-        let lookup = self.fresh(lookup, Table::Kv);
+        let lookup = self.fresh(lookup, StoreTable::Kv);
         match self
             .cache
             .read_through(&ck, lookup, self.lock_wait, load)
@@ -548,7 +378,7 @@ impl Service {
                 self.cache.tail_capacity(),
             ))))
         };
-        let lookup = self.fresh(lookup, Table::Log);
+        let lookup = self.fresh(lookup, StoreTable::Log);
         match self
             .cache
             .read_through(&ck, lookup, self.lock_wait, load)
@@ -563,7 +393,7 @@ impl Service {
     }
 
     async fn log_scan(&self, topic: String, from: i64, until: i64) -> Outcome {
-        if self.coherence.must_bypass(Table::Log) {
+        if self.coherence.must_bypass(StoreTable::Log) {
             self.cache.record(ReadOp::LogScan, Served::Bypass);
             return self.stream_values(self.log.scan(&topic, from, until));
         }
@@ -702,7 +532,7 @@ impl Service {
             Err(StoreError::InvalidArgument(_) | StoreError::ItemTooLarge { .. })
         );
         // In fleet mode the other daemons drop the key too, unless it surely did not change.
-        if let Some(hints) = self.fleet.get().and_then(|f| f.hints.as_ref()) {
+        if let Some(hints) = &self.hints {
             if !refused {
                 hints.publish(key.clone());
             }

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ddbcached::cache::{CacheKey, Cached, KeyBuf, KeyVersions, TopicTail};
 use ddbcached::config::Config;
-use ddbcached::service::Service;
-use ddbcached::stream::Table;
+use ddbcached::daemon::Daemon;
+use ddbcached::store::StoreTable;
 use ddbcached_protocol::codec::{decode_request_ref, encode_request, write_reply};
 use ddbcached_protocol::Request;
 
@@ -71,7 +71,11 @@ async fn a_hit_allocates_nothing() {
     config.dynamodb.endpoint = "http://127.0.0.1:9".into();
     config.dynamodb.region = "us-east-1".into();
     config.dynamodb.use_dummy_credentials = true;
-    let service = Service::connect(&config).await;
+    let dir = tempfile::tempdir().unwrap();
+    config.server.socket_path = dir.path().join("ddbcached.sock");
+    config.metrics.listen = String::new();
+    let daemon = Daemon::start_without_tailers(&config).await.unwrap();
+    let service = daemon.service();
     let cache = service.cache();
     let kv = CacheKey::kv("flows", b"flow-1/variable");
     let versions = vec![
@@ -92,7 +96,7 @@ async fn a_hit_allocates_nothing() {
             .await
     );
     let now = tokio::time::Instant::now();
-    for table in Table::ALL {
+    for table in StoreTable::ALL {
         service.coherence().fresh_as_of(table, Some(now));
     }
     let frames = [

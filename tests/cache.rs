@@ -27,11 +27,7 @@ fn v(ts: i64, s: &str) -> Option<Versioned> {
 
 /// DynamoDB calls of one API made by the daemon so far.
 fn calls(d: &Daemon, api: &str) -> u64 {
-    d.service
-        .api_calls()
-        .snapshot()
-        .get(api)
-        .map_or(0, |c| c.calls)
+    d.api_calls.snapshot().get(api).map_or(0, |c| c.calls)
 }
 
 #[tokio::test(flavor = "multi_thread")]

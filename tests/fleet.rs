@@ -17,7 +17,8 @@ use ddbcached::fleet::lease::{lease_id, Leases};
 use ddbcached::fleet::transport::{stream_key, Redis};
 use ddbcached::fleet::FleetStats;
 use ddbcached::store::KvStore;
-use ddbcached::stream::{FlushCause, Table};
+use ddbcached::store::StoreTable;
+use ddbcached::stream::FlushCause;
 use ddbcached::{aws, tables};
 use ddbcached_protocol::Client;
 use tokio::process::Child;
@@ -51,7 +52,7 @@ struct Member {
 
 impl Fleet {
     /// Creates tables for it and starts `n` daemons with `extra` configuration lines in
-    /// their `[fanout]` section.
+    /// their `[fleet]` section.
     async fn start(n: usize, extra: &str) -> Fleet {
         Fleet::start_on(RedisServer::start().await, n, extra).await
     }
@@ -105,7 +106,7 @@ impl Fleet {
             "[dynamodb]\nkv_table = {:?}\nlog_table = {:?}\nlease_table = {:?}\n\
              [streams]\npoll_interval_ms = 100\n\
              [metrics]\nlisten = \"{metrics}\"\n\
-             [fanout]\nredis_url = {:?}\ntls_ca_file = {:?}\nlease_ms = 1500\n{extra}\n",
+             [fleet]\nredis_url = {:?}\ntls_ca_file = {:?}\nlease_ms = 1500\n{extra}\n",
             d.kv_table,
             d.log_table,
             d.lease_table,
@@ -242,8 +243,8 @@ async fn four_daemons_two_relays_per_table_and_every_write_seen_everywhere() {
     for m in &fleet.members {
         let s = scrape(m.metrics).await;
         let held = [
-            total(&s, "ddbcached_fanout_leases_held", &["table=\"kv\""]),
-            total(&s, "ddbcached_fanout_leases_held", &["table=\"log\""]),
+            total(&s, "ddbcached_fleet_leases_held", &["table=\"kv\""]),
+            total(&s, "ddbcached_fleet_leases_held", &["table=\"log\""]),
         ];
         relays[0] += held[0];
         relays[1] += held[1];
@@ -252,7 +253,7 @@ async fn four_daemons_two_relays_per_table_and_every_write_seen_everywhere() {
             "ddbcached_dynamodb_calls_total",
             &["api=\"GetRecords\""],
         );
-        if total(&s, "ddbcached_fanout_lease_changes_total", &[]) == 0.0 {
+        if total(&s, "ddbcached_fleet_lease_changes_total", &[]) == 0.0 {
             assert_eq!(get_records, 0.0, "a daemon without a lease read the stream");
         } else if held != [0.0, 0.0] {
             assert!(get_records > 0.0, "a relay that never read");
@@ -369,7 +370,7 @@ impl Fleet {
             held.push(match m.answering {
                 true => total(
                     &scrape(m.metrics).await,
-                    "ddbcached_fanout_leases_held",
+                    "ddbcached_fleet_leases_held",
                     &["table=\"kv\""],
                 ),
                 false => 0.0,
@@ -711,7 +712,7 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
             keys: keys.clone(),
             clock_skew_ms: 250,
             stats: Arc::default(),
-            fanout_lag: metrics::Histogram::noop(),
+            fleet_lag: metrics::Histogram::noop(),
             hint_lag: metrics::Histogram::noop(),
         });
         let start = consumer::position(&ctx).await.unwrap();
@@ -998,7 +999,7 @@ async fn forged_and_garbled_entries_are_gaps_never_proofs() {
     let bad_entries = || async {
         total(
             &scrape(fleet.members[0].metrics).await,
-            "ddbcached_fanout_bad_entries_total",
+            "ddbcached_fleet_bad_entries_total",
             &[],
         )
     };
@@ -1045,11 +1046,7 @@ async fn a_consumer_paused_past_the_retention_flushes_and_serves_the_news() {
     let mut logs = Vec::new();
     for m in &fleet.members {
         let s = scrape(m.metrics).await;
-        logs.push(total(
-            &s,
-            "ddbcached_fanout_leases_held",
-            &["table=\"log\""],
-        ));
+        logs.push(total(&s, "ddbcached_fleet_leases_held", &["table=\"log\""]));
     }
     let paused = (0..3)
         .find(|&i| held[i] == 0.0 && logs[i] == 0.0)
@@ -1117,8 +1114,8 @@ async fn a_fleet_over_tls_relays_and_hints() {
         assert!(seen_within(c, &ns, "k", "v3", BOUND).await.is_some());
     }
     let s = scrape(fleet.members[1].metrics).await;
-    assert!(total(&s, "ddbcached_fanout_consumed_total", &[]) > 0.0);
-    assert_eq!(total(&s, "ddbcached_fanout_redis_errors_total", &[]), 0.0);
+    assert!(total(&s, "ddbcached_fleet_consumed_total", &[]) > 0.0);
+    assert_eq!(total(&s, "ddbcached_fleet_redis_errors_total", &[]), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1143,7 +1140,7 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
         keys: keys.clone(),
         clock_skew_ms: 250,
         stats: stats.clone(),
-        fanout_lag: metrics::Histogram::noop(),
+        fleet_lag: metrics::Histogram::noop(),
         hint_lag: metrics::Histogram::noop(),
     });
     let stop = CancellationToken::new();
@@ -1180,7 +1177,7 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
             .await
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while stats.consumed[Table::Kv as usize].load(Ordering::Relaxed) < entries + 1 {
+        while stats.consumed[StoreTable::Kv as usize].load(Ordering::Relaxed) < entries + 1 {
             assert!(Instant::now() < deadline, "the consumer did not read on");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1193,7 +1190,7 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     settled(3).await;
     assert_eq!(gaps(), 0);
     assert!(
-        !coherence.must_bypass(Table::Kv),
+        !coherence.must_bypass(StoreTable::Kv),
         "the watermarks made it fresh"
     );
     publish(4).await; // 3 never arrives

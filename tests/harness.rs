@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ddbcached::aws::{self, ApiCalls};
 use ddbcached::config::Config;
 use ddbcached::daemon::{Daemon as RootDaemon, Tailers};
-use ddbcached::{aws, service::Service, tables};
+use ddbcached::{service::Service, tables};
 use ddbcached_protocol::Client;
 use rand::distr::{Alphanumeric, SampleString};
 use rand::Rng;
@@ -266,6 +267,8 @@ pub struct Daemon {
     pub config: Config,
     /// The daemon's internals, for counters and test hooks.
     pub service: Arc<Service>,
+    /// DynamoDB calls the daemon made, by API.
+    pub api_calls: Arc<ApiCalls>,
     metrics: std::net::SocketAddr,
     shutdown: CancellationToken,
     tailers: Option<Tailers>,
@@ -316,6 +319,7 @@ impl Daemon {
             socket: config.server.socket_path.clone(),
             config,
             service: daemon.service().clone(),
+            api_calls: daemon.api_calls().clone(),
             metrics: daemon.metrics_addr().unwrap(),
             tailers: daemon.tailers(),
             task: Some(tokio::spawn(daemon.run(shutdown.clone()))),
@@ -340,9 +344,9 @@ impl Daemon {
     /// Waits until both tailers have proven themselves caught up, so that reads are
     /// served from the cache.
     pub async fn wait_until_fresh(&self) {
-        use ddbcached::stream::Table;
+        use ddbcached::store::StoreTable;
         tokio::time::timeout(Duration::from_secs(30), async {
-            while Table::ALL
+            while StoreTable::ALL
                 .iter()
                 .any(|t| self.service.coherence().must_bypass(*t))
             {

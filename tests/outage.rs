@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ddbcached::store::StoreTable;
 use ddbcached::store::{KvStore, LogStore};
-use ddbcached::stream::Table;
 use ddbcached_protocol::{ClientError, ErrorCode};
 use futures::TryStreamExt;
 
@@ -133,7 +133,7 @@ async fn an_outage_fails_requests_in_time_and_the_daemon_recovers_without_a_rest
     local.kill().await;
     let killed = Instant::now();
     tokio::time::sleep(bound + Duration::from_millis(2000)).await;
-    for table in Table::ALL {
+    for table in StoreTable::ALL {
         assert!(
             d.service.coherence().must_bypass(table),
             "{table:?}: reads still served from the cache {:?} into the outage",

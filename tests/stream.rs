@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ddbcached::cache::Served;
 use ddbcached::store::KvStore;
-use ddbcached::stream::Table;
+use ddbcached::store::StoreTable;
 use ddbcached_protocol::{Client, Versioned};
 use futures::future::try_join_all;
 
@@ -126,10 +126,10 @@ async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
     let tail = b_.service.coherence().snapshot();
     let rejected = b_.service.cache().stats().await.rejected_fills;
     assert!(
-        tail.invalidations[Table::Kv as usize] + rejected >= 200 || b_.flushes() > 0,
+        tail.invalidations[StoreTable::Kv as usize] + rejected >= 200 || b_.flushes() > 0,
         "{tail:?}, {rejected} fills rejected"
     );
-    assert!(!b_.service.coherence().must_bypass(Table::Kv));
+    assert!(!b_.service.coherence().must_bypass(StoreTable::Kv));
     assert!(b_.service.cache().stats().await.total(Served::Hit) > hits_before);
 }
 
@@ -217,7 +217,7 @@ async fn reads_bypass_the_cache_once_the_tailer_falls_behind() {
     let stale = visible_within(
         Duration::from_secs(5),
         || async {
-            Table::ALL
+            StoreTable::ALL
                 .iter()
                 .all(|t| d.service.coherence().must_bypass(*t))
         },

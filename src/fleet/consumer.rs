@@ -21,7 +21,8 @@ use super::rules::{Action, Rules};
 use super::transport::{Connection, Redis};
 use super::FleetStats;
 use crate::coherence::Coherence;
-use crate::stream::{FlushCause, Table};
+use crate::store::StoreTable;
+use crate::stream::FlushCause;
 
 /// Longest wait of one XREAD; also how long shutdown may wait for it.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -35,11 +36,11 @@ pub struct Consuming {
     pub redis: Redis,
     pub codec: Codec,
     pub coherence: Arc<Coherence>,
-    /// The Redis stream of each table, in [`Table`] order.
+    /// The Redis stream of each table, in [`StoreTable`] order.
     pub keys: [String; 2],
     pub clock_skew_ms: u64,
     pub stats: Arc<FleetStats>,
-    pub fanout_lag: metrics::Histogram,
+    pub fleet_lag: metrics::Histogram,
     pub hint_lag: metrics::Histogram,
 }
 
@@ -53,7 +54,7 @@ pub struct Position {
 pub async fn position(ctx: &Consuming) -> redis::RedisResult<Position> {
     let mut connection = ctx.redis.connect(Some(BLOCK * 3)).await?;
     let mut after = [String::new(), String::new()];
-    for t in Table::ALL {
+    for t in StoreTable::ALL {
         after[t as usize] = connection.last_id(&ctx.keys[t as usize]).await?;
     }
     Ok(Position { connection, after })
@@ -61,7 +62,7 @@ pub async fn position(ctx: &Consuming) -> redis::RedisResult<Position> {
 
 /// Reads until `shutdown`, starting from `start` (taken at start-up) if given.
 pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: CancellationToken) {
-    let mut rules = Table::ALL.map(|_| Rules::new(ctx.me.clone()));
+    let mut rules = StoreTable::ALL.map(|_| Rules::new(ctx.me.clone()));
     let mut backoff = Duration::from_millis(100);
     let mut actions = Vec::new();
     loop {
@@ -70,7 +71,7 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
             None => match position(&ctx).await {
                 Ok(p) => {
                     tracing::info!("fan-out consumer connected to Redis");
-                    for t in Table::ALL {
+                    for t in StoreTable::ALL {
                         rules[t as usize].rejoin(&mut actions);
                         perform(&ctx, t, &mut actions).await;
                     }
@@ -103,7 +104,7 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
                 }
             };
             for (key, entries) in streams {
-                let Some(t) = Table::ALL
+                let Some(t) = StoreTable::ALL
                     .into_iter()
                     .find(|t| ctx.keys[*t as usize] == key)
                 else {
@@ -136,7 +137,7 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
 
 fn record_lag(ctx: &Consuming, entry: &Entry) {
     let (sent_ms, lag) = match entry {
-        Entry::Relay { sent_ms, .. } => (*sent_ms, &ctx.fanout_lag),
+        Entry::Relay { sent_ms, .. } => (*sent_ms, &ctx.fleet_lag),
         Entry::Hint { from, sent_ms, .. } if *from != ctx.me => (*sent_ms, &ctx.hint_lag),
         Entry::Hint { .. } => return,
     };
@@ -144,7 +145,7 @@ fn record_lag(ctx: &Consuming, entry: &Entry) {
 }
 
 /// Does what the rules said, in order, and empties `actions`.
-async fn perform(ctx: &Consuming, table: Table, actions: &mut Vec<Action>) {
+async fn perform(ctx: &Consuming, table: StoreTable, actions: &mut Vec<Action>) {
     for action in actions.drain(..) {
         match action {
             Action::Apply(facts) => {

@@ -1,4 +1,4 @@
-//! Fleet mode (`[fanout]`): past two daemons per table, DynamoDB Streams cannot serve
+//! Fleet mode (`[fleet]`): past two daemons per table, DynamoDB Streams cannot serve
 //! every daemon its own reader, so one or two daemons per table, elected through leases
 //! in DynamoDB, read the stream and relay what they read through a Redis stream that
 //! every daemon consumes. The design, and why each rule is there:
@@ -31,10 +31,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::cache::CacheKey;
 use crate::coherence::Coherence;
-use crate::config::{FanoutConfig, StreamsConfig};
+use crate::config::{FleetConfig, StreamsConfig};
 use crate::metrics::{Exposition, Kind};
+use crate::store::StoreTable;
 use crate::stream::api::SdkStreams;
-use crate::stream::{Table, TailStats};
+use crate::stream::TailStats;
 use entry::{wall_ms, Codec, Entry, Key};
 use lease::Leases;
 use transport::{stream_key, Redis};
@@ -68,54 +69,55 @@ impl FleetStats {
     /// Writes the counters into a scrape.
     pub fn export(&self, out: &mut Exposition) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let per_table = |a: &[AtomicU64; 2]| Table::ALL.map(|t| (t.name(), load(&a[t as usize])));
+        let per_table =
+            |a: &[AtomicU64; 2]| StoreTable::ALL.map(|t| (t.name(), load(&a[t as usize])));
         out.by_label(
-            "ddbcached_fanout_leases_held",
+            "ddbcached_fleet_leases_held",
             Kind::Gauge,
             "Relay leases this daemon holds, by table (0: it only consumes).",
             "table",
             per_table(&self.leases_held),
         );
         out.single(
-            "ddbcached_fanout_lease_changes_total",
+            "ddbcached_fleet_lease_changes_total",
             Kind::Counter,
             "Relay leases taken or given up by this daemon.",
             load(&self.lease_changes),
         );
         out.by_label(
-            "ddbcached_fanout_published_total",
+            "ddbcached_fleet_published_total",
             Kind::Counter,
             "Entries this daemon published as a relay, by table.",
             "table",
             per_table(&self.published),
         );
         out.by_label(
-            "ddbcached_fanout_consumed_total",
+            "ddbcached_fleet_consumed_total",
             Kind::Counter,
             "Fan-out entries read, by table.",
             "table",
             per_table(&self.consumed),
         );
         out.single(
-            "ddbcached_fanout_bad_entries_total",
+            "ddbcached_fleet_bad_entries_total",
             Kind::Counter,
             "Fan-out entries that did not decode or authenticate (each flushes its table).",
             load(&self.bad_entries),
         );
         out.single(
-            "ddbcached_fanout_hints_published_total",
+            "ddbcached_fleet_hints_published_total",
             Kind::Counter,
             "Write hints published.",
             load(&self.hints_published),
         );
         out.single(
-            "ddbcached_fanout_hints_dropped_total",
+            "ddbcached_fleet_hints_dropped_total",
             Kind::Counter,
             "Write hints dropped because Redis could not keep up.",
             load(&self.hints_dropped),
         );
         out.single(
-            "ddbcached_fanout_redis_errors_total",
+            "ddbcached_fleet_redis_errors_total",
             Kind::Counter,
             "Failed Redis calls.",
             load(&self.redis_errors),
@@ -124,7 +126,7 @@ impl FleetStats {
 
     /// The daemon's role per table, in words.
     pub fn roles(&self) -> String {
-        Table::ALL
+        StoreTable::ALL
             .map(|t| {
                 let role = match self.leases_held[t as usize].load(Ordering::Relaxed) {
                     0 => "consumer",
@@ -159,7 +161,7 @@ pub struct Fleet {
 
 /// What fleet mode is built from.
 pub struct Parts {
-    pub fanout: FanoutConfig,
+    pub fleet: FleetConfig,
     /// The least time between two watermarks of a relay.
     pub watermark_every: std::time::Duration,
     pub streams_config: StreamsConfig,
@@ -168,14 +170,14 @@ pub struct Parts {
     pub streams: Arc<SdkStreams>,
     pub tail_stats: Arc<TailStats>,
     pub coherence: Arc<Coherence>,
-    pub fanout_lag: metrics::Histogram,
+    pub fleet_lag: metrics::Histogram,
     pub hint_lag: metrics::Histogram,
     pub stats: Arc<FleetStats>,
 }
 
 /// Why fleet mode could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("fanout.redis_url is not usable: {0}")]
+#[error("fleet.redis_url is not usable: {0}")]
 pub struct StartError(#[from] redis::RedisError);
 
 /// This daemon's id in the fleet: host, process and a random part (a restarted process
@@ -199,8 +201,8 @@ pub async fn start(
     stop: CancellationToken,
 ) -> Result<Fleet, StartError> {
     let me = daemon_id();
-    let redis = Redis::open(&parts.fanout.redis_url, &parts.fanout.tls_ca_file)?;
-    let codec = Codec::new(&parts.fanout.auth_key);
+    let redis = Redis::open(&parts.fleet.redis_url, &parts.fleet.tls_ca_file)?;
+    let codec = Codec::new(&parts.fleet.auth_key);
     let stats = parts.stats;
     let keys = parts.tables.clone().map(|t| stream_key(&t));
     let consuming = Arc::new(consumer::Consuming {
@@ -209,9 +211,9 @@ pub async fn start(
         codec: codec.clone(),
         coherence: parts.coherence,
         keys: keys.clone(),
-        clock_skew_ms: parts.fanout.clock_skew_ms,
+        clock_skew_ms: parts.fleet.clock_skew_ms,
         stats: stats.clone(),
-        fanout_lag: parts.fanout_lag,
+        fleet_lag: parts.fleet_lag,
         hint_lag: parts.hint_lag,
     });
     let start = match consumer::position(&consuming).await {
@@ -223,7 +225,7 @@ pub async fn start(
         }
     };
     tasks.spawn(consumer::run(consuming, start, stop.clone()));
-    if parts.fanout.relay_eligible {
+    if parts.fleet.relay_eligible {
         let relaying = Arc::new(relay::Relaying {
             me: me.clone(),
             redis: redis.clone(),
@@ -231,12 +233,12 @@ pub async fn start(
             streams: parts.streams,
             tail_stats: parts.tail_stats,
             streams_config: parts.streams_config,
-            fanout: parts.fanout.clone(),
+            fleet: parts.fleet.clone(),
             watermark_every: parts.watermark_every,
             codec: codec.clone(),
             stats: stats.clone(),
         });
-        for t in Table::ALL {
+        for t in StoreTable::ALL {
             tasks.spawn(relay::run(
                 relaying.clone(),
                 t,
@@ -245,7 +247,7 @@ pub async fn start(
             ));
         }
     }
-    let hints = parts.fanout.write_hints.then(|| {
+    let hints = parts.fleet.write_hints.then(|| {
         let (queue, pending) = mpsc::channel(HINT_QUEUE);
         tasks.spawn(publish_hints(
             pending,
@@ -253,7 +255,7 @@ pub async fn start(
             codec,
             me,
             keys,
-            parts.fanout.retention_ms,
+            parts.fleet.retention_ms,
             stats.clone(),
             stop,
         ));
@@ -263,7 +265,7 @@ pub async fn start(
         }
     });
     tracing::info!(
-        relay_eligible = parts.fanout.relay_eligible,
+        relay_eligible = parts.fleet.relay_eligible,
         "fleet mode started"
     );
     Ok(Fleet { hints })
@@ -307,10 +309,10 @@ async fn publish_hints(
         let Some(c) = connection.as_mut() else {
             continue;
         };
-        for t in Table::ALL {
+        for t in StoreTable::ALL {
             let of_table: Vec<Key> = batch
                 .iter()
-                .filter(|k| k.is_kv() == (t == Table::Kv))
+                .filter(|k| k.is_kv() == (t == StoreTable::Kv))
                 .map(Key::from)
                 .collect();
             if of_table.is_empty() {

@@ -27,11 +27,12 @@ use super::entry::{wall_ms, Codec, Entry, Event, Fact};
 use super::lease::{lease_id, Lease, Leases};
 use super::transport::{stream_key, Connection, Redis};
 use super::FleetStats;
-use crate::coherence::{Seen, Sink, SinkError};
-use crate::config::{FanoutConfig, StreamsConfig};
+use crate::config::{FleetConfig, StreamsConfig};
+use crate::store::StoreTable;
 use crate::stream::api::{SdkStreams, StreamsApi};
 use crate::stream::change::Change;
-use crate::stream::{FlushCause, Table, TailStats, Tailer};
+use crate::stream::sink::{Seen, Sink, SinkError};
+use crate::stream::{FlushCause, TailStats, Tailer};
 
 /// The tailer's sink in a relay: publishes each thing seen as one numbered entry.
 pub struct Publisher {
@@ -41,7 +42,7 @@ pub struct Publisher {
     key: String,
     relay: String,
     epoch: u64,
-    table: Table,
+    table: StoreTable,
     /// The next entry's number. A failed append consumes its number too: had it been
     /// written after all, reusing the number would make the next entry a "repeat".
     next: AtomicU64,
@@ -114,7 +115,7 @@ impl Publisher {
 }
 
 impl Sink for Publisher {
-    async fn accept(&self, table: Table, seen: Seen<'_>) -> Result<(), SinkError> {
+    async fn accept(&self, table: StoreTable, seen: Seen<'_>) -> Result<(), SinkError> {
         match seen {
             Seen::Records {
                 shard,
@@ -184,7 +185,7 @@ pub struct Relaying {
     pub streams: Arc<SdkStreams>,
     pub tail_stats: Arc<TailStats>,
     pub streams_config: StreamsConfig,
-    pub fanout: FanoutConfig,
+    pub fleet: FleetConfig,
     /// The least time between two watermarks of a relay.
     pub watermark_every: Duration,
     pub codec: Codec,
@@ -194,11 +195,11 @@ pub struct Relaying {
 /// Competes for one of `table`'s slots until `shutdown`, relaying while it holds one.
 pub async fn run(
     ctx: Arc<Relaying>,
-    table: Table,
+    table: StoreTable,
     table_name: String,
     shutdown: CancellationToken,
 ) {
-    let period = ctx.fanout.lease() / 3;
+    let period = ctx.fleet.lease() / 3;
     // Per slot: the counter last seen and since when (on this host's clock).
     let mut observed: HashMap<u32, (u64, Instant)> = HashMap::new();
     loop {
@@ -224,7 +225,7 @@ async fn acquire(
     table_name: &str,
     observed: &mut HashMap<u32, (u64, Instant)>,
 ) -> Option<Lease> {
-    for slot in 0..ctx.fanout.relay_slots {
+    for slot in 0..ctx.fleet.relay_slots {
         let id = lease_id(table_name, slot);
         let taken = match ctx.leases.read(&id).await {
             Ok(None) => ctx.leases.create(&id, &ctx.me).await,
@@ -237,7 +238,7 @@ async fn acquire(
                         now
                     }
                 };
-                if lease.owner.is_empty() || now.duration_since(since) >= ctx.fanout.lease() {
+                if lease.owner.is_empty() || now.duration_since(since) >= ctx.fleet.lease() {
                     ctx.leases.take(&lease, &ctx.me).await
                 } else {
                     continue;
@@ -258,7 +259,7 @@ async fn acquire(
 /// tailer when it is lost (or on shutdown, then releases it).
 async fn hold(
     ctx: &Relaying,
-    table: Table,
+    table: StoreTable,
     table_name: &str,
     mut lease: Lease,
     shutdown: &CancellationToken,
@@ -291,7 +292,7 @@ async fn hold(
         watermark_every: ctx.watermark_every,
         last_watermark: Mutex::new(None),
         codec: ctx.codec.clone(),
-        retention_ms: ctx.fanout.retention_ms,
+        retention_ms: ctx.fleet.retention_ms,
         stats: ctx.stats.clone(),
     });
     let started = Tailer::resume(
@@ -322,7 +323,7 @@ async fn hold(
     }
     let stop = shutdown.child_token();
     let reading = tokio::spawn(tailer.run(stop.clone()));
-    let period = ctx.fanout.lease() / 3;
+    let period = ctx.fleet.lease() / 3;
     let mut renewed = Instant::now();
     loop {
         tokio::select! {
@@ -331,7 +332,7 @@ async fn hold(
         }
         // A relay that cannot publish (Redis unreachable from here only, say) gives its
         // slot to a daemon that may do better; a watermark takes at most a poll round.
-        if publisher.failing_for() >= ctx.fanout.lease() {
+        if publisher.failing_for() >= ctx.fleet.lease() {
             tracing::warn!(table = %table_name, "relay cannot publish to Redis; giving the lease up");
             break;
         }
@@ -350,7 +351,7 @@ async fn hold(
                 let _ = reading.await;
                 return;
             }
-            Err(e) if renewed.elapsed() >= ctx.fanout.lease() => {
+            Err(e) if renewed.elapsed() >= ctx.fleet.lease() => {
                 tracing::warn!(table = %table_name, error = %e, "relay lease not renewed in time; stopping");
                 stop.cancel();
                 let _ = reading.await;

@@ -22,6 +22,26 @@ use ddbcached_protocol::ErrorCode;
 pub use kv::KvStore;
 pub use log::LogStore;
 
+/// Which store a table holds: the key-value store's versions or the indexed store's
+/// topics. Tables are counted, labelled and kept fresh apart, by this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StoreTable {
+    Kv = 0,
+    Log = 1,
+}
+
+impl StoreTable {
+    pub const ALL: [StoreTable; 2] = [StoreTable::Kv, StoreTable::Log];
+
+    /// The label metrics and health use.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreTable::Kv => "kv",
+            StoreTable::Log => "log",
+        }
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -1,17 +1,15 @@
-//! What a stream record says changed, read from its keys and new image: the change's
-//! item, and whether a cached entry already shows it. What to do about it is
-//! [`crate::coherence`]'s business.
+//! What a stream record says changed, read from its keys and new image: which item, and
+//! its new content. What that means for a cached entry is [`crate::coherence`]'s business.
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-use crate::cache::{CacheKey, Cached};
 use crate::store::keys::{
     split_kv_partition_key, KV_KEY, KV_TIMESTAMP, KV_VALUE, LOG_COUNTER_INDEX, LOG_INDEX,
     LOG_TOPIC, LOG_VALUE,
 };
+use crate::store::StoreTable;
 use crate::stream::api::{Attr, Event, Image, Record};
-use crate::stream::Table;
 
 /// A value's digest: SHA-256 cut to 128 bits, the same on every host, so that a change
 /// relayed without its value can still be matched against what a cache holds.
@@ -78,11 +76,11 @@ pub enum Change {
 impl Change {
     /// Reads a record of `table`; `None` for items this daemon does not write (another
     /// key encoding, another layout), which it never caches either.
-    pub fn of(table: Table, record: &Record) -> Option<Change> {
+    pub fn of(table: StoreTable, record: &Record) -> Option<Change> {
         let removed = record.event == Event::Remove;
         let image = record.new_image.as_ref().filter(|_| !removed);
         match table {
-            Table::Kv => {
+            StoreTable::Kv => {
                 let pk = bin(&record.keys, KV_KEY)?;
                 let ts = num(&record.keys, KV_TIMESTAMP)?;
                 let (ns, key) = split_kv_partition_key(&pk)?;
@@ -104,7 +102,7 @@ impl Change {
                     (false, None) => Change::KvUnknown { ns, key, ts },
                 })
             }
-            Table::Log => {
+            StoreTable::Log => {
                 let topic = match record.keys.get(LOG_TOPIC)? {
                     Attr::S(s) => s.clone(),
                     _ => return None,
@@ -130,53 +128,6 @@ impl Change {
                     })
                 }
             }
-        }
-    }
-
-    /// The cache key the change concerns.
-    pub fn cache_key(&self) -> CacheKey {
-        match self {
-            Change::KvVersion { ns, key, .. } | Change::KvUnknown { ns, key, .. } => {
-                CacheKey::kv(ns, key)
-            }
-            Change::LogEntry { topic, .. } | Change::LogCounter { topic, .. } => {
-                CacheKey::log(topic)
-            }
-        }
-    }
-
-    /// Whether the cached value already shows this change.
-    pub fn reflected_by(&self, cached: &Cached) -> bool {
-        match (self, cached) {
-            (
-                Change::KvVersion {
-                    ts, value: Some(v), ..
-                },
-                Cached::Kv(e),
-            ) => e.reflects_put(*ts, |cached| v.matches(cached)),
-            (
-                Change::KvVersion {
-                    ts, value: None, ..
-                },
-                Cached::Kv(e),
-            ) => e.reflects_removal(*ts),
-            (
-                Change::LogEntry {
-                    index,
-                    value: Some(v),
-                    ..
-                },
-                Cached::Log(t),
-            ) => t.reflects_entry(*index, |cached| v.matches(cached)),
-            (Change::LogEntry { value: None, .. }, Cached::Log(t))
-            | (Change::LogCounter { position: None, .. }, Cached::Log(t)) => t.reflects_deletion(),
-            (
-                Change::LogCounter {
-                    position: Some(p), ..
-                },
-                Cached::Log(t),
-            ) => t.reflects_position(*p),
-            _ => false,
         }
     }
 }
@@ -241,7 +192,7 @@ mod tests {
     fn records_of_both_tables_parse() {
         let r = kv_record(Event::Insert, "ns", b"k", 5, Some(b"v"));
         assert_eq!(
-            Change::of(Table::Kv, &r),
+            Change::of(StoreTable::Kv, &r),
             Some(Change::KvVersion {
                 ns: "ns".into(),
                 key: Bytes::from_static(b"k"),
@@ -251,17 +202,17 @@ mod tests {
         );
         let r = kv_record(Event::Remove, "ns", b"k", 5, None);
         assert!(matches!(
-            Change::of(Table::Kv, &r),
+            Change::of(StoreTable::Kv, &r),
             Some(Change::KvVersion { value: None, .. })
         ));
         let r = kv_record(Event::Modify, "ns", b"k", 5, None);
         assert!(matches!(
-            Change::of(Table::Kv, &r),
+            Change::of(StoreTable::Kv, &r),
             Some(Change::KvUnknown { .. })
         ));
         let r = log_record(Event::Modify, "t", -1, Some(Attr::N("7".into())));
         assert_eq!(
-            Change::of(Table::Log, &r),
+            Change::of(StoreTable::Log, &r),
             Some(Change::LogCounter {
                 topic: "t".into(),
                 position: Some(7)
@@ -274,7 +225,7 @@ mod tests {
             Some(Attr::B(Bytes::from_static(b"e"))),
         );
         assert!(matches!(
-            Change::of(Table::Log, &r),
+            Change::of(StoreTable::Log, &r),
             Some(Change::LogEntry {
                 index: 7,
                 value: Some(_),
@@ -285,6 +236,6 @@ mod tests {
         let mut r = kv_record(Event::Insert, "ns", b"k", 5, Some(b"v"));
         r.keys
             .insert(KV_KEY.into(), Attr::B(Bytes::from_static(b"nsk")));
-        assert_eq!(Change::of(Table::Kv, &r), None);
+        assert_eq!(Change::of(StoreTable::Kv, &r), None);
     }
 }

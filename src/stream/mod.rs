@@ -25,6 +25,7 @@ pub mod change;
 #[cfg(test)]
 mod fake;
 pub mod shards;
+pub mod sink;
 #[cfg(test)]
 mod tests;
 
@@ -37,34 +38,17 @@ use futures::future::join_all;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::coherence::{Seen, Sink};
 use crate::config::StreamsConfig;
 use crate::metrics::{Exposition, Kind};
+use crate::store::StoreTable;
 use api::{ShardInfo, StartAt, StreamError, StreamsApi};
 use shards::Shards;
+use sink::{Seen, Sink};
 
 /// Records per GetRecords call; a page this full means the shard is not caught up.
 const FULL_PAGE: usize = 1000;
 /// The longest pause after repeated errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// The two tables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Table {
-    Kv = 0,
-    Log = 1,
-}
-
-impl Table {
-    pub const ALL: [Table; 2] = [Table::Kv, Table::Log];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Table::Kv => "kv",
-            Table::Log => "log",
-        }
-    }
-}
 
 /// Why the whole cache was invalidated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,13 +129,13 @@ impl TailStats {
             Kind::Counter,
             "Stream records read and applied, by table and event.",
         );
-        for t in Table::ALL {
+        for t in StoreTable::ALL {
             for (e, event) in ["insert", "modify", "remove"].into_iter().enumerate() {
                 let labels = [("table", t.name()), ("event", event)];
                 out.sample(name, &labels, s.records[t as usize][e]);
             }
         }
-        let per_table = |values: [u64; 2]| Table::ALL.map(|t| (t.name(), values[t as usize]));
+        let per_table = |values: [u64; 2]| StoreTable::ALL.map(|t| (t.name(), values[t as usize]));
         out.by_label(
             "ddbcached_stream_errors_total",
             Kind::Counter,
@@ -196,7 +180,7 @@ pub enum StartError {
 pub struct Tailer<A: StreamsApi, S: Sink> {
     api: Arc<A>,
     table_name: String,
-    table: Table,
+    table: StoreTable,
     sink: Arc<S>,
     stats: Arc<TailStats>,
     /// The origin of the shards' caught-up times.
@@ -218,7 +202,7 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
     pub async fn start(
         api: Arc<A>,
         table_name: String,
-        table: Table,
+        table: StoreTable,
         sink: Arc<S>,
         stats: Arc<TailStats>,
         config: StreamsConfig,
@@ -232,7 +216,7 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
     pub async fn resume(
         api: Arc<A>,
         table_name: String,
-        table: Table,
+        table: StoreTable,
         sink: Arc<S>,
         stats: Arc<TailStats>,
         config: StreamsConfig,

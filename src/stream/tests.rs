@@ -9,9 +9,10 @@ use bytes::Bytes;
 use crate::cache::{Cache, CacheKey, Cached, KeyVersions};
 use crate::coherence::Coherence;
 use crate::config::{CacheConfig, StreamsConfig};
+use crate::store::StoreTable;
 use crate::stream::api::{StartAt, StreamError};
 use crate::stream::fake::FakeStreams;
-use crate::stream::{FlushCause, Table, TailStats, Tailer, MAX_BACKOFF};
+use crate::stream::{FlushCause, TailStats, Tailer, MAX_BACKOFF};
 
 struct Rig {
     fake: Arc<FakeStreams>,
@@ -33,7 +34,7 @@ async fn rig(fake: FakeStreams) -> Rig {
     let tailer = Tailer::start(
         fake.clone(),
         "t".into(),
-        Table::Kv,
+        StoreTable::Kv,
         coherence.clone(),
         stats.clone(),
         StreamsConfig::default(),
@@ -52,7 +53,7 @@ async fn rig(fake: FakeStreams) -> Rig {
 impl Rig {
     /// Records applied so far.
     fn applied(&self) -> u64 {
-        self.stats.snapshot().records[Table::Kv as usize]
+        self.stats.snapshot().records[StoreTable::Kv as usize]
             .iter()
             .sum()
     }
@@ -275,7 +276,7 @@ async fn sustained_throttling_backs_off_and_reads_bypass_until_caught_up() {
     let mut r = rig(fake).await;
     r.tailer.round().await;
     assert!(
-        !r.coherence.must_bypass(Table::Kv),
+        !r.coherence.must_bypass(StoreTable::Kv),
         "caught up after a clean round"
     );
 
@@ -293,7 +294,7 @@ async fn sustained_throttling_backs_off_and_reads_bypass_until_caught_up() {
     assert!(pauses.windows(2).all(|w| w[1] >= w[0]), "{pauses:?}");
     assert_eq!(*pauses.last().unwrap(), MAX_BACKOFF);
     assert!(
-        r.coherence.must_bypass(Table::Kv),
+        r.coherence.must_bypass(StoreTable::Kv),
         "behind past the staleness bound: bypass"
     );
 
@@ -301,7 +302,7 @@ async fn sustained_throttling_backs_off_and_reads_bypass_until_caught_up() {
     r.tailer.round().await;
     assert_eq!(r.tailer.backoff, Duration::ZERO);
     assert_eq!(r.applied(), 1);
-    assert!(!r.coherence.must_bypass(Table::Kv), "caught up again");
+    assert!(!r.coherence.must_bypass(StoreTable::Kv), "caught up again");
     // Start-up (bypassing until the first caught-up round) -> cache -> bypass -> cache.
     assert_eq!(r.coherence.snapshot().bypass_switches, 3);
 }
@@ -358,13 +359,13 @@ impl RefusingSink {
     }
 }
 
-impl crate::coherence::Sink for RefusingSink {
+impl crate::stream::sink::Sink for RefusingSink {
     async fn accept(
         &self,
-        _table: Table,
-        seen: crate::coherence::Seen<'_>,
-    ) -> Result<(), crate::coherence::SinkError> {
-        use crate::coherence::Seen;
+        _table: StoreTable,
+        seen: crate::stream::sink::Seen<'_>,
+    ) -> Result<(), crate::stream::sink::SinkError> {
+        use crate::stream::sink::Seen;
         use std::sync::atomic::Ordering;
         let entry = match seen {
             Seen::Records {
@@ -381,7 +382,7 @@ impl crate::coherence::Sink for RefusingSink {
         };
         if self.refusals.load(Ordering::Relaxed) > 0 {
             self.refusals.fetch_sub(1, Ordering::Relaxed);
-            return Err(crate::coherence::SinkError("not now".into()));
+            return Err(crate::stream::sink::SinkError("not now".into()));
         }
         self.log.lock().unwrap().push(entry);
         Ok(())
@@ -396,7 +397,7 @@ async fn tailer_into(
     Tailer::start(
         fake.clone(),
         "t".into(),
-        Table::Kv,
+        StoreTable::Kv,
         sink.clone(),
         stats.clone(),
         StreamsConfig::default(),

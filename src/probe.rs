@@ -1,0 +1,128 @@
+//! What a daemon reports about itself: its health (ready or not, and per table whether
+//! reads may use the cache), answered to the socket's `health` request and to `/ready`,
+//! and the Prometheus exposition, in which every part writes its own counters.
+//!
+//! The daemon builds one [`Probe`] from its parts; nothing here changes them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::aws::ApiCalls;
+use crate::cache::Cache;
+use crate::coherence::Coherence;
+use crate::fleet::FleetStats;
+use crate::metrics::{Exposition, Metrics};
+use crate::server_stats::ServerStats;
+use crate::store::StoreTable;
+use crate::stream::TailStats;
+
+/// The parts whose state and counters the daemon reports.
+pub struct Probe {
+    /// Set once the tailers (or fleet mode's consumer) have taken their positions: from
+    /// then on the daemon can serve reads from the cache.
+    pub(crate) ready: AtomicBool,
+    /// Whether this daemon runs in fleet mode (health then names its roles).
+    pub(crate) fleet_mode: bool,
+    pub(crate) server_stats: Arc<ServerStats>,
+    pub(crate) api_calls: Arc<ApiCalls>,
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) tail_stats: Arc<TailStats>,
+    pub(crate) coherence: Arc<Coherence>,
+    pub(crate) fleet_stats: Arc<FleetStats>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// A daemon's health, table by table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// Tables checked and tailers positioned.
+    pub ready: bool,
+    /// Per table (indexed by [`StoreTable`]): whether its freshness is proven, so that
+    /// reads of it are served from the cache.
+    pub fresh: [bool; 2],
+    /// In fleet mode, this daemon's role for each table (`kv: relay, log: consumer`).
+    pub fleet_roles: Option<String>,
+}
+
+impl Health {
+    /// The health in words, as the `health` request and `/ready` give it.
+    pub fn detail(&self) -> String {
+        if !self.ready {
+            return "not ready: the stream tailers have not taken their positions".into();
+        }
+        let behind: Vec<&str> = StoreTable::ALL
+            .into_iter()
+            .filter(|t| !self.fresh[*t as usize])
+            .map(StoreTable::name)
+            .collect();
+        let mut detail = if behind.is_empty() {
+            "ready".to_owned()
+        } else {
+            format!(
+                "ready; {} not proven fresh, reads bypass the cache",
+                behind.join(" and ")
+            )
+        };
+        if let Some(roles) = &self.fleet_roles {
+            detail.push_str(&format!("; fleet mode ({roles})"));
+        }
+        detail
+    }
+}
+
+impl Probe {
+    /// The tailers have taken their positions.
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// The daemon's health now.
+    pub fn health(&self) -> Health {
+        let ready = self.ready.load(Ordering::Acquire);
+        Health {
+            ready,
+            fresh: StoreTable::ALL.map(|t| ready && !self.coherence.must_bypass(t)),
+            fleet_roles: (ready && self.fleet_mode).then(|| self.fleet_stats.roles()),
+        }
+    }
+
+    /// The Prometheus exposition of every metric, each written by its owner.
+    pub async fn render_metrics(&self) -> String {
+        let mut out = Exposition::default();
+        self.server_stats.export(&mut out);
+        self.api_calls.export(&mut out);
+        self.cache.export(&mut out).await;
+        self.tail_stats.export(&mut out);
+        self.coherence.export(&mut out);
+        self.fleet_stats.export(&mut out);
+        out.finish(&self.metrics.render_histograms())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Health;
+
+    #[test]
+    fn the_detail_names_the_tables_behind_and_the_roles() {
+        let mut h = Health {
+            ready: false,
+            fresh: [false, false],
+            fleet_roles: None,
+        };
+        assert!(h.detail().starts_with("not ready"));
+        h.ready = true;
+        assert_eq!(
+            h.detail(),
+            "ready; kv and log not proven fresh, reads bypass the cache"
+        );
+        h.fresh = [true, false];
+        assert_eq!(
+            h.detail(),
+            "ready; log not proven fresh, reads bypass the cache"
+        );
+        h.fresh = [true, true];
+        h.fleet_roles = Some("kv: relay, log: consumer".into());
+        assert_eq!(h.detail(), "ready; fleet mode (kv: relay, log: consumer)");
+    }
+}

@@ -1,0 +1,46 @@
+//! The tailer's output port: what a reader of a table's changes saw, and the [`Sink`]
+//! it hands that to. The reader moves its checkpoint past something only once the sink
+//! has accepted it. Applying changes to the local cache is one sink
+//! ([`crate::coherence`]); publishing them to a fleet is another ([`crate::fleet`]).
+
+use std::future::Future;
+
+use tokio::time::Instant;
+
+use crate::store::StoreTable;
+use crate::stream::api::{Record, StartAt};
+use crate::stream::FlushCause;
+
+/// What a reader of changes saw, in the order it saw it, for one table.
+#[derive(Debug)]
+pub enum Seen<'a> {
+    /// Records of one shard, in shard order, read from just after `after`.
+    Records {
+        shard: &'a str,
+        after: &'a StartAt,
+        records: &'a [Record],
+    },
+    /// The shard is closed and every record of it has been handed over.
+    ShardEnded { shard: &'a str },
+    /// Continuity was lost: some changes were never seen.
+    ContinuityLost(FlushCause),
+    /// Every change made before this instant has been handed over (`None`: no such
+    /// proof right now).
+    CaughtUp(Option<Instant>),
+}
+
+/// Why a sink did not take what it was given; the reader keeps its position and gives
+/// the same again later.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
+/// Where a reader of changes hands what it saw. It moves its checkpoint past something
+/// only once the sink has accepted it.
+pub trait Sink: Send + Sync + 'static {
+    fn accept(
+        &self,
+        table: StoreTable,
+        seen: Seen<'_>,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
