@@ -282,8 +282,12 @@ impl Coherence {
         self.fresh_as_of_ms[table as usize].store(ms, Ordering::Release);
     }
 
-    /// Writes the counters into a scrape.
+    /// Writes the counters into a scrape. Whether each table bypasses is judged now, not
+    /// left as the last read found it, so that a scrape shows it while nobody reads.
     pub fn export(&self, out: &mut Exposition) {
+        for table in StoreTable::ALL {
+            self.must_bypass(table);
+        }
         let s = self.snapshot();
         out.by_label(
             "ddbcached_stream_invalidations_total",

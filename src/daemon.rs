@@ -5,9 +5,9 @@
 //!
 //! The order of start-up is part of the correctness argument: the tables are checked and
 //! the stream tailers (in fleet mode, the Redis consumer) take their positions before the
-//! socket exists, so no read is served
-//! from the cache before every later write is sure to reach it. The metrics endpoint is
-//! bound early, so that a bad address fails the start rather than a scrape.
+//! request path and the socket exist, so no read is served from the cache before every
+//! later write is sure to reach it. The metrics endpoint is bound first, so that a bad
+//! address fails the start rather than a scrape.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

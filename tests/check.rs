@@ -5,20 +5,23 @@ use std::process::Stdio;
 
 use serde_json::Value;
 
-use crate::harness::{endpoint, Daemon};
+use crate::harness::{Daemon, OwnLocal};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_daemons_pass_the_consistency_checker() {
-    let a = Daemon::start().await;
-    let b = Daemon::start().await;
+    // Twenty thousand operations: on a DynamoDB Local of their own, so that they slow no
+    // other test.
+    let local = OwnLocal::start_in_memory().await;
+    let on_local = |c: &mut ddbcached::config::Config| c.dynamodb.endpoint = local.endpoint.clone();
+    let a = Daemon::start_with(on_local).await;
+    let b = Daemon::start_with(on_local).await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("check.toml");
     std::fs::write(
         &config,
         format!(
-            "[dynamodb]\nendpoint = \"{}\"\nregion = \"us-east-1\"\nuse_dummy_credentials = true\n\
-             [cache]\nmax_staleness_ms = {}\n",
-            endpoint(),
+            "{}[cache]\nmax_staleness_ms = {}\n",
+            local.toml(),
             a.config.cache.max_staleness_ms
         ),
     )

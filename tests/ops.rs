@@ -30,12 +30,12 @@ fn sample(all: &BTreeMap<String, f64>, key: &str) -> f64 {
     *all.get(key).unwrap_or_else(|| panic!("no sample {key}"))
 }
 
-/// Metric names the README's metrics table documents.
+/// Metric names the metrics table of docs/OPERATIONS.md documents.
 fn documented_metrics() -> BTreeSet<String> {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    readme
-        .lines()
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/OPERATIONS.md"))
+            .unwrap();
+    doc.lines()
         .filter_map(|l| l.strip_prefix("| `ddbcached_"))
         .map(|l| format!("ddbcached_{}", l.split('`').next().unwrap()))
         .collect()
@@ -50,7 +50,7 @@ fn exported_families(text: &str) -> BTreeSet<String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn metrics_cover_the_readme_table_and_move_with_the_workload() {
+async fn metrics_cover_the_documented_table_and_move_with_the_workload() {
     let d = Daemon::start().await;
     let addr = d.metrics_endpoint();
     let c = d.client().await;
@@ -133,20 +133,20 @@ async fn metrics_cover_the_readme_table_and_move_with_the_workload() {
         "stream records applied and their lag measured"
     );
 
-    // Every metric of the README's table is exported, and every exported one documented.
+    // Every metric of the documented table is exported, and every exported one documented.
     let exported = exported_families(&text);
     let documented = documented_metrics();
     assert!(documented.len() >= 20, "{documented:?}");
     for m in &documented {
         assert!(
             exported.contains(m),
-            "README documents {m}, the daemon does not export it"
+            "docs/OPERATIONS.md documents {m}, the daemon does not export it"
         );
     }
     for m in &exported {
         assert!(
             documented.contains(m),
-            "{m} is exported but not in the README's table"
+            "{m} is exported but not in the table of docs/OPERATIONS.md"
         );
     }
     // Labels come from closed sets: no namespace, key or topic appears.

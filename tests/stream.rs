@@ -19,23 +19,47 @@ fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
-/// Reads through `c` until `check` holds, for at most `limit`; returns how long it took.
+/// Reads until `check` holds, for at most `limit`; returns when the last read that did
+/// not satisfy it began (`None`: none did), or `Err` if it never held.
 async fn visible_within<T, F>(
     limit: Duration,
     mut read: impl FnMut() -> F,
     check: impl Fn(&T) -> bool,
-) -> Option<Duration>
+) -> Result<Option<Instant>, ()>
 where
     F: std::future::Future<Output = T>,
 {
     let start = Instant::now();
+    let mut missed = None;
     while start.elapsed() <= limit {
+        let began = Instant::now();
         if check(&read().await) {
-            return Some(start.elapsed());
+            return Ok(missed);
         }
+        missed = Some(began);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    None
+    Err(())
+}
+
+/// Reads until `check` holds, failing if a read that began more than `bound` after
+/// `since` (a write's acknowledgement) did not satisfy it, or if it never holds.
+async fn seen_within_bound<T, F>(
+    what: &str,
+    bound: Duration,
+    since: Instant,
+    read: impl FnMut() -> F,
+    check: impl Fn(&T) -> bool,
+) where
+    F: std::future::Future<Output = T>,
+{
+    let missed = visible_within(Duration::from_secs(60), read, check)
+        .await
+        .unwrap_or_else(|()| panic!("{what} never seen"));
+    if let Some(at) = missed {
+        let late = at.saturating_duration_since(since);
+        assert!(late <= bound, "{what} missed by a read {late:?} after it");
+    }
 }
 
 async fn direct_kv() -> KvStore {
@@ -48,8 +72,9 @@ async fn direct_kv() -> KvStore {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
+async fn writes_through_one_daemon_reach_the_others_cache_within_the_bound() {
     let (a, b_) = (Daemon::start().await, Daemon::start().await);
+    let bound = Duration::from_millis(b_.config.cache.max_staleness_ms);
     let (ca, cb) = (a.client().await, b_.client().await);
     let ns = name();
     let keys: Vec<Bytes> = (0..200).map(|k| b(&format!("k{k}"))).collect();
@@ -71,8 +96,10 @@ async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
     }
     let hits_before = b_.service.cache().stats().await.total(Served::Hit);
 
-    // A writes a new version of every key; B reads each until it sees it. The lag of a
-    // key runs from the acknowledgement of its write to B's first read that shows it.
+    // A writes a new version of every key; B reads each until it sees it. A read of B
+    // that began more than the staleness bound after a write's acknowledgement must show
+    // it (B's tailer applied it, or B bypasses its cache for want of a proof). The lag
+    // of a key runs from the acknowledgement to B's last read that missed it.
     let acked = Arc::new(Mutex::new(HashMap::new()));
     let writes = async {
         for chunk in keys.chunks(20) {
@@ -88,14 +115,14 @@ async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
     let watch = try_join_all(keys.iter().map(|k| {
         let (cb, ns, k) = (cb.clone(), ns.clone(), k.clone());
         async move {
-            visible_within(
-                Duration::from_secs(5),
+            let missed = visible_within(
+                Duration::from_secs(60),
                 || cb.kv_get(&ns, k.clone(), None),
                 |got| matches!(got, Ok(Some(Versioned { ts: 2, .. }))),
             )
             .await
-            .ok_or(format!("{k:?} not seen within 5 s"))?;
-            Ok::<_, String>((k, Instant::now()))
+            .map_err(|()| format!("{k:?} not seen within 60 s"))?;
+            Ok::<_, String>((k, missed))
         }
     }));
     let ((), seen) = tokio::join!(writes, watch);
@@ -103,7 +130,9 @@ async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
     let mut lags: Vec<Duration> = seen
         .unwrap()
         .into_iter()
-        .map(|(k, at)| at.saturating_duration_since(acked[&k]))
+        .map(|(k, missed)| {
+            missed.map_or(Duration::ZERO, |at| at.saturating_duration_since(acked[&k]))
+        })
         .collect();
     lags.sort();
     let pct = |p: f64| lags[((lags.len() as f64 * p) as usize).min(lags.len() - 1)];
@@ -115,8 +144,8 @@ async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
         lags.last().unwrap()
     );
     assert!(
-        *lags.last().unwrap() <= Duration::from_secs(1),
-        "slowest: {:?}",
+        *lags.last().unwrap() <= bound,
+        "a read {:?} after the acknowledgement missed the write",
         lags.last().unwrap()
     );
     // B served them from its cache (not by bypassing it), refreshed by the stream key by
@@ -129,53 +158,63 @@ async fn writes_through_one_daemon_reach_the_others_cache_within_a_second() {
         tail.invalidations[StoreTable::Kv as usize] + rejected >= 200 || b_.flushes() > 0,
         "{tail:?}, {rejected} fills rejected"
     );
-    assert!(!b_.service.coherence().must_bypass(StoreTable::Kv));
+    // And B serves from its cache (once its tailer proves it caught up again, if a loaded
+    // machine let it fall behind the bound).
+    b_.wait_until_fresh().await;
+    for k in keys.iter().cycle().take(2 * keys.len()) {
+        cb.kv_get(&ns, k.clone(), None).await.unwrap();
+    }
     assert!(b_.service.cache().stats().await.total(Served::Hit) > hits_before);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deletes_and_appends_through_one_daemon_reach_the_other() {
     let (a, b_) = (Daemon::start().await, Daemon::start().await);
+    let bound = Duration::from_millis(b_.config.cache.max_staleness_ms);
     let (ca, cb) = (a.client().await, b_.client().await);
     let (ns, topic) = (name(), name());
     ca.kv_put(&ns, b("k"), b("v"), 1).await.unwrap();
     assert!(cb.kv_get(&ns, b("k"), None).await.unwrap().is_some());
     ca.kv_delete(&ns, b("k"), None).await.unwrap();
-    let gone = visible_within(
-        Duration::from_secs(1),
+    let since = Instant::now();
+    seen_within_bound(
+        "the delete",
+        bound,
+        since,
         || cb.kv_get(&ns, b("k"), None),
         |got| matches!(got, Ok(None)),
     )
     .await;
-    assert!(gone.is_some(), "the delete is seen within a second");
 
     ca.log_put(&topic, b("e1")).await.unwrap();
     assert_eq!(cb.log_position(&topic).await.unwrap(), 1);
     ca.log_put(&topic, b("e2")).await.unwrap();
-    let moved = visible_within(
-        Duration::from_secs(1),
+    let since = Instant::now();
+    seen_within_bound(
+        "the append",
+        bound,
+        since,
         || cb.log_scan(&topic, 1, i64::MAX),
         |got| matches!(got, Ok(v) if *v == vec![b("e1"), b("e2")]),
     )
     .await;
-    assert!(moved.is_some(), "the append is seen within a second");
     assert_eq!(cb.log_position(&topic).await.unwrap(), 2);
     ca.log_delete(&topic).await.unwrap();
-    let deleted = visible_within(
-        Duration::from_secs(1),
+    let since = Instant::now();
+    seen_within_bound(
+        "the topic's deletion",
+        bound,
+        since,
         || cb.log_position(&topic),
         |got| matches!(got, Ok(0)),
     )
     .await;
-    assert!(
-        deleted.is_some(),
-        "the topic's deletion is seen within a second"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_around_both_daemons_reaches_both() {
     let (a, b_) = (Daemon::start().await, Daemon::start().await);
+    let bound = Duration::from_millis(b_.config.cache.max_staleness_ms);
     let clients: Vec<Client> = vec![a.client().await, b_.client().await];
     let ns = name();
     clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
@@ -187,17 +226,16 @@ async fn a_write_around_both_daemons_reaches_both() {
     }
     // Another program writes the table directly.
     direct_kv().await.put(&ns, b"k", b("v2"), 1).await.unwrap();
+    let since = Instant::now();
     for c in &clients {
-        let seen = visible_within(
-            Duration::from_secs(1),
+        seen_within_bound(
+            "the outside write",
+            bound,
+            since,
             || c.kv_get(&ns, b("k"), None),
             |got| matches!(got, Ok(Some(v)) if v.value == b("v2")),
         )
         .await;
-        assert!(
-            seen.is_some(),
-            "both daemons see the outside write within a second"
-        );
     }
 }
 
@@ -224,7 +262,7 @@ async fn reads_bypass_the_cache_once_the_tailer_falls_behind() {
         |s| *s,
     )
     .await;
-    assert!(stale.is_some(), "the staleness bound is noticed");
+    assert!(stale.is_ok(), "the staleness bound is noticed");
     // ...and reads go to DynamoDB: a write the stopped tailer cannot report is seen.
     direct_kv().await.put(&ns, b"k", b("v2"), 1).await.unwrap();
     assert_eq!(

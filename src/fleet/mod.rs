@@ -2,7 +2,7 @@
 //! every daemon its own reader, so one or two daemons per table, elected through leases
 //! in DynamoDB, read the stream and relay what they read through a Redis stream that
 //! every daemon consumes. The design, and why each rule is there:
-//! `shared/design/fleet.md`; the README's "Running a fleet" for operators.
+//! `shared/design/fleet.md`; `docs/FLEET.md` for operators.
 //!
 //! - [`lease`]: the relay leases (DynamoDB conditional writes).
 //! - [`relay`]: competing for a lease, and the tailer's sink that publishes.

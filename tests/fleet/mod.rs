@@ -1,0 +1,319 @@
+//! Fleet mode on real parts: DynamoDB Local, a real `redis-server`, and daemon processes
+//! on tables of their own (so that their leases and streams are theirs alone).
+
+mod prometheus;
+mod redis_faults;
+mod relays;
+mod scale;
+mod visibility;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ddbcached::cache::Cache;
+use ddbcached::coherence::Coherence;
+use ddbcached::config::{CacheConfig, Config};
+use ddbcached::fleet::consumer::{self, Consuming};
+use ddbcached::fleet::entry::{wall_ms, Codec, Entry, Event};
+use ddbcached::fleet::lease::{lease_id, Leases};
+use ddbcached::fleet::transport::{stream_key, Redis};
+use ddbcached::fleet::FleetStats;
+use ddbcached::store::KvStore;
+use ddbcached::store::StoreTable;
+use ddbcached::stream::FlushCause;
+use ddbcached::{aws, tables};
+use ddbcached_protocol::Client;
+use tokio::process::Child;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{
+    dynamo_config, dynamodb_toml, endpoint, free_port, http_get, name, spawn_daemon, RedisServer,
+};
+use crate::ops::{collect_exprs, samples};
+
+/// The staleness bound the fleets here run with (the default).
+const BOUND: Duration = Duration::from_millis(2000);
+/// How long a fleet gets to show a change everywhere, on a machine loaded enough to make
+/// DynamoDB Local and Redis ten times slower than usual; past the bound, reads bypass.
+const CONVERGENCE: Duration = Duration::from_secs(60);
+
+/// Fleet daemons sharing tables of their own and one Redis.
+struct Fleet {
+    // Dropped in this order: the daemons before their Redis.
+    members: Vec<Member>,
+    redis: RedisServer,
+    config: Config,
+    dir: tempfile::TempDir,
+}
+
+struct Member {
+    /// Killed when dropped.
+    process: Child,
+    /// Neither killed nor paused: its metrics can be scraped.
+    answering: bool,
+    socket: PathBuf,
+    metrics: std::net::SocketAddr,
+}
+
+impl Fleet {
+    /// Creates tables for it and starts `n` daemons with `extra` configuration lines in
+    /// their `[fleet]` section.
+    async fn start(n: usize, extra: &str) -> Fleet {
+        Fleet::start_on(RedisServer::start().await, n, extra).await
+    }
+
+    /// The same on a given Redis.
+    async fn start_on(redis: RedisServer, n: usize, extra: &str) -> Fleet {
+        let mut config = dynamo_config(endpoint());
+        // Short enough for DynamoDB's 255 characters with any suffix.
+        let prefix: String = name().chars().take(24).collect();
+        config.dynamodb.kv_table = format!("{prefix}_kv");
+        config.dynamodb.log_table = format!("{prefix}_log");
+        config.dynamodb.lease_table = format!("{prefix}_leases");
+        let client = aws::dynamodb_client(&config.dynamodb, Default::default()).await;
+        tables::init_tables(&client, &config.dynamodb)
+            .await
+            .unwrap();
+        let mut fleet = Fleet {
+            config,
+            redis,
+            members: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for _ in 0..n {
+            fleet.add(extra).await;
+        }
+        fleet
+    }
+
+    /// A fresh fleet of `n` daemons in which key `k` holds `v1` and every daemon has
+    /// read it: the clients and the namespace.
+    async fn with_cached_key(n: usize, extra: &str) -> (Fleet, Vec<Client>, String) {
+        let fleet = Fleet::start(n, extra).await;
+        fleet.wait_until_fresh().await;
+        let clients = fleet.clients().await;
+        let ns = name();
+        clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
+        for c in &clients {
+            c.kv_get(&ns, b("k"), None).await.unwrap();
+        }
+        (fleet, clients, ns)
+    }
+
+    /// Starts one more daemon.
+    async fn add(&mut self, extra: &str) {
+        let i = self.members.len();
+        let dir = self.dir.path().join(format!("d{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let d = &self.config.dynamodb;
+        let toml = format!(
+            "[dynamodb]\nkv_table = {:?}\nlog_table = {:?}\nlease_table = {:?}\n\
+             [streams]\npoll_interval_ms = 100\n\
+             [metrics]\nlisten = \"{metrics}\"\n\
+             [fleet]\nredis_url = {:?}\ntls_ca_file = {:?}\nlease_ms = 1500\n{extra}\n",
+            d.kv_table,
+            d.log_table,
+            d.lease_table,
+            self.redis.url(),
+            self.redis.ca_file(),
+        );
+        let (process, socket) = spawn_daemon(&dir, &toml).await;
+        self.members.push(Member {
+            process,
+            answering: true,
+            socket,
+            metrics,
+        });
+    }
+
+    async fn clients(&self) -> Vec<Client> {
+        let mut out = Vec::new();
+        for m in &self.members {
+            out.push(Client::connect(&m.socket).await.unwrap());
+        }
+        out
+    }
+
+    /// A plain SDK client on the fleet's key-value table: writes around every daemon.
+    async fn direct_kv(&self) -> KvStore {
+        KvStore::new(
+            aws::dynamodb_client(&self.config.dynamodb, Default::default()).await,
+            self.config.dynamodb.kv_table.clone(),
+            10,
+        )
+    }
+
+    /// Waits until every daemon is fresh (it has accepted a watermark for both tables).
+    async fn wait_until_fresh(&self) {
+        let deadline = Instant::now() + CONVERGENCE;
+        for m in self.members.iter().filter(|m| m.answering) {
+            while bypassing(m.metrics, &[]).await != 0.0 {
+                assert!(Instant::now() < deadline, "never fresh");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// How many of a daemon's tables (among those `labels` select) bypass the cache, for
+/// want of a proof of freshness.
+async fn bypassing(addr: std::net::SocketAddr, labels: &[&str]) -> f64 {
+    total(&scrape(addr).await, "ddbcached_stream_bypassing", labels)
+}
+
+/// Whether a daemon's key-value table is proven fresh.
+async fn kv_fresh(addr: std::net::SocketAddr) -> bool {
+    bypassing(addr, &["table=\"kv\""]).await == 0.0
+}
+
+/// One daemon's samples, by metric name with labels (`name{a="b",...}`).
+async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
+    samples(&http_get(addr, "/metrics").await.1)
+}
+
+/// The sum of a metric's samples whose labels contain every one of `labels`.
+fn total(samples: &BTreeMap<String, f64>, metric: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| {
+            k.split('{').next() == Some(metric) && labels.iter().all(|l| k.contains(l))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Reads `key` through `c` until it holds `want`, which was written before this call.
+/// Fails if a read that began more than the bound after the call showed anything else
+/// (past it, a daemon not proven fresh bypasses its cache), or if `want` is never seen.
+/// Returns when the last read that did not show it began (zero: the first one did).
+async fn seen_within_bound(c: &Client, ns: &str, key: &str, want: &str) -> Duration {
+    let start = Instant::now();
+    let mut missed_at = Duration::ZERO;
+    loop {
+        let began = start.elapsed();
+        let got = c.kv_get(ns, b(key), None).await.unwrap();
+        if got.is_some_and(|v| v.value == b(want)) {
+            return missed_at;
+        }
+        missed_at = began;
+        assert!(
+            began <= BOUND,
+            "a read that began {began:?} after the write missed it"
+        );
+        assert!(start.elapsed() < CONVERGENCE, "never seen");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+impl Fleet {
+    /// Per daemon, the relay leases it holds on the key-value table (0 for one that
+    /// does not answer).
+    async fn kv_relays(&self) -> Vec<f64> {
+        let mut held = Vec::new();
+        for m in &self.members {
+            held.push(match m.answering {
+                true => total(
+                    &scrape(m.metrics).await,
+                    "ddbcached_fleet_leases_held",
+                    &["table=\"kv\""],
+                ),
+                false => 0.0,
+            });
+        }
+        held
+    }
+
+    /// The index of a daemon relaying the key-value table.
+    async fn a_kv_relay(&self) -> usize {
+        let deadline = Instant::now() + CONVERGENCE;
+        loop {
+            if let Some(i) = self.kv_relays().await.iter().position(|h| *h > 0.0) {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no relay");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends `signal` to daemon `i`, which answers afterwards only if it is `CONT`.
+    fn signal(&mut self, i: usize, signal: &str) {
+        self.members[i].answering = signal == "CONT";
+        let pid = self.members[i].process.id().unwrap();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
+    /// Flushes of the key-value table by `cause`, summed over the daemons `of`.
+    async fn flushes(&self, of: &[usize], cause: &str) -> f64 {
+        let mut sum = 0.0;
+        for &i in of {
+            let s = scrape(self.members[i].metrics).await;
+            sum += total(
+                &s,
+                "ddbcached_stream_flushes_total",
+                &[&format!("cause=\"{cause}\"")],
+            );
+        }
+        sum
+    }
+}
+
+/// Writes `key` around every daemon to `new` (it held `old`), then reads it through every
+/// client until each sees `new`, failing if any read that began more than `BOUND` after
+/// the write returns `old`. Returns the longest time to see it.
+async fn write_around_and_watch(
+    fleet: &Fleet,
+    clients: &[&Client],
+    ns: &str,
+    old: &str,
+    new: &str,
+    ts: i64,
+    limit: Duration,
+) -> Duration {
+    fleet
+        .direct_kv()
+        .await
+        .put(ns, b"k", b(new), ts)
+        .await
+        .unwrap();
+    let written = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for c in clients {
+        loop {
+            let began = Instant::now();
+            let got = c.kv_get(ns, b("k"), None).await.unwrap().unwrap().value;
+            if got == b(new) {
+                slowest = slowest.max(began - written);
+                break;
+            }
+            assert_eq!(got, b(old), "an unknown value");
+            assert!(
+                began - written <= BOUND,
+                "stale read {:?} after the write",
+                began - written
+            );
+            assert!(written.elapsed() < limit, "never seen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    slowest
+}
+
+impl Fleet {
+    async fn kv_relays_among(&self, of: &[usize]) -> bool {
+        let held = self.kv_relays().await;
+        of.iter().any(|&i| held[i] > 0.0)
+    }
+}

@@ -1,0 +1,209 @@
+//! A simulated fleet of hundreds of hosts on one Redis: visibility and what each write
+//! costs (Redis egress, relay and consumer CPU).
+
+use super::*;
+use ddbcached::cache::{CacheKey, Cached, KeyVersions};
+
+/// One simulated host: its own small cache, the daemon's coherence and consumer code,
+/// and its own Redis connection.
+struct SimHost {
+    cache: Arc<Cache>,
+    coherence: Arc<Coherence>,
+}
+
+/// Percentile `p` (0..=100) of sorted durations.
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() - 1) * p / 100]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_bound() {
+    let hosts: usize = std::env::var("DDBCACHED_SIM_HOSTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let writes = 20;
+    // Two real daemons: the relays, and the writers of half the writes.
+    let fleet = Fleet::start(2, "").await;
+    fleet.wait_until_fresh().await;
+    let clients = fleet.clients().await;
+    let direct = fleet.direct_kv().await;
+    let d = &fleet.config.dynamodb;
+    let redis = Redis::open(&fleet.redis.url(), "").unwrap();
+    let keys = [stream_key(&d.kv_table), stream_key(&d.log_table)];
+    let stop = CancellationToken::new();
+    let mut sims = Vec::new();
+    for h in 0..hosts {
+        let cache = Arc::new(Cache::new(&CacheConfig {
+            max_bytes: 1 << 20,
+            ..CacheConfig::default()
+        }));
+        let coherence = Arc::new(Coherence::new(
+            cache.clone(),
+            BOUND.as_millis() as u64,
+            metrics::Histogram::noop(),
+        ));
+        let ctx = Arc::new(Consuming {
+            me: format!("sim-{h}"),
+            redis: redis.clone(),
+            codec: Codec::new(""),
+            coherence: coherence.clone(),
+            keys: keys.clone(),
+            clock_skew_ms: 250,
+            stats: Arc::default(),
+            fleet_lag: metrics::Histogram::noop(),
+            hint_lag: metrics::Histogram::noop(),
+        });
+        let start = consumer::position(&ctx).await.unwrap();
+        tokio::spawn(consumer::run(ctx, Some(start), stop.clone()));
+        sims.push(SimHost { cache, coherence });
+    }
+
+    let ns = name();
+    let (mut through, mut around) = (Vec::new(), Vec::new());
+    for w in 0..writes {
+        let key = CacheKey::kv(&ns, format!("k{w}").as_bytes());
+        // Every host holds the key's old state.
+        for s in &sims {
+            let t = s.cache.ticket(&key);
+            let absent = Cached::Kv(Arc::new(KeyVersions::absent()));
+            assert!(s.cache.commit_fill(key.clone(), t, |_| Some(absent)).await);
+        }
+        let by_daemon = w % 2 == 0;
+        if by_daemon {
+            clients[0]
+                .kv_put(&ns, b(&format!("k{w}")), b("v"), 1)
+                .await
+                .unwrap();
+        } else {
+            direct
+                .put(&ns, format!("k{w}").as_bytes(), b("v"), 1)
+                .await
+                .unwrap();
+        }
+        let acked = Instant::now();
+        let mut pending: Vec<usize> = (0..hosts).collect();
+        let mut bound_checked = false;
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for h in pending {
+                if sims[h].cache.get(&key).await.is_some() {
+                    still.push(h);
+                } else if by_daemon {
+                    through.push(acked.elapsed());
+                } else {
+                    around.push(acked.elapsed());
+                }
+            }
+            pending = still;
+            if !bound_checked && acked.elapsed() >= BOUND {
+                // Past the bound a host that still holds the old state must not serve it:
+                // its freshness is unproven, so its reads bypass the cache. (Freshness
+                // proven now would be as of after the write, which the consumer reads
+                // first: the key would be gone.) A loaded machine may get here; a host
+                // that serves stale data may not.
+                for &h in &pending {
+                    let bypassing = sims[h].coherence.must_bypass(StoreTable::Kv);
+                    let held = sims[h].cache.get(&key).await.is_some();
+                    assert!(
+                        bypassing || !held,
+                        "host {h} would serve the old state past the bound"
+                    );
+                }
+                bound_checked = true;
+            }
+            assert!(
+                acked.elapsed() < CONVERGENCE,
+                "{} hosts never dropped the old state",
+                pending.len()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    through.sort();
+    around.sort();
+    for (what, lags) in [
+        ("through daemons (hints)", &through),
+        ("around them (stream)", &around),
+    ] {
+        eprintln!(
+            "{hosts} simulated hosts, writes {what}: p50 {:?}, p99 {:?}, max {:?} over {} host-writes",
+            percentile(lags, 50),
+            percentile(lags, 99),
+            lags.last().unwrap(),
+            lags.len()
+        );
+    }
+
+    // Costs, without the poller above: an idle window (watermarks only), then a window
+    // of writes through a daemon and around them; what the writes add over idle is
+    // theirs. CPU: the relays' processes, and this process (the simulated consumers).
+    // Daemon 1 serves none of the writes: it only relays (both tables, like daemon 0)
+    // and consumes.
+    let relay_pid = fleet.members[1].process.id().unwrap();
+    let window = Duration::from_secs(3);
+    let measure = async |load: bool| {
+        let (egress, relay_cpu, consumer_cpu) = (
+            redis_output_bytes(&fleet.redis).await,
+            cpu_seconds(relay_pid),
+            cpu_seconds(std::process::id()),
+        );
+        let started = Instant::now();
+        let mut n = 0;
+        while started.elapsed() < window {
+            if load {
+                let key = format!("cost{n}");
+                clients[0].kv_put(&ns, b(&key), b("v"), 1).await.unwrap();
+                direct.put(&ns, key.as_bytes(), b("v"), 2).await.unwrap();
+                n += 2;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (
+            n as f64,
+            (redis_output_bytes(&fleet.redis).await - egress) as f64,
+            cpu_seconds(relay_pid) - relay_cpu,
+            cpu_seconds(std::process::id()) - consumer_cpu,
+        )
+    };
+    let (_, idle_egress, idle_relay, idle_consumer) = measure(false).await;
+    let (n, egress, relay, consumer) = measure(true).await;
+    let per_write = |busy: f64, idle: f64| (busy - idle).max(0.0) / n;
+    eprintln!(
+        "{hosts} simulated hosts, {n} writes: Redis egress {:.0} B per write per host \
+         ({:.0} B/s per host idle); a relay's CPU (its own consumer included) {:.0} µs per \
+         write ({:.1} ms/s idle); a simulated host's consumer CPU {:.1} µs per write",
+        per_write(egress, idle_egress) / hosts as f64,
+        idle_egress / 3.5 / hosts as f64,
+        per_write(relay, idle_relay) * 1e6,
+        idle_relay / 3.5 * 1e3,
+        per_write(consumer, idle_consumer) * 1e6 / hosts as f64,
+    );
+    stop.cancel();
+}
+
+/// Bytes Redis has sent to its clients so far.
+async fn redis_output_bytes(server: &RedisServer) -> u64 {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// CPU seconds a process has used (user and system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are the
+    // 12th and 13th, in clock ticks of 1/100 s.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+}

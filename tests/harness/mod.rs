@@ -1,0 +1,27 @@
+//! Shared test fixtures, one concern a file: DynamoDB Local, daemons, random names, raw
+//! protocol frames, a response-swallowing proxy, Redis servers.
+
+use std::net::TcpListener;
+
+mod daemon;
+mod dynamodb;
+mod names;
+mod proxy;
+mod raw;
+mod redis;
+
+pub use daemon::{http_get, rss, spawn_daemon, Daemon};
+pub use dynamodb::{dynamo_config, dynamodb_toml, endpoint, OwnLocal};
+pub use names::{key, name, value};
+pub use proxy::Proxy;
+pub use raw::{field, msgpack_map, Raw, Val};
+pub use redis::RedisServer;
+
+/// A loopback port nobody listens on at the moment.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
