@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Quick start: DynamoDB Local on 127.0.0.1:8000, the tables, and the daemon in the
-# foreground with config/local.toml (socket /tmp/ddbcached.sock). Ctrl-C stops everything.
+# foreground with config/local.toml (socket /tmp/ddbcached.sock, DynamoDB's API on
+# 127.0.0.1:8100). Ctrl-C stops everything.
 #
 #   scripts/run-local.sh --fleet N   a fleet instead: redis-server on 127.0.0.1:6390 and N
 #                                    daemons in fleet mode, sockets /tmp/ddbcached-<i>.sock,
-#                                    metrics on 127.0.0.1:<9464+i>.
+#                                    metrics on 127.0.0.1:<9464+i>, DynamoDB's API on
+#                                    127.0.0.1:<8100+i>.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -49,9 +51,10 @@ children+=("$!")
 for i in $(seq 1 "$fleet"); do
   DDBCACHED_SOCKET="/tmp/ddbcached-$i.sock" \
   DDBCACHED_METRICS_LISTEN="127.0.0.1:$((9464 + i))" \
+  DDBCACHED_DYNAMODB_API_LISTEN="127.0.0.1:$((8100 + i))" \
   DDBCACHED_FLEET_REDIS_URL="redis://127.0.0.1:$redis_port" \
     target/release/ddbcached serve --config "$config" &
   children+=("$!")
 done
-echo "fleet of $fleet: sockets /tmp/ddbcached-{1..$fleet}.sock; Ctrl-C stops it" >&2
+echo "fleet of $fleet: sockets /tmp/ddbcached-{1..$fleet}.sock, DynamoDB API on 127.0.0.1:8101..$((8100 + fleet)); Ctrl-C stops it" >&2
 wait -n

@@ -29,6 +29,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub streams: StreamsConfig,
     pub fleet: FleetConfig,
+    pub dynamodb_api: DynamoApiConfig,
     pub metrics: MetricsConfig,
     pub logging: LoggingConfig,
     /// What the configuration said in an outdated way (a renamed section), for the
@@ -278,6 +279,45 @@ impl FleetConfig {
     }
 }
 
+/// DynamoDB's own HTTP API, answered for any AWS SDK ([`crate::api`]).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamoApiConfig {
+    /// Loopback address to answer on (`127.0.0.1:8100`); empty: not on TCP. Whoever can
+    /// connect acts with the daemon's AWS credentials, so no other address is accepted.
+    pub listen: String,
+    /// The same API on a Unix socket too (its peers checked against
+    /// `server.allowed_uids` and `server.allowed_gids`); empty: no socket.
+    pub socket_path: PathBuf,
+    /// File mode of that socket.
+    pub socket_mode: u32,
+    /// Forward operations that change tables (CreateTable, DeleteTable, UpdateTable,
+    /// tags, backups, ...); refused with AccessDeniedException when false.
+    pub control_plane: bool,
+    /// Largest request body taken (after gzip decoding); DynamoDB's largest request, a
+    /// BatchWriteItem, is 16 MB.
+    pub max_body_bytes: usize,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// A connection with no request for this long is closed, and so is one that takes
+    /// longer to send a request's head or body.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for DynamoApiConfig {
+    fn default() -> Self {
+        DynamoApiConfig {
+            listen: String::new(),
+            socket_path: PathBuf::new(),
+            socket_mode: 0o660,
+            control_plane: false,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_connections: 256,
+            idle_timeout_ms: 60_000,
+        }
+    }
+}
+
 /// The Prometheus endpoint.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -523,6 +563,47 @@ impl Config {
                 && d.lease_table != d.kv_table
                 && d.lease_table != d.log_table,
             "must not be empty and must differ from the data tables",
+        )?;
+        let a = &self.dynamodb_api;
+        check(
+            "dynamodb_api.listen",
+            &a.listen,
+            a.listen.is_empty()
+                || a.listen
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|addr| addr.ip().is_loopback()),
+            "must be empty or a loopback address like 127.0.0.1:8100 (whoever can connect \
+             acts with the daemon's AWS credentials)",
+        )?;
+        check(
+            "dynamodb_api.socket_mode",
+            format!("{:#o}", a.socket_mode),
+            a.socket_mode <= 0o777,
+            "must be a file mode between 0o000 and 0o777",
+        )?;
+        check(
+            "dynamodb_api.socket_path",
+            a.socket_path.display(),
+            a.socket_path.as_os_str().is_empty() || a.socket_path != s.socket_path,
+            "must differ from server.socket_path",
+        )?;
+        check(
+            "dynamodb_api.max_body_bytes",
+            a.max_body_bytes,
+            a.max_body_bytes >= 65536,
+            "must be at least 65536",
+        )?;
+        check(
+            "dynamodb_api.max_connections",
+            a.max_connections,
+            a.max_connections > 0,
+            "must be at least 1",
+        )?;
+        check(
+            "dynamodb_api.idle_timeout_ms",
+            a.idle_timeout_ms,
+            a.idle_timeout_ms >= 100,
+            "must be at least 100",
         )?;
         check(
             "metrics.listen",
@@ -826,6 +907,30 @@ mod tests {
         // The current names warn of nothing.
         let c = Config::load_with_env(None, env(&[("DDBCACHED_LOGGING_LEVEL", "warn")])).unwrap();
         assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_dynamodb_api_listens_on_loopback_only() {
+        for ok in ["", "127.0.0.1:8100", "127.0.0.2:0", "[::1]:8100"] {
+            let c =
+                Config::load_with_env(None, env(&[("DDBCACHED_DYNAMODB_API_LISTEN", ok)])).unwrap();
+            assert_eq!(c.dynamodb_api.listen, ok);
+        }
+        for bad in [
+            "0.0.0.0:8100",
+            "10.0.0.5:8100",
+            "[::]:8100",
+            "localhost:8100",
+            "8100",
+        ] {
+            let e = Config::load_with_env(None, env(&[("DDBCACHED_DYNAMODB_API_LISTEN", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("dynamodb_api.listen = {bad} is not valid")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

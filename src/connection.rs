@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::KeyBuf;
 use crate::config::ServerConfig;
+use crate::peer;
 use crate::server_stats::{Rejection, ServerStats};
 use crate::service::{error_reply, Outcome, Pending, Service};
 
@@ -68,7 +69,8 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) {
-    if !peer_allowed(&stream, &config, &stats) {
+    if !peer::allowed(&stream, &config) {
+        stats.peer_refused();
         return;
     }
     stats.connection_opened();
@@ -486,32 +488,6 @@ fn refuse_stopping(output: &mut Vec<u8>, stats: &ServerStats, id: u64, op: Op) {
         "the server is stopping; this request was not run",
     );
     write_reply(output, Some(id), &reply);
-}
-
-/// Whether the peer may use the daemon: with an allow-list configured, its uid or gid
-/// (from SO_PEERCRED) must be on it. A refused peer is logged, counted and disconnected.
-fn peer_allowed(stream: &UnixStream, config: &ServerConfig, stats: &ServerStats) -> bool {
-    if config.allowed_uids.is_empty() && config.allowed_gids.is_empty() {
-        return true;
-    }
-    match stream.peer_cred() {
-        Ok(cred)
-            if config.allowed_uids.contains(&cred.uid())
-                || config.allowed_gids.contains(&cred.gid()) =>
-        {
-            true
-        }
-        Ok(cred) => {
-            tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer not on the allow-list");
-            stats.peer_refused();
-            false
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "refused a peer whose credentials cannot be read");
-            stats.peer_refused();
-            false
-        }
-    }
 }
 
 /// Runs one request and sends its reply frames; returns the error code it ended with. A

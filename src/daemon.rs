@@ -1,6 +1,6 @@
 //! The composition root: the whole daemon built from a [`Config`] (SDK clients, metrics,
-//! cache, coherence, stores, tailers or fleet mode, the socket) and run until a shutdown
-//! signal. The binary and the test harness both go through here, so that what the tests
+//! cache, coherence, stores, tailers or fleet mode, the socket, the DynamoDB API front)
+//! and run until a shutdown signal. The binary and the test harness both go through here, so that what the tests
 //! run is what is deployed.
 //!
 //! The order of start-up is part of the correctness argument: the tables are checked and
@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::upstream::Upstream;
+use crate::api::{self, Front};
 use crate::aws::{self, ApiCalls};
 use crate::cache::Cache;
 use crate::coherence::Coherence;
@@ -55,6 +57,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Socket(#[from] BindError),
+    #[error(transparent)]
+    Api(#[from] api::StartError),
 }
 
 /// The stream tailers' tasks and the token that stops them.
@@ -81,6 +85,7 @@ pub struct Daemon {
     api_calls: Arc<ApiCalls>,
     listener: Listener,
     metrics_endpoint: Option<TcpListener>,
+    api: Option<Front>,
     tailers: Option<Tailers>,
     server: ServerConfig,
 }
@@ -135,6 +140,7 @@ impl Daemon {
             tail_stats: Arc::default(),
             coherence: coherence.clone(),
             fleet_stats: Arc::default(),
+            api_stats: Arc::default(),
             metrics,
         });
         let tables = [d.kv_table.clone(), d.log_table.clone()];
@@ -189,6 +195,20 @@ impl Daemon {
             hints,
             config,
         ));
+        let api = if config.dynamodb_api.listen.is_empty()
+            && config.dynamodb_api.socket_path.as_os_str().is_empty()
+        {
+            None
+        } else {
+            let upstream = Upstream::new(&sdk, d).map_err(api::StartError::from)?;
+            Front::bind(
+                &config.dynamodb_api,
+                &config.server,
+                upstream,
+                probe.api_stats.clone(),
+            )
+            .await?
+        };
         let listener = server::bind(&config.server)?;
         Ok(Daemon {
             service,
@@ -197,6 +217,7 @@ impl Daemon {
             api_calls,
             listener,
             metrics_endpoint,
+            api,
             tailers,
             server: config.server.clone(),
         })
@@ -224,6 +245,11 @@ impl Daemon {
             .and_then(|l| l.local_addr().ok())
     }
 
+    /// Where the DynamoDB API listens on loopback, if it does.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(Front::local_addr)
+    }
+
     /// The stream tailers, if they run.
     pub fn tailers(&self) -> Option<Tailers> {
         self.tailers.clone()
@@ -239,6 +265,9 @@ impl Daemon {
             tokio::spawn(http::serve(endpoint, self.probe.clone(), shutdown.clone()));
         }
         tokio::spawn(upkeep(self.probe.metrics.clone(), shutdown.clone()));
+        let api = self
+            .api
+            .map(|front| tokio::spawn(front.run(shutdown.clone())));
         server::run(
             self.listener,
             self.service,
@@ -247,6 +276,10 @@ impl Daemon {
             shutdown,
         )
         .await;
+        if let Some(api) = api {
+            // Cannot fail: the front's task does not panic on what a client sends.
+            let _ = api.await;
+        }
         if let Some(tailers) = self.tailers {
             tailers.stop().await;
         }

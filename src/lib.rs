@@ -16,12 +16,15 @@
 //! - [`stream`]: the DynamoDB Streams tailers, which hand what they read to a
 //!   [`stream::sink::Sink`].
 //! - [`fleet`]: fleet mode: relay leases, publishing to Redis, consuming from it.
-//! - [`connection`]: one client connection: handshake, pipelining, streamed replies.
+//! - [`connection`]: one client connection: handshake, pipelining, streamed replies;
+//!   [`peer`]: who may connect to a Unix socket.
+//! - [`api`]: DynamoDB's own HTTP API for any AWS SDK (forwarded, re-signed).
 //! - [`server`]: the socket, the accept loop and shutdown; [`server_stats`]: what the
 //!   socket front counts.
 //! - [`probe`]: health, and the metrics exposition every part writes into.
 //! - [`metrics`]: Prometheus metrics; [`http`]: the endpoint serving them and readiness.
 
+pub mod api;
 pub mod aws;
 pub mod cache;
 pub mod coherence;
@@ -32,6 +35,7 @@ pub mod fleet;
 pub mod http;
 pub mod locks;
 pub mod metrics;
+pub mod peer;
 pub mod probe;
 pub mod server;
 pub mod server_stats;

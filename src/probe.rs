@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::api::stats::ApiStats;
 use crate::aws::ApiCalls;
 use crate::cache::Cache;
 use crate::coherence::Coherence;
@@ -29,6 +30,7 @@ pub struct Probe {
     pub(crate) tail_stats: Arc<TailStats>,
     pub(crate) coherence: Arc<Coherence>,
     pub(crate) fleet_stats: Arc<FleetStats>,
+    pub(crate) api_stats: Arc<ApiStats>,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -95,6 +97,7 @@ impl Probe {
         self.tail_stats.export(&mut out);
         self.coherence.export(&mut out);
         self.fleet_stats.export(&mut out);
+        self.api_stats.export(&mut out);
         out.finish(&self.metrics.render_histograms())
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,6 +44,11 @@ impl Listener {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The next connection.
+    pub async fn accept(&self) -> std::io::Result<UnixStream> {
+        self.listener.accept().await.map(|(stream, _)| stream)
     }
 }
 
@@ -108,11 +113,11 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
         };
         let accepted = tokio::select! {
-            accepted = listener.listener.accept() => accepted,
+            accepted = listener.accept() => accepted,
             _ = shutdown.cancelled() => break,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok(stream) => {
                 accept_failures = 0;
                 let service = service.clone();
                 let stats = stats.clone();

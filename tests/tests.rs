@@ -5,6 +5,7 @@
 //! daemon per test on its own socket. Tests use random namespaces and topics, so they can
 //! share the tables and run in parallel.
 
+mod api;
 mod cache;
 mod check;
 mod cli;

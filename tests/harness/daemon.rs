@@ -96,6 +96,8 @@ pub struct Daemon {
     /// DynamoDB calls the daemon made, by API.
     pub api_calls: Arc<ApiCalls>,
     metrics: std::net::SocketAddr,
+    /// Where the DynamoDB API listens, if the configuration turns it on.
+    pub api: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     tailers: Option<Tailers>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -147,6 +149,7 @@ impl Daemon {
             service: daemon.service().clone(),
             api_calls: daemon.api_calls().clone(),
             metrics: daemon.metrics_addr().unwrap(),
+            api: daemon.api_addr(),
             tailers: daemon.tailers(),
             task: Some(tokio::spawn(daemon.run(shutdown.clone()))),
             shutdown,
