@@ -53,6 +53,7 @@ async fn four_daemons_two_relays_per_table_and_every_write_seen_everywhere() {
             "ddbcached_dynamodb_calls_total",
             &["api=\"GetRecords\""],
         );
+        crate::ops::assert_calls_allowed_by_policy(&s);
         if total(&s, "ddbcached_fleet_lease_changes_total", &[]) == 0.0 {
             assert_eq!(get_records, 0.0, "a daemon without a lease read the stream");
         } else if held != [0.0, 0.0] {
