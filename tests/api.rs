@@ -45,6 +45,39 @@ fn n(v: &str) -> AttributeValue {
     AttributeValue::N(v.into())
 }
 
+fn attribute(name: &str, kind: ScalarAttributeType) -> AttributeDefinition {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(kind)
+        .build()
+        .unwrap()
+}
+
+fn key_part(name: &str, kind: KeyType) -> KeySchemaElement {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kind)
+        .build()
+        .unwrap()
+}
+
+/// An item read with a strongly consistent GetItem.
+async fn consistent_get(
+    c: &Client,
+    table: &str,
+    pk: &str,
+    sk: &str,
+) -> Option<HashMap<String, AttributeValue>> {
+    c.get_item()
+        .table_name(table)
+        .set_key(Some(key(pk, sk)))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+}
+
 /// A table of the test's own (partition key `pk` S, sort key `sk` N), made directly.
 async fn table(direct: &Client) -> String {
     let table: String = format!("api-{}", name()).chars().take(60).collect();
@@ -52,34 +85,10 @@ async fn table(direct: &Client) -> String {
         .create_table()
         .table_name(&table)
         .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .unwrap(),
-        )
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("sk")
-                .attribute_type(ScalarAttributeType::N)
-                .build()
-                .unwrap(),
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(KeyType::Hash)
-                .build()
-                .unwrap(),
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("sk")
-                .key_type(KeyType::Range)
-                .build()
-                .unwrap(),
-        )
+        .attribute_definitions(attribute("pk", ScalarAttributeType::S))
+        .attribute_definitions(attribute("sk", ScalarAttributeType::N))
+        .key_schema(key_part("pk", KeyType::Hash))
+        .key_schema(key_part("sk", KeyType::Range))
         .send()
         .await
         .unwrap();
@@ -158,19 +167,8 @@ async fn every_operation_through_the_api_answers_as_dynamodb_does() {
 
     // Reads through the front equal the same reads made directly.
     for c in [&api, &direct] {
-        let got = c
-            .get_item()
-            .table_name(&t)
-            .set_key(Some(key("a", "1")))
-            .consistent_read(true)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            got.item().unwrap()["price"],
-            n("1.5"),
-            "DynamoDB's normal form"
-        );
+        let got = consistent_get(c, &t, "a", "1").await.unwrap();
+        assert_eq!(got["price"], n("1.5"), "DynamoDB's normal form");
     }
     let get = |c: &Client| {
         c.get_item()
@@ -278,15 +276,7 @@ async fn every_operation_through_the_api_answers_as_dynamodb_does() {
         .send()
         .await
         .unwrap();
-    let gone = direct
-        .get_item()
-        .table_name(&t)
-        .set_key(Some(key("a", "1")))
-        .consistent_read(true)
-        .send()
-        .await
-        .unwrap();
-    assert!(gone.item.is_none());
+    assert!(consistent_get(&direct, &t, "a", "1").await.is_none());
 
     // Every request was counted under its operation, none failed.
     let metrics = http_get(d.metrics_endpoint(), "/metrics").await.1;
@@ -310,20 +300,8 @@ async fn changes_to_tables_are_refused_unless_the_control_plane_is_on() {
         c.create_table()
             .table_name(t)
             .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("k")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .unwrap(),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("k")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .unwrap(),
-            )
+            .attribute_definitions(attribute("k", ScalarAttributeType::S))
+            .key_schema(key_part("k", KeyType::Hash))
             .send()
             .await
     };
