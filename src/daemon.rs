@@ -27,7 +27,6 @@ use crate::fleet::lease::Leases;
 use crate::metrics::Metrics;
 use crate::probe::Probe;
 use crate::server::{self, BindError, Listener};
-use crate::server_stats::ServerStats;
 use crate::service::Service;
 use crate::store::{KvStore, LogStore, StoreTable};
 use crate::stream::api::SdkStreams;
@@ -81,8 +80,6 @@ impl Tailers {
 pub struct Daemon {
     service: Arc<Service>,
     probe: Arc<Probe>,
-    server_stats: Arc<ServerStats>,
-    api_calls: Arc<ApiCalls>,
     listener: Listener,
     metrics_endpoint: Option<TcpListener>,
     api: Option<Front>,
@@ -212,9 +209,7 @@ impl Daemon {
         let listener = server::bind(&config.server)?;
         Ok(Daemon {
             service,
-            server_stats: probe.server_stats.clone(),
             probe,
-            api_calls,
             listener,
             metrics_endpoint,
             api,
@@ -235,7 +230,7 @@ impl Daemon {
 
     /// DynamoDB calls made so far, by API.
     pub fn api_calls(&self) -> &Arc<ApiCalls> {
-        &self.api_calls
+        &self.probe.api_calls
     }
 
     /// Where the metrics endpoint listens, if it is enabled.
@@ -271,7 +266,7 @@ impl Daemon {
         server::run(
             self.listener,
             self.service,
-            self.server_stats,
+            self.probe.server_stats.clone(),
             self.server,
             shutdown,
         )

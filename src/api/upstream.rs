@@ -175,10 +175,14 @@ impl Upstream {
 /// only when the endpoint itself is `https`.
 fn connector(https: bool, url: &str) -> Result<HttpsConnector<HttpConnector>, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
-    let (added, _ignored) =
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if https && added == 0 {
-        return Err(UpstreamError::NoRoots(url.to_owned()));
+    // Read the system's certificates only when they are needed: a plain-HTTP endpoint
+    // (DynamoDB Local) never uses them.
+    if https {
+        let (added, _ignored) =
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        if added == 0 {
+            return Err(UpstreamError::NoRoots(url.to_owned()));
+        }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
