@@ -392,6 +392,8 @@ fn reflected_by(change: &Change, cached: &Cached) -> bool {
 
 /// Applying what a tailer read to the local cache.
 impl Sink for Coherence {
+    type Table = StoreTable;
+
     async fn accept(&self, table: StoreTable, seen: Seen<'_>) -> Result<(), SinkError> {
         match seen {
             Seen::Records { records, .. } => {

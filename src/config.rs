@@ -302,6 +302,11 @@ pub struct DynamoApiConfig {
     /// A connection with no request for this long is closed, and so is one that takes
     /// longer to send a request's head or body.
     pub idle_timeout_ms: u64,
+    /// Tables whose reads the front answers from memory (each must have a stream, which
+    /// the daemon tails); every other table passes through untouched.
+    pub tables: Vec<String>,
+    /// The most the front's cached items and query results take in memory, in bytes.
+    pub cache_max_bytes: u64,
 }
 
 impl Default for DynamoApiConfig {
@@ -314,6 +319,8 @@ impl Default for DynamoApiConfig {
             max_body_bytes: 16 * 1024 * 1024,
             max_connections: 256,
             idle_timeout_ms: 60_000,
+            tables: Vec::new(),
+            cache_max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -606,6 +613,23 @@ impl Config {
             "must be at least 100",
         )?;
         check(
+            "dynamodb_api.tables",
+            a.tables.join(","),
+            a.tables.iter().all(|t| !t.is_empty() && !t.contains(','))
+                && a.tables
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+                    == a.tables.len(),
+            "must name each table once",
+        )?;
+        check(
+            "dynamodb_api.cache_max_bytes",
+            a.cache_max_bytes,
+            a.cache_max_bytes >= 1024 * 1024,
+            "must be at least 1048576",
+        )?;
+        check(
             "metrics.listen",
             &self.metrics.listen,
             self.metrics.listen.is_empty()
@@ -739,6 +763,16 @@ fn apply_env(
                     .parse()
                     .map_err(|_| invalid("expected true or false"))?,
             ),
+            toml::Value::Array(_) if STRING_LISTS.contains(&(section.as_str(), key.as_str())) => {
+                toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| toml::Value::String(v.to_owned()))
+                        .collect(),
+                )
+            }
             toml::Value::Array(_) => toml::Value::Array(
                 value
                     .split(',')
@@ -758,6 +792,9 @@ fn apply_env(
     }
     Ok(())
 }
+
+/// Keys whose values are lists of names (every other list holds integers).
+const STRING_LISTS: [(&str, &str); 1] = [("dynamodb_api", "tables")];
 
 /// Integers in decimal, or octal with `0o` (file modes).
 fn parse_int(s: &str) -> Option<i64> {
@@ -931,6 +968,23 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn cached_api_tables_come_as_names_separated_by_commas() {
+        let c = Config::load_with_env(
+            None,
+            env(&[("DDBCACHED_DYNAMODB_API_TABLES", "Music, Orders,")]),
+        )
+        .unwrap();
+        assert_eq!(c.dynamodb_api.tables, ["Music", "Orders"]);
+        let e = Config::load_with_env(None, env(&[("DDBCACHED_DYNAMODB_API_TABLES", "a,a")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("dynamodb_api.tables = a,a is not valid"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::cache::ApiCache;
 use crate::api::upstream::Upstream;
 use crate::api::{self, Front};
 use crate::aws::{self, ApiCalls};
@@ -122,22 +123,39 @@ impl Daemon {
             streams: aws::streams_client_from(&sdk, api_calls.clone()),
         });
         let cache = Arc::new(Cache::new(&config.cache));
+        let fleet_mode = config.fleet.enabled();
+        let api_cache = match api_cached_tables(config, tail) {
+            [] => None,
+            names => {
+                let described = api::tables::describe(&dynamodb, names)
+                    .await
+                    .map_err(api::StartError::from)?;
+                Some(Arc::new(ApiCache::new(
+                    described,
+                    config.cache.max_staleness_ms,
+                    config.dynamodb_api.cache_max_bytes,
+                )))
+            }
+        };
+        let api_table_names = api_cache
+            .iter()
+            .flat_map(|c| c.tables().iter().map(|t| t.name.clone()));
         let coherence = Arc::new(Coherence::new(
             cache.clone(),
             config.cache.max_staleness_ms,
             metrics.stream_lag(),
         ));
-        let fleet_mode = config.fleet.enabled();
         let probe = Arc::new(Probe {
             ready: Default::default(),
             fleet_mode,
             server_stats: Arc::default(),
             api_calls: api_calls.clone(),
             cache: cache.clone(),
-            tail_stats: Arc::default(),
+            tail_stats: Arc::new(stream::TailStats::new(api_table_names)),
             coherence: coherence.clone(),
             fleet_stats: Arc::default(),
             api_stats: Arc::default(),
+            api_cache: api_cache.clone(),
             metrics,
         });
         let tables = [d.kv_table.clone(), d.log_table.clone()];
@@ -168,6 +186,20 @@ impl Daemon {
                 hints = fleet::start(parts, &tasks, stop.clone()).await?.hints;
             } else {
                 start_tailers(config, &tables, &streams, &probe, &tasks, &stop).await?;
+            }
+            if let Some(api_cache) = &api_cache {
+                for table in api_cache.tables() {
+                    let tailer = Tailer::start(
+                        streams.clone(),
+                        table.name.clone(),
+                        table.id,
+                        api_cache.clone(),
+                        probe.tail_stats.clone(),
+                        config.streams.clone(),
+                    )
+                    .await?;
+                    tasks.spawn(tailer.run(stop.clone()));
+                }
             }
             tasks.close();
             probe.set_ready();
@@ -202,6 +234,7 @@ impl Daemon {
                 &config.dynamodb_api,
                 &config.server,
                 upstream,
+                api_cache,
                 probe.api_stats.clone(),
             )
             .await?
@@ -245,6 +278,11 @@ impl Daemon {
         self.api.as_ref().and_then(Front::local_addr)
     }
 
+    /// The DynamoDB API front's cache, if it caches tables.
+    pub fn api_cache(&self) -> Option<&Arc<ApiCache>> {
+        self.probe.api_cache.as_ref()
+    }
+
     /// The stream tailers, if they run.
     pub fn tailers(&self) -> Option<Tailers> {
         self.tailers.clone()
@@ -279,6 +317,24 @@ impl Daemon {
             tailers.stop().await;
         }
     }
+}
+
+/// The tables whose reads the DynamoDB API front answers from memory: none when the
+/// front is off, when no tailer runs, or in fleet mode, whose relays do not carry them
+/// yet (the front then forwards every request, and says so at start).
+fn api_cached_tables(config: &Config, tail: bool) -> &[String] {
+    let a = &config.dynamodb_api;
+    let front = !a.listen.is_empty() || !a.socket_path.as_os_str().is_empty();
+    if !front || !tail || a.tables.is_empty() {
+        return &[];
+    }
+    if config.fleet.enabled() {
+        tracing::warn!(
+            "dynamodb_api.tables is not cached in fleet mode: the DynamoDB API forwards every request"
+        );
+        return &[];
+    }
+    &a.tables
 }
 
 /// Starts a stream tailer per table, tracked by `tasks` and stopped by `stop`. When this

@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::api::cache::ApiCache;
 use crate::api::stats::ApiStats;
 use crate::aws::ApiCalls;
 use crate::cache::Cache;
@@ -31,6 +32,8 @@ pub struct Probe {
     pub(crate) coherence: Arc<Coherence>,
     pub(crate) fleet_stats: Arc<FleetStats>,
     pub(crate) api_stats: Arc<ApiStats>,
+    /// The DynamoDB API front's cache, when it caches tables.
+    pub(crate) api_cache: Option<Arc<ApiCache>>,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -42,6 +45,8 @@ pub struct Health {
     /// Per table (indexed by [`StoreTable`]): whether its freshness is proven, so that
     /// reads of it are served from the cache.
     pub fresh: [bool; 2],
+    /// The DynamoDB API's cached tables whose freshness is not proven.
+    pub api_behind: Vec<String>,
     /// In fleet mode, this daemon's role for each table (`kv: relay, log: consumer`).
     pub fleet_roles: Option<String>,
 }
@@ -52,11 +57,12 @@ impl Health {
         if !self.ready {
             return "not ready: the stream tailers have not taken their positions".into();
         }
-        let behind: Vec<&str> = StoreTable::ALL
+        let mut behind: Vec<&str> = StoreTable::ALL
             .into_iter()
             .filter(|t| !self.fresh[*t as usize])
             .map(StoreTable::name)
             .collect();
+        behind.extend(self.api_behind.iter().map(String::as_str));
         let mut detail = if behind.is_empty() {
             "ready".to_owned()
         } else {
@@ -84,6 +90,16 @@ impl Probe {
         Health {
             ready,
             fresh: StoreTable::ALL.map(|t| ready && !self.coherence.must_bypass(t)),
+            api_behind: self
+                .api_cache
+                .iter()
+                .flat_map(|c| {
+                    c.tables()
+                        .iter()
+                        .filter(|t| !ready || c.must_bypass(t.id))
+                        .map(|t| t.name.clone())
+                })
+                .collect(),
             fleet_roles: (ready && self.fleet_mode).then(|| self.fleet_stats.roles()),
         }
     }
@@ -98,6 +114,7 @@ impl Probe {
         self.coherence.export(&mut out);
         self.fleet_stats.export(&mut out);
         self.api_stats.export(&mut out);
+        crate::api::cache::export(self.api_cache.as_deref(), &mut out);
         out.finish(&self.metrics.render_histograms())
     }
 }
@@ -111,6 +128,7 @@ mod tests {
         let mut h = Health {
             ready: false,
             fresh: [false, false],
+            api_behind: vec![],
             fleet_roles: None,
         };
         assert!(h.detail().starts_with("not ready"));
@@ -124,7 +142,13 @@ mod tests {
             h.detail(),
             "ready; log not proven fresh, reads bypass the cache"
         );
+        h.api_behind = vec!["Music".into()];
+        assert_eq!(
+            h.detail(),
+            "ready; log and Music not proven fresh, reads bypass the cache"
+        );
         h.fresh = [true, true];
+        h.api_behind.clear();
         h.fleet_roles = Some("kv: relay, log: consumer".into());
         assert_eq!(h.detail(), "ready; fleet mode (kv: relay, log: consumer)");
     }

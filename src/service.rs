@@ -28,6 +28,9 @@ use bytes::Bytes;
 use ddbcached_protocol::{Items, Op, Reply, Request, RequestRef, Versioned};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
+use crate::api::keys;
+use crate::api::tables::TableId;
+use crate::cache::KeyParts;
 use crate::cache::{
     Cache, CacheKey, Cached, KeyBuf, KeyVersions, Known, Lookup, Queued, ReadOp, Served, TopicTail,
 };
@@ -35,6 +38,7 @@ use crate::coherence::{Coherence, ItemKey};
 use crate::config::Config;
 use crate::fleet::Hints;
 use crate::probe::Probe;
+use crate::store::keys::kv_partition_key;
 use crate::store::{KvStore, LogStore, StoreError, StoreTable};
 
 /// MessagePack framing of one item (type tag and length) plus slack, so that summing
@@ -81,6 +85,9 @@ pub struct Service {
     lock_wait: Duration,
     /// Payload budget of one streamed piece: half a frame leaves room for the envelope.
     piece_bytes: usize,
+    /// The stores' tables the DynamoDB API front caches too (by [`StoreTable`]): writes
+    /// through the socket drop what the front holds of them before they are answered.
+    api_tables: [Option<TableId>; 2],
 }
 
 impl Service {
@@ -100,11 +107,15 @@ impl Service {
             log,
             cache,
             coherence,
-            probe,
             hints,
             fill_max_versions: config.cache.fill_max_versions,
             lock_wait: config.dynamodb.operation_timeout(),
             piece_bytes: config.server.max_frame_bytes / 2,
+            api_tables: [&config.dynamodb.kv_table, &config.dynamodb.log_table].map(|name| {
+                let cache = probe.api_cache.as_ref()?;
+                cache.table(name).map(|t| t.id)
+            }),
+            probe,
         }
     }
 
@@ -537,6 +548,9 @@ impl Service {
                 hints.publish(key.clone());
             }
         }
+        if !refused {
+            self.written_for_the_api(&key);
+        }
         match result {
             Ok(done) => {
                 self.cache
@@ -545,6 +559,29 @@ impl Service {
             }
             Err(_) if refused => {}
             Err(_) => self.cache.invalidate(key).await,
+        }
+    }
+
+    /// Tells the DynamoDB API front's cache of a write to a table it caches too: every
+    /// item of the key's (or topic's) partition may have changed.
+    fn written_for_the_api(&self, key: &CacheKey) {
+        let Some(api) = &self.probe.api_cache else {
+            return;
+        };
+        let (table, partition) = match key.parts() {
+            KeyParts::Kv { ns, key } => (
+                self.api_tables[StoreTable::Kv as usize],
+                kv_partition_key(ns, key)
+                    .ok()
+                    .map(|pk| keys::partition_of_bytes(&pk)),
+            ),
+            KeyParts::Log { topic } => (
+                self.api_tables[StoreTable::Log as usize],
+                Some(keys::partition_of_str(topic)),
+            ),
+        };
+        if let (Some(table), Some(partition)) = (table, partition) {
+            api.partition_written(table, &partition);
         }
     }
 

@@ -9,14 +9,17 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
-    Put, PutRequest, ScalarAttributeType, TransactWriteItem, WriteRequest,
+    AttributeValue, BillingMode, KeyType, KeysAndAttributes, Put, PutRequest, ScalarAttributeType,
+    TransactWriteItem, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{dynamo_config, endpoint, http_get, name, Daemon};
+use crate::harness::{
+    api_url as url, attribute, dynamo_config, endpoint, http_get, key_part, n, name, s,
+    sdk_client as client, Daemon,
+};
 
 /// A daemon answering the API on a free loopback port.
 async fn daemon_with_api(edit: impl FnOnce(&mut ddbcached::config::Config)) -> Daemon {
@@ -25,40 +28,6 @@ async fn daemon_with_api(edit: impl FnOnce(&mut ddbcached::config::Config)) -> D
         edit(c);
     })
     .await
-}
-
-/// An SDK client of DynamoDB at `url`.
-async fn client(url: &str) -> Client {
-    ddbcached::aws::dynamodb_client(&dynamo_config(url).dynamodb, Default::default()).await
-}
-
-/// The front's URL.
-fn url(d: &Daemon) -> String {
-    format!("http://{}", d.api.expect("the API listens"))
-}
-
-fn s(v: &str) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: &str) -> AttributeValue {
-    AttributeValue::N(v.into())
-}
-
-fn attribute(name: &str, kind: ScalarAttributeType) -> AttributeDefinition {
-    AttributeDefinition::builder()
-        .attribute_name(name)
-        .attribute_type(kind)
-        .build()
-        .unwrap()
-}
-
-fn key_part(name: &str, kind: KeyType) -> KeySchemaElement {
-    KeySchemaElement::builder()
-        .attribute_name(name)
-        .key_type(kind)
-        .build()
-        .unwrap()
 }
 
 /// An item read with a strongly consistent GetItem.
@@ -648,29 +617,31 @@ async fn run_aws_program(
 
 /// The StarbucksLocations scripts of the DynamoDB guide (`tests/fixtures/starbucks/`,
 /// verbatim), run with boto3 against the front: unchanged but for their `endpoint_url`.
-/// Then the AWS CLI reads what they wrote. On a DynamoDB Local of the test's own, since
-/// the scripts name their table.
+/// The first creates the table through a daemon that forwards control-plane changes;
+/// once the table has a stream, a daemon that caches it takes the data and answers the
+/// index queries, the second time from memory. Then the AWS CLI reads what they wrote.
+/// On a DynamoDB Local of the test's own, since the scripts name their table.
 #[tokio::test(flavor = "multi_thread")]
 async fn boto3_scripts_and_the_aws_cli_work_through_the_api() {
+    const TABLE: &str = "StarbucksLocations";
     let local = crate::harness::OwnLocal::start_in_memory().await;
-    let d = daemon_with_api(|c| {
+    let creator = daemon_with_api(|c| {
         c.dynamodb.endpoint = local.endpoint.clone();
-        // The first script creates its table.
         c.dynamodb_api.control_plane = true;
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
     let fixtures =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/starbucks");
-    for script in ["create_table.py", "load_data.py", "query.py"] {
-        let text = std::fs::read_to_string(fixtures.join(script)).unwrap();
+    let script = |name: &str, front: &str| {
+        let text = std::fs::read_to_string(fixtures.join(name)).unwrap();
         assert!(
             text.contains("endpoint_url='http://localhost:8000'"),
-            "{script}"
+            "{name}"
         );
-        let text = text.replace("http://localhost:8000", &url(&d));
-        std::fs::write(dir.path().join(script), text).unwrap();
-    }
+        let text = text.replace("http://localhost:8000", front);
+        std::fs::write(dir.path().join(name), text).unwrap();
+    };
     let mut csv = String::from(
         "Brand,Store Number,Store Name,Ownership Type,Street Address,City,State/Province,Country,Postcode,Phone Number,Timezone,Longitude,Latitude\n",
     );
@@ -689,19 +660,60 @@ async fn boto3_scripts_and_the_aws_cli_work_through_the_api() {
     std::fs::write(dir.path().join("directory.csv"), csv).unwrap();
 
     let python = python();
+    script("create_table.py", &url(&creator));
     let created = run_aws_program(dir.path(), &python, &["create_table.py"]).await;
     assert!(created.contains("Table created successfully!"), "{created}");
+    creator.stop().await;
+    // A cached table needs a stream: its changes made elsewhere must reach the daemon.
+    client(&local.endpoint)
+        .await
+        .update_table()
+        .table_name(TABLE)
+        .stream_specification(
+            aws_sdk_dynamodb::types::StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(aws_sdk_dynamodb::types::StreamViewType::NewAndOldImages)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let d = daemon_with_api(|c| {
+        c.dynamodb.endpoint = local.endpoint.clone();
+        c.dynamodb_api.tables = vec![TABLE.into()];
+        // Reads are counted: no stream lag may make them bypass.
+        c.cache.max_staleness_ms = 600_000;
+    })
+    .await;
+    let cache = d.api_cache.clone().unwrap();
+    let table = cache.table(TABLE).unwrap().id;
+    script("load_data.py", &url(&d));
+    script("query.py", &url(&d));
     run_aws_program(dir.path(), &python, &["load_data.py"]).await;
-    for (flag, expected) in [
-        ("--default-postcode", 2),
-        ("--default-city", 3),
-        ("--default-state", 4),
-    ] {
-        let out = run_aws_program(dir.path(), &python, &["query.py", flag, "--count"]).await;
-        assert!(
-            out.contains(&format!("Retrieved {expected} locations.")),
-            "{flag}: {out}"
-        );
+    // The load's stream records are applied before the queries are counted.
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while cache.applied(table).0 < stores.len() as u64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the load's records arrive");
+    let index_hits = || cache.reads(table)[2][0];
+    for round in 0..2 {
+        let before = index_hits();
+        for (flag, expected) in [
+            ("--default-postcode", 2),
+            ("--default-city", 3),
+            ("--default-state", 4),
+        ] {
+            let out = run_aws_program(dir.path(), &python, &["query.py", flag, "--count"]).await;
+            assert!(
+                out.contains(&format!("Retrieved {expected} locations.")),
+                "{flag}: {out}"
+            );
+        }
+        assert_eq!(index_hits() - before, [0, 3][round], "round {round}");
     }
     let listing = run_aws_program(dir.path(), &python, &["query.py", "--default-postcode"]).await;
     assert!(listing.contains("'StoreNumber': {'S': '1-1'}"), "{listing}");
@@ -714,23 +726,23 @@ async fn boto3_scripts_and_the_aws_cli_work_through_the_api() {
         &["dynamodb", "list-tables", "--endpoint-url", &front],
     )
     .await;
-    assert!(tables.contains("StarbucksLocations"), "{tables}");
-    let item = run_aws_program(
-        dir.path(),
-        &aws,
-        &[
-            "dynamodb",
-            "get-item",
-            "--endpoint-url",
-            &front,
-            "--table-name",
-            "StarbucksLocations",
-            "--key",
-            r#"{"StoreNumber": {"S": "1-5"}}"#,
-        ],
-    )
-    .await;
-    assert!(item.contains("DENVER"), "{item}");
+    assert!(tables.contains(TABLE), "{tables}");
+    let get = [
+        "dynamodb",
+        "get-item",
+        "--endpoint-url",
+        &front,
+        "--table-name",
+        TABLE,
+        "--key",
+        r#"{"StoreNumber": {"S": "1-5"}}"#,
+    ];
+    for round in 0..2 {
+        let before = cache.reads(table)[0][0];
+        let item = run_aws_program(dir.path(), &aws, &get).await;
+        assert!(item.contains("DENVER"), "{item}");
+        assert_eq!(cache.reads(table)[0][0] - before, round, "round {round}");
+    }
 }
 
 /// One raw HTTP/1.1 exchange over a Unix socket: the status code, or `None` if the

@@ -6,6 +6,7 @@
 //! share the tables and run in parallel.
 
 mod api;
+mod api_cache;
 mod cache;
 mod check;
 mod cli;

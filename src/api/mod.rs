@@ -3,9 +3,12 @@
 //! optionally, a Unix socket, so that an unmodified AWS SDK reaches DynamoDB through the
 //! daemon by changing its endpoint.
 //!
-//! Every request the front takes is forwarded to the configured DynamoDB, re-signed with
-//! the daemon's own credentials ([`upstream`]), and DynamoDB's answer is relayed as it
-//! came. Nothing is cached yet: the front passes everything through. What it refuses,
+//! Reads of the tables in `dynamodb_api.tables` (GetItem, BatchGetItem, Query) are
+//! answered from memory where the cache holds them ([`reads`], [`cache`]); writes to
+//! those tables drop what they touched once DynamoDB has answered ([`writes`]), and each
+//! table's stream brings in what was written around the daemon. Every other request is
+//! forwarded to the configured DynamoDB, re-signed with the daemon's own credentials
+//! ([`upstream`]), and DynamoDB's answer is relayed as it came. What the front refuses,
 //! with a DynamoDB-shaped error ([`error`]) and without sending anything: an operation it
 //! does not know, one that changes tables unless `dynamodb_api.control_plane` is on
 //! ([`operation`]), a body that is not a JSON object, and a body over
@@ -20,10 +23,15 @@
 //! head or body, for `dynamodb_api.idle_timeout_ms` is closed; on shutdown requests in
 //! progress finish within `server.shutdown_grace_ms`.
 
+pub mod cache;
 pub mod error;
+pub mod keys;
 pub mod operation;
+mod reads;
 pub mod stats;
+pub mod tables;
 pub mod upstream;
+mod writes;
 
 use std::convert::Infallible;
 use std::io::Read;
@@ -50,6 +58,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{DynamoApiConfig, ServerConfig};
 use crate::peer;
 use crate::server::{self, BindError, Listener};
+use cache::{ApiCache, Served};
 use error::ApiError;
 use operation::{Kind, Operation, UNKNOWN_LABEL};
 use stats::{ApiStats, Outcome};
@@ -71,11 +80,15 @@ pub enum StartError {
     Socket(#[from] BindError),
     #[error("the DynamoDB API cannot reach DynamoDB: {0}")]
     Upstream(#[from] upstream::UpstreamError),
+    #[error(transparent)]
+    Tables(#[from] tables::TableError),
 }
 
 /// What every request of the front shares.
 struct Shared {
     upstream: Upstream,
+    /// The cached tables' entries; `None` when no table is cached.
+    cache: Option<Arc<ApiCache>>,
     config: DynamoApiConfig,
     stats: Arc<ApiStats>,
 }
@@ -95,6 +108,7 @@ impl Front {
         config: &DynamoApiConfig,
         server: &ServerConfig,
         upstream: Upstream,
+        cache: Option<Arc<ApiCache>>,
         stats: Arc<ApiStats>,
     ) -> Result<Option<Front>, StartError> {
         let tcp = match config.listen.as_str() {
@@ -125,6 +139,7 @@ impl Front {
             unix,
             shared: Arc::new(Shared {
                 upstream,
+                cache,
                 config: config.clone(),
                 stats,
             }),
@@ -315,7 +330,8 @@ async fn answer(
     let label = operation.map_or(UNKNOWN_LABEL, |op| op.label);
     let (outcome, response) = match (operation, target) {
         (Some(op), Some(target)) => match take(shared, op, &target, request, slow).await {
-            Ok(response) => (Outcome::Forwarded, response),
+            Ok((response, Served::Hit)) => (Outcome::Cached, response),
+            Ok((response, _)) => (Outcome::Forwarded, response),
             Err(e) => (outcome_of(&e), e.response()),
         },
         (_, target) => {
@@ -338,14 +354,15 @@ fn outcome_of(e: &ApiError) -> Outcome {
     }
 }
 
-/// Checks and reads a request of a known operation, and forwards it.
+/// Checks and reads a request of a known operation, and answers it from the cache or
+/// forwards it.
 async fn take(
     shared: &Shared,
     op: Operation,
     target: &HeaderValue,
     request: Request<Incoming>,
     slow: Duration,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<(Response<Full<Bytes>>, Served), ApiError> {
     if op.kind == Kind::Change && !shared.config.control_plane {
         return Err(ApiError::AccessDenied(format!(
             "ddbcached does not forward {}: operations that change tables are off \
@@ -406,15 +423,34 @@ async fn take(
             )))
         }
     };
-    if let Err(e) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) {
-        return Err(ApiError::Serialization(format!(
-            "the request body is not a JSON object: {e}"
-        )));
+    let parsed = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body)
+        .map_err(|e| {
+            ApiError::Serialization(format!("the request body is not a JSON object: {e}"))
+        })?;
+    let call = reads::Call {
+        shared,
+        target,
+        content_type: content_type.as_ref(),
+    };
+    let Some(cache) = &shared.cache else {
+        return Ok((call.forward(body).await?, Served::Bypass));
+    };
+    match op.name {
+        "GetItem" => return reads::get_item(&call, cache, parsed, body).await,
+        "BatchGetItem" => return reads::batch_get_item(&call, cache, parsed, body).await,
+        "Query" => return reads::query(&call, cache, parsed, body).await,
+        _ => {}
     }
-    shared
-        .upstream
-        .forward(target, content_type.as_ref(), body)
-        .await
+    let touched = writes::Touched::of(cache, op.name, &parsed);
+    let result = call.forward(body).await;
+    if let Some(touched) = touched {
+        // Applied unless DynamoDB refused it; no answer may still mean applied.
+        let refused = matches!(&result, Ok(r) if r.status().is_client_error());
+        if !refused {
+            touched.apply(cache);
+        }
+    }
+    Ok((result?, Served::Bypass))
 }
 
 /// Why a gzip body was not decoded.

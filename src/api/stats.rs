@@ -17,14 +17,17 @@ pub enum Outcome {
     Rejected = 2,
     /// DynamoDB could not be reached or did not answer in time.
     Failed = 3,
+    /// Answered from memory, DynamoDB not called.
+    Cached = 4,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 4] = [
+    const ALL: [Outcome; 5] = [
         Outcome::Forwarded,
         Outcome::Refused,
         Outcome::Rejected,
         Outcome::Failed,
+        Outcome::Cached,
     ];
 
     fn name(self) -> &'static str {
@@ -33,6 +36,7 @@ impl Outcome {
             Outcome::Refused => "refused",
             Outcome::Rejected => "rejected",
             Outcome::Failed => "failed",
+            Outcome::Cached => "cached",
         }
     }
 }

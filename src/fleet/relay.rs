@@ -115,6 +115,8 @@ impl Publisher {
 }
 
 impl Sink for Publisher {
+    type Table = StoreTable;
+
     async fn accept(&self, table: StoreTable, seen: Seen<'_>) -> Result<(), SinkError> {
         match seen {
             Seen::Records {

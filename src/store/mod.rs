@@ -42,6 +42,12 @@ impl StoreTable {
     }
 }
 
+impl crate::stream::sink::Tailed for StoreTable {
+    fn slot(self) -> usize {
+        self as usize
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

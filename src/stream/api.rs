@@ -76,6 +76,9 @@ pub struct Record {
     /// The item after the change (absent for removals, or if the stream does not carry
     /// new images).
     pub new_image: Option<Image>,
+    /// The item before the change (absent for insertions, or if the stream does not
+    /// carry old images).
+    pub old_image: Option<Image>,
 }
 
 /// One GetRecords answer.
@@ -260,6 +263,7 @@ fn convert_record(r: aws_sdk_dynamodbstreams::types::Record) -> Option<Record> {
         event,
         keys: convert_image(data.keys?),
         new_image: data.new_image.map(convert_image),
+        old_image: data.old_image.map(convert_image),
     })
 }
 

@@ -167,6 +167,7 @@ mod tests {
             event,
             keys,
             new_image,
+            old_image: None,
         }
     }
 
@@ -185,6 +186,7 @@ mod tests {
             event,
             keys,
             new_image,
+            old_image: None,
         }
     }
 

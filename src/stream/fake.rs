@@ -104,6 +104,7 @@ impl FakeStreams {
                 event: Event::Insert,
                 keys,
                 new_image: Some(image),
+                old_image: None,
             });
     }
 

@@ -43,7 +43,7 @@ use crate::metrics::{Exposition, Kind};
 use crate::store::StoreTable;
 use api::{ShardInfo, StartAt, StreamError, StreamsApi};
 use shards::Shards;
-use sink::{Seen, Sink};
+use sink::{Seen, Sink, Tailed};
 
 /// Records per GetRecords call; a page this full means the shard is not caught up.
 const FULL_PAGE: usize = 1000;
@@ -100,55 +100,94 @@ impl FlushCause {
     }
 }
 
-/// What the tailers count: records read, failed calls, shards tracked.
-#[derive(Default)]
+/// What the tailers count per table: records read, failed calls, shards tracked. A
+/// table's slot is [`Tailed::slot`]: the stores' two tables first, then the DynamoDB API
+/// front's, in the order of `dynamodb_api.tables`.
 pub struct TailStats {
-    records: [[AtomicU64; 3]; 2],
-    errors: [AtomicU64; 2],
-    shards: [AtomicU64; 2],
+    tables: Vec<TableCounters>,
 }
 
-/// A snapshot of the tailers' counters.
+struct TableCounters {
+    /// The `table` label.
+    name: String,
+    records: [AtomicU64; 3],
+    errors: AtomicU64,
+    shards: AtomicU64,
+}
+
+/// A snapshot of the tailers' counters, by slot.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TailSnapshot {
     /// `[table][event]`: insert, modify, remove.
-    pub records: [[u64; 3]; 2],
+    pub records: Vec<[u64; 3]>,
     /// Failed Streams calls per table.
-    pub errors: [u64; 2],
+    pub errors: Vec<u64>,
     /// Shards tracked per table.
-    pub shards: [u64; 2],
+    pub shards: Vec<u64>,
+}
+
+impl Default for TailStats {
+    /// The stores' two tables only.
+    fn default() -> TailStats {
+        TailStats::new(std::iter::empty())
+    }
 }
 
 impl TailStats {
+    /// Counters for the stores' tables and then for `api_tables`.
+    pub fn new(api_tables: impl IntoIterator<Item = String>) -> TailStats {
+        let names = StoreTable::ALL
+            .iter()
+            .map(|t| t.name().to_owned())
+            .chain(api_tables);
+        TailStats {
+            tables: names
+                .map(|name| TableCounters {
+                    name,
+                    records: Default::default(),
+                    errors: AtomicU64::new(0),
+                    shards: AtomicU64::new(0),
+                })
+                .collect(),
+        }
+    }
+
+    fn of(&self, table: impl Tailed) -> &TableCounters {
+        &self.tables[table.slot()]
+    }
+
     /// Writes the counters into a scrape.
     pub fn export(&self, out: &mut Exposition) {
-        let s = self.snapshot();
         let name = "ddbcached_stream_records_total";
         out.family(
             name,
             Kind::Counter,
             "Stream records read and applied, by table and event.",
         );
-        for t in StoreTable::ALL {
+        for t in &self.tables {
             for (e, event) in ["insert", "modify", "remove"].into_iter().enumerate() {
-                let labels = [("table", t.name()), ("event", event)];
-                out.sample(name, &labels, s.records[t as usize][e]);
+                let labels = [("table", t.name.as_str()), ("event", event)];
+                out.sample(name, &labels, t.records[e].load(Ordering::Relaxed));
             }
         }
-        let per_table = |values: [u64; 2]| StoreTable::ALL.map(|t| (t.name(), values[t as usize]));
+        let per_table = |value: fn(&TableCounters) -> &AtomicU64| {
+            self.tables
+                .iter()
+                .map(move |t| (t.name.as_str(), value(t).load(Ordering::Relaxed)))
+        };
         out.by_label(
             "ddbcached_stream_errors_total",
             Kind::Counter,
             "Failed Streams calls, by table.",
             "table",
-            per_table(s.errors),
+            per_table(|t| &t.errors),
         );
         out.by_label(
             "ddbcached_stream_shards",
             Kind::Gauge,
             "Stream shards tracked, by table.",
             "table",
-            per_table(s.shards),
+            per_table(|t| &t.shards),
         );
     }
 
@@ -156,9 +195,13 @@ impl TailStats {
     pub fn snapshot(&self) -> TailSnapshot {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         TailSnapshot {
-            records: [0, 1].map(|t| [0, 1, 2].map(|e| load(&self.records[t][e]))),
-            errors: [0, 1].map(|t| load(&self.errors[t])),
-            shards: [0, 1].map(|t| load(&self.shards[t])),
+            records: self
+                .tables
+                .iter()
+                .map(|t| t.records.each_ref().map(load))
+                .collect(),
+            errors: self.tables.iter().map(|t| load(&t.errors)).collect(),
+            shards: self.tables.iter().map(|t| load(&t.shards)).collect(),
         }
     }
 }
@@ -180,7 +223,7 @@ pub enum StartError {
 pub struct Tailer<A: StreamsApi, S: Sink> {
     api: Arc<A>,
     table_name: String,
-    table: StoreTable,
+    table: S::Table,
     sink: Arc<S>,
     stats: Arc<TailStats>,
     /// The origin of the shards' caught-up times.
@@ -202,7 +245,7 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
     pub async fn start(
         api: Arc<A>,
         table_name: String,
-        table: StoreTable,
+        table: S::Table,
         sink: Arc<S>,
         stats: Arc<TailStats>,
         config: StreamsConfig,
@@ -216,7 +259,7 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
     pub async fn resume(
         api: Arc<A>,
         table_name: String,
-        table: StoreTable,
+        table: S::Table,
         sink: Arc<S>,
         stats: Arc<TailStats>,
         config: StreamsConfig,
@@ -251,7 +294,10 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
             backoff: Duration::ZERO,
         };
         tailer.take_iterators().await.map_err(fail)?;
-        tailer.stats.shards[table as usize]
+        tailer
+            .stats
+            .of(table)
+            .shards
             .store(tailer.shards.tracked() as u64, Ordering::Relaxed);
         tracing::info!(table = %table_name, shards = tailer.shards.tracked(), "stream tailer positioned");
         Ok(tailer)
@@ -308,7 +354,9 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
         {
             tracing::warn!(table = %self.table_name, error = %e, "the sink refused the freshness proof");
         }
-        self.stats.shards[self.table as usize]
+        self.stats
+            .of(self.table)
+            .shards
             .store(self.shards.tracked() as u64, Ordering::Relaxed);
         busy
     }
@@ -513,7 +561,7 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
     }
 
     fn count(&self, records: &[api::Record]) {
-        let counts = &self.stats.records[self.table as usize];
+        let counts = &self.stats.of(self.table).records;
         for record in records {
             counts[record.event as usize].fetch_add(1, Ordering::Relaxed);
         }
@@ -534,7 +582,10 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
     }
 
     fn note_error(&self, e: &StreamError) {
-        self.stats.errors[self.table as usize].fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .of(self.table)
+            .errors
+            .fetch_add(1, Ordering::Relaxed);
         tracing::debug!(table = %self.table_name, error = %e, "stream call failed");
     }
 

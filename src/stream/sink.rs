@@ -7,7 +7,6 @@ use std::future::Future;
 
 use tokio::time::Instant;
 
-use crate::store::StoreTable;
 use crate::stream::api::{Record, StartAt};
 use crate::stream::FlushCause;
 
@@ -35,12 +34,21 @@ pub enum Seen<'a> {
 #[error("{0}")]
 pub struct SinkError(pub String);
 
+/// A table as a sink knows it: the zio-flow stores' tables, or a table the DynamoDB API
+/// front caches.
+pub trait Tailed: Copy + Send + Sync + 'static {
+    /// Where the tailer's counters for this table go in [`crate::stream::TailStats`].
+    fn slot(self) -> usize;
+}
+
 /// Where a reader of changes hands what it saw. It moves its checkpoint past something
 /// only once the sink has accepted it.
 pub trait Sink: Send + Sync + 'static {
+    type Table: Tailed;
+
     fn accept(
         &self,
-        table: StoreTable,
+        table: Self::Table,
         seen: Seen<'_>,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }

@@ -360,6 +360,8 @@ impl RefusingSink {
 }
 
 impl crate::stream::sink::Sink for RefusingSink {
+    type Table = StoreTable;
+
     async fn accept(
         &self,
         _table: StoreTable,

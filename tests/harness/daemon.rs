@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ddbcached::api::cache::ApiCache;
 use ddbcached::aws::ApiCalls;
 use ddbcached::config::Config;
 use ddbcached::daemon::{Daemon as RootDaemon, Tailers};
@@ -98,6 +99,8 @@ pub struct Daemon {
     metrics: std::net::SocketAddr,
     /// Where the DynamoDB API listens, if the configuration turns it on.
     pub api: Option<std::net::SocketAddr>,
+    /// The DynamoDB API's cache, if the configuration names tables to cache.
+    pub api_cache: Option<Arc<ApiCache>>,
     shutdown: CancellationToken,
     tailers: Option<Tailers>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -150,6 +153,7 @@ impl Daemon {
             api_calls: daemon.api_calls().clone(),
             metrics: daemon.metrics_addr().unwrap(),
             api: daemon.api_addr(),
+            api_cache: daemon.api_cache().cloned(),
             tailers: daemon.tailers(),
             task: Some(tokio::spawn(daemon.run(shutdown.clone()))),
             shutdown,
@@ -170,14 +174,20 @@ impl Daemon {
         }
     }
 
-    /// Waits until both tailers have proven themselves caught up, so that reads are
-    /// served from the cache.
+    /// Waits until every tailer has proven itself caught up, so that reads are served
+    /// from the cache.
     pub async fn wait_until_fresh(&self) {
         use ddbcached::store::StoreTable;
+        let api_behind = || {
+            self.api_cache
+                .as_ref()
+                .is_some_and(|c| c.tables().iter().any(|t| c.must_bypass(t.id)))
+        };
         tokio::time::timeout(Duration::from_secs(120), async {
             while StoreTable::ALL
                 .iter()
                 .any(|t| self.service.coherence().must_bypass(*t))
+                || api_behind()
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

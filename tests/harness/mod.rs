@@ -1,5 +1,6 @@
 //! Shared test fixtures, one concern a file: DynamoDB Local, daemons, random names, raw
-//! protocol frames, a response-swallowing proxy, Redis servers.
+//! protocol frames, a proxy that swallows or holds back answers, Redis servers, the AWS
+//! SDK's client.
 
 use std::net::TcpListener;
 
@@ -9,6 +10,7 @@ mod names;
 mod proxy;
 mod raw;
 mod redis;
+mod sdk;
 
 pub use daemon::{http_get, rss, spawn_daemon, Daemon};
 pub use dynamodb::{dynamo_config, dynamodb_toml, endpoint, OwnLocal};
@@ -16,6 +18,7 @@ pub use names::{key, name, value};
 pub use proxy::Proxy;
 pub use raw::{field, msgpack_map, Raw, Val};
 pub use redis::RedisServer;
+pub use sdk::{api_url, attribute, key_part, n, s, sdk_client};
 
 /// A loopback port nobody listens on at the moment.
 pub fn free_port() -> u16 {

@@ -1,0 +1,701 @@
+//! What the DynamoDB API front keeps in memory: items (GetItem, BatchGetItem) and query
+//! results of the cached tables, and the rules that keep them coherent with DynamoDB,
+//! whoever changes it (writes through the front, the table's stream).
+//!
+//! - **Stamps, not scans.** Every change is a tick of one clock, recorded against the
+//!   scopes it touches: the item, its partition and, for a global index, the index
+//!   partitions it left and entered. An entry carries the tick taken before its fill
+//!   was sent, and is served only while it is newer than its scope's last change, its
+//!   table's last flush and, for a global index, the last write through the front. So
+//!   a change drops every query of a partition in O(1), and a fill that raced a change
+//!   (its read may predate it) is never served.
+//! - **Bounded memory.** Scopes hash into a fixed array of ticks: two scopes that share
+//!   a slot only cost each other misses, never staleness, and nothing grows with the
+//!   number of keys. The entries are a moka cache bounded by their bytes.
+//! - **Fills read the base table consistently**; a global index cannot be read that
+//!   way, so its results may be behind already and expire after the staleness bound.
+//! - **Freshness**: the tailer proves from time to time that every change before an
+//!   instant has been applied; reads of a table bypass the cache while that proof is
+//!   older than `cache.max_staleness_ms`, and lost continuity flushes the table.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::keys;
+use super::tables::{ApiTable, TableId};
+use crate::metrics::{Exposition, Kind};
+use crate::stream::api::Record;
+use crate::stream::sink::{Seen, Sink, SinkError};
+
+/// Slots of change ticks (8 MiB): enough that unrelated scopes rarely share one.
+const STAMP_SLOTS: usize = 1 << 20;
+
+/// The reads the front answers from memory, as their counters are labelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    GetItem = 0,
+    BatchGetItem = 1,
+    Query = 2,
+}
+
+impl Read {
+    const ALL: [Read; 3] = [Read::GetItem, Read::BatchGetItem, Read::Query];
+
+    fn name(self) -> &'static str {
+        match self {
+            Read::GetItem => "GetItem",
+            Read::BatchGetItem => "BatchGetItem",
+            Read::Query => "Query",
+        }
+    }
+}
+
+/// How a read was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// From memory.
+    Hit = 0,
+    /// From DynamoDB, and kept.
+    Miss = 1,
+    /// From DynamoDB, the cache not used: freshness not proven, or a read the cache
+    /// does not answer (consistent, or of a shape it does not keep).
+    Bypass = 2,
+}
+
+impl Served {
+    const ALL: [Served; 3] = [Served::Hit, Served::Miss, Served::Bypass];
+
+    fn name(self) -> &'static str {
+        match self {
+            Served::Hit => "hit",
+            Served::Miss => "miss",
+            Served::Bypass => "bypass",
+        }
+    }
+}
+
+/// Where an entry lives: its table, what kind it is and the request that filled it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EntryKey(Box<[u8]>);
+
+impl EntryKey {
+    /// An item's entry, for one projection: `key` from [`keys::of_json`], `projection`
+    /// the canonical text of what the request asks to see of it.
+    pub fn item(table: TableId, key: &[u8], projection: &[u8]) -> EntryKey {
+        Self::of(table, b'I', &[key, projection])
+    }
+
+    /// A query's entry: `request` is the canonical text of the whole request.
+    pub fn query(table: TableId, request: &[u8]) -> EntryKey {
+        Self::of(table, b'Q', &[request])
+    }
+
+    fn of(table: TableId, kind: u8, parts: &[&[u8]]) -> EntryKey {
+        let mut k = Vec::with_capacity(3 + parts.iter().map(|p| p.len() + 4).sum::<usize>());
+        k.extend_from_slice(&table.0.to_be_bytes());
+        k.push(kind);
+        for p in parts {
+            k.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            k.extend_from_slice(p);
+        }
+        EntryKey(k.into_boxed_slice())
+    }
+}
+
+/// What a change touches, to find its slot of ticks.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// One item, by its canonical key.
+    Item(&'a [u8]),
+    /// One partition of the table (`index` empty: the table and its local indexes) or
+    /// of a global index, by its canonical partition key: the queries of it.
+    Partition { index: &'a str, key: &'a [u8] },
+    /// Every item of a partition of the table, for a write that does not say which
+    /// items it changed (the socket protocol's deletes of every version of a key).
+    Items(&'a [u8]),
+}
+
+/// What a cached entry holds, and so which changes drop it.
+#[derive(Clone, Copy, Debug)]
+pub enum Of<'a> {
+    /// An item: `key` canonical, `partition` its partition key's canonical bytes.
+    Item { key: &'a [u8], partition: &'a [u8] },
+    /// A query's result: of a partition of the table or of a global index.
+    Query { index: &'a str, partition: &'a [u8] },
+}
+
+/// A cached answer.
+pub struct Entry {
+    /// The tick taken before the fill was sent.
+    stamp: u64,
+    table: TableId,
+    /// The slots of the scopes whose changes drop it.
+    slots: [usize; 2],
+    /// A global index's result: dropped by any write through the front too, and
+    /// expiring after the staleness bound.
+    expires: Option<Instant>,
+    /// The answer's JSON (an item, or `{}`-less absence as empty bytes, or a query's
+    /// answer), without `ConsumedCapacity`.
+    pub body: Bytes,
+    /// Read capacity units the client's own read would have cost DynamoDB.
+    pub units: f64,
+}
+
+/// A tick taken before a fill of a table is sent.
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket {
+    stamp: u64,
+    table: TableId,
+}
+
+/// Per cached table.
+struct TableState {
+    flushed: AtomicU64,
+    written_through: AtomicU64,
+    /// Ms on the cache's clock before which every change is applied; `u64::MAX`: never.
+    fresh_as_of_ms: AtomicU64,
+    bypassing: AtomicBool,
+    reads: [[AtomicU64; Served::ALL.len()]; Read::ALL.len()],
+    /// Read units saved, in thousandths.
+    saved_milli: AtomicU64,
+    invalidations: AtomicU64,
+    flushes: AtomicU64,
+}
+
+/// The front's cache of the tables in `dynamodb_api.tables`.
+pub struct ApiCache {
+    tables: Vec<ApiTable>,
+    by_name: HashMap<String, TableId>,
+    state: Vec<TableState>,
+    clock: AtomicU64,
+    stamps: Box<[AtomicU64]>,
+    hasher: RandomState,
+    entries: moka::sync::Cache<EntryKey, Arc<Entry>>,
+    origin: Instant,
+    max_staleness: Duration,
+}
+
+impl ApiCache {
+    pub fn new(tables: Vec<ApiTable>, max_staleness_ms: u64, max_bytes: u64) -> ApiCache {
+        let max_staleness = Duration::from_millis(max_staleness_ms);
+        ApiCache {
+            by_name: tables.iter().map(|t| (t.name.clone(), t.id)).collect(),
+            state: tables
+                .iter()
+                .map(|_| TableState {
+                    flushed: AtomicU64::new(0),
+                    written_through: AtomicU64::new(0),
+                    fresh_as_of_ms: AtomicU64::new(u64::MAX),
+                    bypassing: AtomicBool::new(true),
+                    reads: Default::default(),
+                    saved_milli: AtomicU64::new(0),
+                    invalidations: AtomicU64::new(0),
+                    flushes: AtomicU64::new(0),
+                })
+                .collect(),
+            tables,
+            clock: AtomicU64::new(1),
+            stamps: (0..STAMP_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: RandomState::new(),
+            entries: moka::sync::Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|k: &EntryKey, e: &Arc<Entry>| {
+                    (k.0.len() + e.body.len() + 96)
+                        .try_into()
+                        .unwrap_or(u32::MAX)
+                })
+                .build(),
+            // Set back by the bound, so that any proof within it can be represented.
+            origin: Instant::now()
+                .checked_sub(max_staleness)
+                .unwrap_or_else(Instant::now),
+            max_staleness,
+        }
+    }
+
+    /// A cached table, by name.
+    pub fn table(&self, name: &str) -> Option<&ApiTable> {
+        self.by_name.get(name).map(|id| &self.tables[id.0 as usize])
+    }
+
+    pub fn tables(&self) -> &[ApiTable] {
+        &self.tables
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The slot of a scope's ticks.
+    pub fn slot(&self, table: TableId, scope: Scope<'_>) -> usize {
+        let mut h = self.hasher.build_hasher();
+        table.0.hash(&mut h);
+        match scope {
+            Scope::Item(key) => (0u8, key).hash(&mut h),
+            Scope::Partition { index, key } => (1u8, index, key).hash(&mut h),
+            Scope::Items(key) => (2u8, key).hash(&mut h),
+        }
+        h.finish() as usize & (STAMP_SLOTS - 1)
+    }
+
+    /// Taken before a fill is sent: an entry filled after it is dropped by any change
+    /// recorded from now on.
+    pub fn ticket(&self, table: TableId) -> Ticket {
+        Ticket {
+            stamp: self.tick(),
+            table,
+        }
+    }
+
+    /// Records a change of `scope`: every entry of it filled before now is dropped.
+    pub fn changed(&self, table: TableId, scope: Scope<'_>) {
+        let slot = self.slot(table, scope);
+        let now = self.tick();
+        self.stamps[slot].fetch_max(now, Ordering::SeqCst);
+    }
+
+    /// Records a write through the front to `table`: its global indexes' results are
+    /// dropped (the write's old and new index keys are not known from the request).
+    pub fn written_through(&self, table: TableId) {
+        let now = self.tick();
+        self.state[table.0 as usize]
+            .written_through
+            .fetch_max(now, Ordering::SeqCst);
+    }
+
+    /// Records a write to a partition of `table` through the socket protocol (whose
+    /// stores share their tables with the API): its items, its queries and the global
+    /// indexes' results are dropped.
+    pub fn partition_written(&self, table: TableId, partition: &[u8]) {
+        self.changed(table, Scope::Items(partition));
+        self.changed(
+            table,
+            Scope::Partition {
+                index: "",
+                key: partition,
+            },
+        );
+        self.written_through(table);
+    }
+
+    /// Drops every entry of `table`: something changed, nobody knows what.
+    pub fn flush(&self, table: TableId) {
+        let now = self.tick();
+        let s = &self.state[table.0 as usize];
+        s.flushed.fetch_max(now, Ordering::SeqCst);
+        s.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The entry under `key`, if it is still good to serve.
+    pub fn get(&self, key: &EntryKey) -> Option<Arc<Entry>> {
+        let entry = self.entries.get(key)?;
+        if self.valid(&entry) {
+            return Some(entry);
+        }
+        self.entries.invalidate(key);
+        None
+    }
+
+    fn valid(&self, e: &Entry) -> bool {
+        let s = &self.state[e.table.0 as usize];
+        e.slots
+            .iter()
+            .all(|slot| e.stamp > self.stamps[*slot].load(Ordering::SeqCst))
+            && e.stamp > s.flushed.load(Ordering::SeqCst)
+            && match e.expires {
+                None => true,
+                Some(at) => {
+                    Instant::now() < at && e.stamp > s.written_through.load(Ordering::SeqCst)
+                }
+            }
+    }
+
+    /// Keeps a fill's answer, unless a change that drops it came in since `ticket`.
+    pub fn fill(&self, key: EntryKey, ticket: Ticket, of: Of<'_>, body: Bytes, units: f64) {
+        let t = ticket.table;
+        let (slots, global) = match of {
+            Of::Item { key, partition } => (
+                [
+                    self.slot(t, Scope::Item(key)),
+                    self.slot(t, Scope::Items(partition)),
+                ],
+                false,
+            ),
+            Of::Query { index, partition } => {
+                let s = self.slot(
+                    t,
+                    Scope::Partition {
+                        index,
+                        key: partition,
+                    },
+                );
+                ([s, s], !index.is_empty())
+            }
+        };
+        let entry = Entry {
+            stamp: ticket.stamp,
+            table: t,
+            slots,
+            expires: global.then(|| Instant::now() + self.max_staleness),
+            body,
+            units,
+        };
+        if self.valid(&entry) {
+            self.entries.insert(key, Arc::new(entry));
+        }
+    }
+
+    /// Counts a read of `table`, and what a hit saved.
+    pub fn count(&self, table: TableId, read: Read, served: Served, saved_units: f64) {
+        let s = &self.state[table.0 as usize];
+        s.reads[read as usize][served as usize].fetch_add(1, Ordering::Relaxed);
+        if saved_units > 0.0 {
+            s.saved_milli
+                .fetch_add((saved_units * 1000.0).round() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads served from memory and by DynamoDB so far: `[read][served]`.
+    pub fn reads(&self, table: TableId) -> [[u64; 3]; 3] {
+        self.state[table.0 as usize]
+            .reads
+            .each_ref()
+            .map(|r| r.each_ref().map(|c| c.load(Ordering::Relaxed)))
+    }
+
+    /// Stream records applied to `table`'s entries, and its flushes, so far.
+    pub fn applied(&self, table: TableId) -> (u64, u64) {
+        let s = &self.state[table.0 as usize];
+        (
+            s.invalidations.load(Ordering::Relaxed),
+            s.flushes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether reads of `table` must bypass the cache: nobody has proven it fresh within
+    /// the staleness bound. Logs each switch.
+    pub fn must_bypass(&self, table: TableId) -> bool {
+        let s = &self.state[table.0 as usize];
+        let fresh_as_of = s.fresh_as_of_ms.load(Ordering::Acquire);
+        let now_ms = self.origin.elapsed().as_millis() as u64;
+        let stale = fresh_as_of == u64::MAX
+            || now_ms.saturating_sub(fresh_as_of) > self.max_staleness.as_millis() as u64;
+        if s.bypassing.load(Ordering::Relaxed) != stale
+            && s.bypassing.swap(stale, Ordering::Relaxed) != stale
+        {
+            let name = &self.tables[table.0 as usize].name;
+            if stale {
+                tracing::warn!(table = %name, "stream tailer is behind: DynamoDB API reads bypass the cache");
+            } else {
+                tracing::info!(table = %name, "stream tailer caught up: DynamoDB API reads use the cache");
+            }
+        }
+        stale
+    }
+
+    fn fresh_as_of(&self, table: TableId, at: Option<Instant>) {
+        // A proof older than the origin is older than the bound: as good as none.
+        let ms = at
+            .and_then(|at| at.checked_duration_since(self.origin))
+            .map_or(u64::MAX, |d| d.as_millis() as u64);
+        self.state[table.0 as usize]
+            .fresh_as_of_ms
+            .store(ms, Ordering::Release);
+    }
+
+    /// Applies one stream record: its item, its partition and the global index
+    /// partitions its old and new images name.
+    fn apply(&self, table: TableId, record: &Record) {
+        let t = &self.tables[table.0 as usize];
+        let (Some(item), Some(partition)) = (
+            keys::of_image(&t.key, &record.keys),
+            keys::partition_of_image(&t.key, &record.keys),
+        ) else {
+            // A record whose key this daemon cannot read: whatever it changed is unknown.
+            self.flush(table);
+            return;
+        };
+        self.changed(table, Scope::Item(&item));
+        self.changed(
+            table,
+            Scope::Partition {
+                index: "",
+                key: &partition,
+            },
+        );
+        for (index, schema) in &t.global {
+            for image in [&record.old_image, &record.new_image].into_iter().flatten() {
+                if let Some(key) = keys::partition_of_image(schema, image) {
+                    self.changed(table, Scope::Partition { index, key: &key });
+                }
+            }
+        }
+        self.state[table.0 as usize]
+            .invalidations
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Writes the cache's counters into a scrape: the families always, so that every daemon
+/// exports the same ones, with a sample per cached table.
+pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
+    let tables = || {
+        cache
+            .into_iter()
+            .flat_map(|c| c.tables.iter().zip(&c.state))
+    };
+    let name = "ddbcached_api_cache_reads_total";
+    out.family(
+        name,
+        Kind::Counter,
+        "DynamoDB API reads of cached tables, by table, operation and how they were served (hit: from memory; miss: from DynamoDB and kept; bypass: from DynamoDB only).",
+    );
+    for (t, s) in tables() {
+        for read in Read::ALL {
+            for served in Served::ALL {
+                let labels = [
+                    ("table", t.name.as_str()),
+                    ("operation", read.name()),
+                    ("served", served.name()),
+                ];
+                let v = s.reads[read as usize][served as usize].load(Ordering::Relaxed);
+                out.sample(name, &labels, v);
+            }
+        }
+    }
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    out.by_label(
+        "ddbcached_api_read_units_saved_total",
+        Kind::Counter,
+        "Read capacity units the DynamoDB API's hits would have cost DynamoDB, by table.",
+        "table",
+        tables().map(|(t, s)| (t.name.as_str(), load(&s.saved_milli) as f64 / 1000.0)),
+    );
+    out.by_label(
+        "ddbcached_api_cache_invalidations_total",
+        Kind::Counter,
+        "Stream records applied to the DynamoDB API's cache, by table.",
+        "table",
+        tables().map(|(t, s)| (t.name.as_str(), load(&s.invalidations))),
+    );
+    out.by_label(
+        "ddbcached_api_cache_flushes_total",
+        Kind::Counter,
+        "Whole-table invalidations of the DynamoDB API's cache (lost continuity, PartiQL writes), by table.",
+        "table",
+        tables().map(|(t, s)| (t.name.as_str(), load(&s.flushes))),
+    );
+    out.by_label(
+        "ddbcached_api_cache_bypassing",
+        Kind::Gauge,
+        "1 while the DynamoDB API's reads of a table bypass the cache (its freshness not proven within the bound).",
+        "table",
+        cache.into_iter().flat_map(|c| {
+            c.tables
+                .iter()
+                .map(move |t| (t.name.as_str(), u8::from(c.must_bypass(t.id))))
+        }),
+    );
+    out.single(
+        "ddbcached_api_cache_bytes",
+        Kind::Gauge,
+        "Bytes the DynamoDB API's cached items and query results take.",
+        cache.map_or(0, |c| c.entries.weighted_size()),
+    );
+}
+
+/// Applying what a cached table's tailer read.
+impl Sink for ApiCache {
+    type Table = TableId;
+
+    async fn accept(&self, table: TableId, seen: Seen<'_>) -> Result<(), SinkError> {
+        match seen {
+            Seen::Records { records, .. } => {
+                for record in records {
+                    self.apply(table, record);
+                }
+            }
+            Seen::ShardEnded { .. } => {}
+            Seen::ContinuityLost(_) => self.flush(table),
+            Seen::CaughtUp(at) => self.fresh_as_of(table, at),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::keys::KeySchema;
+    use crate::stream::api::{Attr, Event, Image};
+
+    fn cache() -> ApiCache {
+        let table = ApiTable {
+            id: TableId(0),
+            name: "t".into(),
+            key: KeySchema {
+                partition: "pk".into(),
+                sort: Some("sk".into()),
+            },
+            local: vec![],
+            global: HashMap::from([(
+                "byColor".to_owned(),
+                KeySchema {
+                    partition: "color".into(),
+                    sort: None,
+                },
+            )]),
+            images: true,
+        };
+        ApiCache::new(vec![table], 60_000, 1 << 20)
+    }
+
+    fn image(pk: &str, sk: &str, color: &str) -> Image {
+        Image::from([
+            ("pk".to_owned(), Attr::S(pk.into())),
+            ("sk".to_owned(), Attr::N(sk.into())),
+            ("color".to_owned(), Attr::S(color.into())),
+        ])
+    }
+
+    fn record(old: Option<Image>, new: Option<Image>) -> Record {
+        let keys = old.clone().or(new.clone()).unwrap();
+        let keys = keys
+            .into_iter()
+            .filter(|(k, _)| k == "pk" || k == "sk")
+            .collect();
+        Record {
+            sequence_number: "1".into(),
+            event: Event::Modify,
+            keys,
+            new_image: new,
+            old_image: old,
+        }
+    }
+
+    fn key(pk: &str, sk: &str) -> Vec<u8> {
+        let schema = KeySchema {
+            partition: "pk".into(),
+            sort: Some("sk".into()),
+        };
+        keys::of_image(&schema, &image(pk, sk, "")).unwrap()
+    }
+
+    fn fill_item(c: &ApiCache, k: &[u8], ticket: Ticket) -> EntryKey {
+        let e = EntryKey::item(TableId(0), k, b"");
+        let of = Of::Item {
+            key: k,
+            partition: b"P",
+        };
+        c.fill(e.clone(), ticket, of, Bytes::from_static(b"{}"), 1.0);
+        e
+    }
+
+    fn fill_query(c: &ApiCache, index: &str, pk: &[u8]) -> EntryKey {
+        let e = EntryKey::query(TableId(0), format!("{index}{pk:?}").as_bytes());
+        let of = Of::Query {
+            index,
+            partition: pk,
+        };
+        c.fill(e.clone(), c.ticket(TableId(0)), of, Bytes::new(), 1.0);
+        e
+    }
+
+    #[test]
+    fn a_change_drops_its_item_and_partition_and_nothing_else() {
+        let c = cache();
+        let (a, b) = (key("p", "1"), key("p", "2"));
+        let (ea, eb) = (
+            fill_item(&c, &a, c.ticket(TableId(0))),
+            fill_item(&c, &b, c.ticket(TableId(0))),
+        );
+        let p = keys::partition_of_image(&c.tables[0].key, &image("p", "1", "")).unwrap();
+        let q = keys::partition_of_image(&c.tables[0].key, &image("q", "1", "")).unwrap();
+        let (qp, qq) = (fill_query(&c, "", &p), fill_query(&c, "", &q));
+        assert!(c.get(&ea).is_some() && c.get(&eb).is_some() && c.get(&qp).is_some());
+        c.apply(TableId(0), &record(None, Some(image("p", "1.0", "red"))));
+        assert!(
+            c.get(&ea).is_none(),
+            "the item changed (7 and 7.0 are one key)"
+        );
+        assert!(c.get(&eb).is_some(), "another item of the partition");
+        assert!(c.get(&qp).is_none(), "a query of its partition");
+        assert!(c.get(&qq).is_some(), "a query of another partition");
+    }
+
+    #[test]
+    fn a_write_to_a_whole_partition_drops_its_items_and_queries() {
+        let c = cache();
+        let (a, b) = (key("p", "1"), key("q", "1"));
+        let ea = fill_item(&c, &a, c.ticket(TableId(0)));
+        let eb = EntryKey::item(TableId(0), &b, b"");
+        let of = Of::Item {
+            key: &b,
+            partition: b"Q",
+        };
+        c.fill(eb.clone(), c.ticket(TableId(0)), of, Bytes::new(), 1.0);
+        let qp = fill_query(&c, "", b"P");
+        c.partition_written(TableId(0), b"P");
+        assert!(c.get(&ea).is_none() && c.get(&qp).is_none());
+        assert!(c.get(&eb).is_some());
+    }
+
+    #[test]
+    fn a_fill_that_raced_a_change_is_not_kept() {
+        let c = cache();
+        let a = key("p", "1");
+        let before = c.ticket(TableId(0));
+        c.changed(TableId(0), Scope::Item(&a));
+        let e = fill_item(&c, &a, before);
+        assert!(c.get(&e).is_none());
+        let e = fill_item(&c, &a, c.ticket(TableId(0)));
+        assert!(c.get(&e).is_some());
+        // A flush drops everything filled before it, and spares later fills.
+        c.flush(TableId(0));
+        assert!(c.get(&e).is_none());
+        let e = fill_item(&c, &a, c.ticket(TableId(0)));
+        assert!(c.get(&e).is_some());
+    }
+
+    #[test]
+    fn an_index_move_drops_the_partitions_it_left_and_entered() {
+        let c = cache();
+        let schema = &c.tables[0].global["byColor"];
+        let color = |name| keys::partition_of_image(schema, &image("p", "1", name)).unwrap();
+        let (red, blue, green) = (
+            fill_query(&c, "byColor", &color("red")),
+            fill_query(&c, "byColor", &color("blue")),
+            fill_query(&c, "byColor", &color("green")),
+        );
+        c.apply(
+            TableId(0),
+            &record(Some(image("p", "1", "red")), Some(image("p", "1", "blue"))),
+        );
+        assert!(c.get(&red).is_none() && c.get(&blue).is_none());
+        assert!(c.get(&green).is_some());
+        // Any write through the front drops the global index's results too.
+        c.written_through(TableId(0));
+        assert!(c.get(&green).is_none());
+    }
+
+    #[test]
+    fn reads_bypass_until_freshness_is_proven_and_again_once_it_is_old() {
+        let c = cache();
+        assert!(c.must_bypass(TableId(0)));
+        c.fresh_as_of(TableId(0), Some(Instant::now()));
+        assert!(!c.must_bypass(TableId(0)));
+        c.fresh_as_of(
+            TableId(0),
+            Instant::now().checked_sub(Duration::from_secs(61)),
+        );
+        assert!(c.must_bypass(TableId(0)));
+        c.fresh_as_of(TableId(0), None);
+        assert!(c.must_bypass(TableId(0)));
+    }
+}

@@ -1,0 +1,113 @@
+//! The tables the DynamoDB API front caches (`dynamodb_api.tables`), as DynamoDB
+//! describes them at start: their keys, their indexes, and whether their stream carries
+//! what the cache needs. A named table without a stream is refused: its changes made
+//! elsewhere could never be seen.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::{KeySchemaElement, KeyType, StreamViewType};
+
+use super::keys::KeySchema;
+use crate::store::StoreTable;
+use crate::stream::sink::Tailed;
+
+/// A cached table, by its place in `dynamodb_api.tables`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TableId(pub u16);
+
+impl Tailed for TableId {
+    /// After the stores' two tables.
+    fn slot(self) -> usize {
+        StoreTable::ALL.len() + self.0 as usize
+    }
+}
+
+/// What the front knows of a cached table.
+#[derive(Clone, Debug)]
+pub struct ApiTable {
+    pub id: TableId,
+    pub name: String,
+    pub key: KeySchema,
+    /// Local secondary indexes: they share the table's partitions.
+    pub local: Vec<String>,
+    /// Global secondary indexes and their keys.
+    pub global: HashMap<String, KeySchema>,
+    /// The stream carries old and new images, so that a change shows which index
+    /// partitions an item left and entered; without them a global index's results are
+    /// not cached.
+    pub images: bool,
+}
+
+/// Why a named table cannot be cached.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("dynamodb_api.tables names {0}, which has no stream: enable one (NEW_AND_OLD_IMAGES) or leave it out")]
+    NoStream(String),
+    #[error("dynamodb_api.tables names {table}, which cannot be described: {reason}")]
+    Describe { table: String, reason: String },
+}
+
+/// Describes every table in `names`, in order.
+pub async fn describe(
+    client: &aws_sdk_dynamodb::Client,
+    names: &[String],
+) -> Result<Vec<ApiTable>, TableError> {
+    let mut tables = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let fail = |reason: String| TableError::Describe {
+            table: name.clone(),
+            reason,
+        };
+        let out = client
+            .describe_table()
+            .table_name(name)
+            .send()
+            .await
+            .map_err(|e| fail(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string()))?;
+        let t = out.table.ok_or_else(|| fail("no description".into()))?;
+        let stream = t
+            .stream_specification()
+            .filter(|s| s.stream_enabled())
+            .ok_or_else(|| TableError::NoStream(name.clone()))?;
+        let key = schema(t.key_schema()).ok_or_else(|| fail("no partition key".into()))?;
+        let mut global = HashMap::new();
+        for g in t.global_secondary_indexes() {
+            if let (Some(index), Some(key)) = (g.index_name(), schema(g.key_schema())) {
+                global.insert(index.to_owned(), key);
+            }
+        }
+        let images = stream.stream_view_type() == Some(&StreamViewType::NewAndOldImages);
+        if !images && !global.is_empty() {
+            tracing::warn!(
+                table = %name,
+                "the table's stream does not carry old and new images: queries of its global indexes are not cached"
+            );
+        }
+        tables.push(ApiTable {
+            id: TableId(i as u16),
+            name: name.clone(),
+            key,
+            local: t
+                .local_secondary_indexes()
+                .iter()
+                .filter_map(|l| l.index_name().map(str::to_owned))
+                .collect(),
+            global,
+            images,
+        });
+    }
+    Ok(tables)
+}
+
+fn schema(elements: &[KeySchemaElement]) -> Option<KeySchema> {
+    let named = |kind: KeyType| {
+        elements
+            .iter()
+            .find(|e| *e.key_type() == kind)
+            .map(|e| e.attribute_name().to_owned())
+    };
+    Some(KeySchema {
+        partition: named(KeyType::Hash)?,
+        sort: named(KeyType::Range),
+    })
+}

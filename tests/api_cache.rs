@@ -1,0 +1,689 @@
+//! The DynamoDB API front's cache (`dynamodb_api.tables`), with the Rust AWS SDK and
+//! DynamoDB Local as the oracle: every answer the front gives, from memory or not,
+//! equals DynamoDB's consistent answer to the same request (within the staleness bound
+//! for writes made around the daemon).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, BillingMode, GlobalSecondaryIndex, KeyType, KeysAndAttributes,
+    LocalSecondaryIndex, Projection, ProjectionType, PutRequest, ReturnConsumedCapacity,
+    ScalarAttributeType, StreamSpecification, StreamViewType, TransactWriteItem, Update,
+    WriteRequest,
+};
+use aws_sdk_dynamodb::Client;
+use ddbcached::api::cache::ApiCache;
+use ddbcached::api::tables::TableId;
+
+use crate::harness::{
+    api_url, attribute, endpoint, key_part, n, name, s, sdk_client, Daemon, Proxy,
+};
+
+type Item = HashMap<String, AttributeValue>;
+
+/// A staleness bound no stream lag on a loaded machine reaches: tests that count hits
+/// must never see the daemon bypass.
+const NO_BYPASS_MS: u64 = 600_000;
+
+/// A table of the test's own, with a stream of old and new images: partition key `pk`
+/// (S), sort key `sk` (N), a local index `byPrice` (`price` N) and a global index
+/// `byColor` (`color` S, `sk` N).
+async fn cached_table(direct: &Client) -> String {
+    let table: String = format!("cached-{}", name()).chars().take(60).collect();
+    let all = || {
+        Projection::builder()
+            .projection_type(ProjectionType::All)
+            .build()
+    };
+    direct
+        .create_table()
+        .table_name(&table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute("pk", ScalarAttributeType::S))
+        .attribute_definitions(attribute("sk", ScalarAttributeType::N))
+        .attribute_definitions(attribute("price", ScalarAttributeType::N))
+        .attribute_definitions(attribute("color", ScalarAttributeType::S))
+        .key_schema(key_part("pk", KeyType::Hash))
+        .key_schema(key_part("sk", KeyType::Range))
+        .local_secondary_indexes(
+            LocalSecondaryIndex::builder()
+                .index_name("byPrice")
+                .key_schema(key_part("pk", KeyType::Hash))
+                .key_schema(key_part("price", KeyType::Range))
+                .projection(all())
+                .build()
+                .unwrap(),
+        )
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name("byColor")
+                .key_schema(key_part("color", KeyType::Hash))
+                .key_schema(key_part("sk", KeyType::Range))
+                .projection(all())
+                .build()
+                .unwrap(),
+        )
+        .stream_specification(
+            StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(StreamViewType::NewAndOldImages)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    table
+}
+
+/// A daemon caching `table` through its API front, caught up with the table's stream.
+/// The first write to a fresh table's stream makes DynamoDB Local report its records as
+/// trimmed (aws/aws-sdk-java#2923), and the tailer rightly flushes: a first write is
+/// made here and waited for, so that the test's own counts start after it.
+async fn daemon_caching(
+    table: &str,
+    direct: &Client,
+    edit: impl FnOnce(&mut ddbcached::config::Config),
+) -> (Daemon, Client) {
+    let d = Daemon::start_with(|c| {
+        c.dynamodb_api.listen = "127.0.0.1:0".into();
+        c.dynamodb_api.tables = vec![table.to_owned()];
+        c.cache.max_staleness_ms = NO_BYPASS_MS;
+        edit(c);
+    })
+    .await;
+    put(direct, table, item("warm-up", "0", &[])).await;
+    wait_applied(&d, 1).await;
+    d.wait_until_fresh().await;
+    let api = sdk_client(&api_url(&d)).await;
+    (d, api)
+}
+
+fn cache(d: &Daemon) -> &ApiCache {
+    d.api_cache.as_deref().expect("the daemon caches a table")
+}
+
+/// Waits until the daemon has applied at least `records` stream records of its table.
+async fn wait_applied(d: &Daemon, records: u64) {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while cache(d).applied(TableId(0)).0 < records {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the stream's records arrive within 120 s");
+}
+
+/// Reads of the table the front answered from memory so far (every operation).
+fn hits(d: &Daemon) -> u64 {
+    cache(d).reads(TableId(0)).iter().map(|r| r[0]).sum()
+}
+
+fn key(pk: &str, sk: &str) -> Item {
+    HashMap::from([("pk".to_owned(), s(pk)), ("sk".to_owned(), n(sk))])
+}
+
+fn item(pk: &str, sk: &str, more: &[(&str, AttributeValue)]) -> Item {
+    let mut i = key(pk, sk);
+    i.extend(more.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    i
+}
+
+/// An item with an attribute of every type.
+fn rich(pk: &str, sk: &str, color: &str, price: &str) -> Item {
+    item(
+        pk,
+        sk,
+        &[
+            ("color", s(color)),
+            ("price", n(price)),
+            ("b", AttributeValue::B(Blob::new(vec![0, 1, 2, 255]))),
+            ("yes", AttributeValue::Bool(true)),
+            ("none", AttributeValue::Null(true)),
+            (
+                "l",
+                AttributeValue::L(vec![s("x"), n("2.50"), AttributeValue::Bool(false)]),
+            ),
+            (
+                "m",
+                AttributeValue::M(HashMap::from([
+                    ("inner".to_owned(), s("deep")),
+                    ("n".to_owned(), n("007")),
+                ])),
+            ),
+            ("ss", AttributeValue::Ss(vec!["a".into(), "b".into()])),
+            ("ns", AttributeValue::Ns(vec!["1".into(), "2.0".into()])),
+            (
+                "bs",
+                AttributeValue::Bs(vec![Blob::new(vec![1]), Blob::new(vec![2])]),
+            ),
+        ],
+    )
+}
+
+async fn put(c: &Client, table: &str, item: Item) {
+    c.put_item()
+        .table_name(table)
+        .set_item(Some(item))
+        .send()
+        .await
+        .unwrap();
+}
+
+async fn get(c: &Client, table: &str, key: Item) -> Option<Item> {
+    c.get_item()
+        .table_name(table)
+        .set_key(Some(key))
+        .send()
+        .await
+        .unwrap()
+        .item
+}
+
+async fn consistent_get(c: &Client, table: &str, key: Item) -> Option<Item> {
+    c.get_item()
+        .table_name(table)
+        .set_key(Some(key))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+}
+
+/// A query's items and where it stopped.
+type Page = (Vec<Item>, Option<Item>);
+
+async fn run(q: QueryFluentBuilder) -> Page {
+    let out = q.send().await.unwrap();
+    (out.items.unwrap_or_default(), out.last_evaluated_key)
+}
+
+fn partition(c: &Client, table: &str, pk: &str) -> QueryFluentBuilder {
+    c.query()
+        .table_name(table)
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(":pk", s(pk))
+}
+
+fn by_color(c: &Client, table: &str, color: &str) -> QueryFluentBuilder {
+    c.query()
+        .table_name(table)
+        .index_name("byColor")
+        .key_condition_expression("#c = :c")
+        .expression_attribute_names("#c", "color")
+        .expression_attribute_values(":c", s(color))
+}
+
+/// The same query with ConsistentRead, as DynamoDB answers it now (global indexes
+/// cannot be read consistently: DynamoDB Local's are up to date at once).
+async fn truth(q: QueryFluentBuilder, global: bool) -> Page {
+    run(if global { q } else { q.consistent_read(true) }).await
+}
+
+/// Items in a stable order, for answers whose order DynamoDB does not fix.
+fn sorted(mut items: Vec<Item>) -> Vec<Item> {
+    items.sort_by_key(|i| format!("{:?}{:?}", i["pk"], i["sk"]));
+    items
+}
+
+async fn batch(c: &Client, table: &str, keys: &[Item]) -> Vec<Item> {
+    let out = c
+        .batch_get_item()
+        .request_items(
+            table,
+            KeysAndAttributes::builder()
+                .set_keys(Some(keys.to_vec()))
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(out.unprocessed_keys().is_none_or(|u| u.is_empty()));
+    sorted(out.responses.unwrap().remove(table).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_are_answered_from_memory_as_dynamodb_answers_them() {
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let (d, api) = daemon_caching(&t, &direct, |_| {}).await;
+    for (sk, color, price) in [("1", "red", "3"), ("2", "blue", "1.50"), ("3", "red", "2")] {
+        put(&direct, &t, rich("p", sk, color, price)).await;
+    }
+    put(&direct, &t, rich("q", "1", "red", "9")).await;
+    // The records of these writes are applied before anything is filled, so that none
+    // drops an entry this test counts on.
+    wait_applied(&d, 5).await;
+
+    let get_projected = |c: &Client| {
+        c.get_item()
+            .table_name(&t)
+            .set_key(Some(key("p", "2")))
+            .projection_expression("#c, m.#i, l[1], ns")
+            .expression_attribute_names("#c", "color")
+            .expression_attribute_names("#i", "inner")
+            .send()
+    };
+    let lsi = |c: &Client| {
+        c.query()
+            .table_name(&t)
+            .index_name("byPrice")
+            .key_condition_expression("pk = :pk AND price < :max")
+            .expression_attribute_values(":pk", s("p"))
+            .expression_attribute_values(":max", n("2.5"))
+    };
+    let page = |c: &Client| {
+        partition(c, &t, "p")
+            .scan_index_forward(false)
+            .limit(2)
+            .exclusive_start_key("pk", s("p"))
+            .exclusive_start_key("sk", n("3"))
+    };
+    let keys = [key("p", "1"), key("q", "1"), key("nobody", "1")];
+    let mut round_hits = Vec::new();
+    for _ in 0..2 {
+        let before = hits(&d);
+        // GetItem: a whole item, a projection, an absent item, the same key spelled
+        // another way (7 and 7.0 are one key).
+        let whole = get(&api, &t, key("p", "2")).await;
+        assert_eq!(whole, consistent_get(&direct, &t, key("p", "2")).await);
+        assert_eq!(
+            whole.as_ref().unwrap()["price"],
+            n("1.5"),
+            "DynamoDB's normal form"
+        );
+        assert_eq!(get(&api, &t, key("p", "2.0")).await, whole);
+        assert_eq!(
+            get_projected(&api).await.unwrap().item,
+            get_projected(&direct).await.unwrap().item
+        );
+        assert_eq!(get(&api, &t, key("p", "9")).await, None);
+        // Query: a partition, a page of it, a local index, a global index.
+        assert_eq!(
+            run(partition(&api, &t, "p")).await,
+            truth(partition(&direct, &t, "p"), false).await
+        );
+        assert_eq!(run(page(&api)).await, truth(page(&direct), false).await);
+        assert_eq!(run(lsi(&api)).await, truth(lsi(&direct), false).await);
+        assert_eq!(
+            run(by_color(&api, &t, "red")).await,
+            truth(by_color(&direct, &t, "red"), true).await
+        );
+        // BatchGetItem, an absent key among them.
+        assert_eq!(
+            batch(&api, &t, &keys).await,
+            batch(&direct, &t, &keys).await
+        );
+        round_hits.push(hits(&d) - before);
+    }
+    // 9 reads a round (the batch counts once): the first filled, the second hit.
+    assert_eq!(
+        round_hits,
+        [1, 9],
+        "the first round's only hit is 2.0 after 2"
+    );
+
+    // A hit consumed nothing, in the shape asked for.
+    let consumed = api
+        .get_item()
+        .table_name(&t)
+        .set_key(Some(key("p", "2")))
+        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(consumed.item, whole_item(&direct, &t).await);
+    let c = consumed.consumed_capacity().unwrap();
+    assert_eq!(
+        (c.table_name(), c.capacity_units()),
+        (Some(t.as_str()), Some(0.0))
+    );
+
+    // A consistent read goes to DynamoDB, whatever the cache holds: a write made around
+    // the daemon a moment ago shows at once.
+    put(&direct, &t, rich("p", "2", "green", "4")).await;
+    let fresh = api
+        .get_item()
+        .table_name(&t)
+        .set_key(Some(key("p", "2")))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item;
+    assert_eq!(fresh.unwrap()["color"], s("green"));
+
+    // Keys DynamoDB refuses are refused as DynamoDB refuses them, and nothing is kept.
+    for bad in [
+        HashMap::from([("pk".to_owned(), n("1")), ("sk".to_owned(), n("1"))]),
+        item("p", "1", &[("extra", s("x"))]),
+        HashMap::from([("pk".to_owned(), s("p"))]),
+    ] {
+        let from = |c: Client, bad: Item| {
+            let t = t.clone();
+            async move {
+                c.get_item()
+                    .table_name(t)
+                    .set_key(Some(bad))
+                    .send()
+                    .await
+                    .unwrap_err()
+                    .code()
+                    .map(str::to_owned)
+            }
+        };
+        let expected = from(direct.clone(), bad.clone()).await;
+        assert_eq!(expected.as_deref(), Some("ValidationException"));
+        assert_eq!(from(api.clone(), bad.clone()).await, expected);
+        assert_eq!(from(api.clone(), bad).await, expected, "not kept");
+    }
+
+    // Metrics name the table and count the hits, and what they saved.
+    let metrics = crate::harness::http_get(d.metrics_endpoint(), "/metrics")
+        .await
+        .1;
+    let hit_line = format!(
+        "ddbcached_api_cache_reads_total{{table=\"{t}\",operation=\"GetItem\",served=\"hit\"}} "
+    );
+    assert!(metrics.contains(&hit_line), "{metrics}");
+    let saved = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "ddbcached_api_read_units_saved_total{{table=\"{t}\"}} "
+            ))
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("read units saved are exported");
+    assert!(saved > 0.0, "{saved}");
+    assert!(
+        metrics.contains("ddbcached_api_requests_total{operation=\"GetItem\",outcome=\"cached\"}")
+    );
+}
+
+/// The item `("p", "2")` as DynamoDB holds it.
+async fn whole_item(direct: &Client, t: &str) -> Option<Item> {
+    consistent_get(direct, t, key("p", "2")).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_through_the_api_are_read_back_at_once() {
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let (_d, api) = daemon_caching(&t, &direct, |_| {}).await;
+    put(&api, &t, rich("p", "1", "red", "1")).await;
+
+    // Each write through the front, then the reads it touched: equal to DynamoDB's
+    // consistent answers at once, though each was cached just before.
+    let check = |label: &'static str| {
+        let (api, direct, t) = (api.clone(), direct.clone(), t.clone());
+        async move {
+            for sk in ["1", "2", "3"] {
+                assert_eq!(
+                    get(&api, &t, key("p", sk)).await,
+                    consistent_get(&direct, &t, key("p", sk)).await,
+                    "{label}: item {sk}"
+                );
+            }
+            assert_eq!(
+                run(partition(&api, &t, "p")).await,
+                truth(partition(&direct, &t, "p"), false).await,
+                "{label}: partition"
+            );
+            for color in ["red", "blue"] {
+                assert_eq!(
+                    run(by_color(&api, &t, color)).await,
+                    truth(by_color(&direct, &t, color), true).await,
+                    "{label}: {color} index partition"
+                );
+            }
+        }
+    };
+    check("filled").await;
+    put(&api, &t, rich("p", "1", "blue", "2")).await;
+    check("PutItem").await;
+    api.update_item()
+        .table_name(&t)
+        .set_key(Some(key("p", "1")))
+        .update_expression("SET color = :c, v = :v")
+        .expression_attribute_values(":c", s("red"))
+        .expression_attribute_values(":v", n("1.10"))
+        .send()
+        .await
+        .unwrap();
+    check("UpdateItem").await;
+    api.batch_write_item()
+        .request_items(
+            &t,
+            ["2", "3"]
+                .iter()
+                .map(|sk| {
+                    WriteRequest::builder()
+                        .put_request(
+                            PutRequest::builder()
+                                .set_item(Some(rich("p", sk, "blue", sk)))
+                                .build()
+                                .unwrap(),
+                        )
+                        .build()
+                })
+                .collect(),
+        )
+        .send()
+        .await
+        .unwrap();
+    check("BatchWriteItem").await;
+    api.transact_write_items()
+        .transact_items(
+            TransactWriteItem::builder()
+                .update(
+                    Update::builder()
+                        .table_name(&t)
+                        .set_key(Some(key("p", "2")))
+                        .update_expression("SET color = :c")
+                        .expression_attribute_values(":c", s("red"))
+                        .build()
+                        .unwrap(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    check("TransactWriteItems").await;
+    api.execute_statement()
+        .statement(format!(
+            "UPDATE \"{t}\" SET color = 'blue' WHERE pk = 'p' AND sk = 3"
+        ))
+        .send()
+        .await
+        .unwrap();
+    check("ExecuteStatement").await;
+    api.delete_item()
+        .table_name(&t)
+        .set_key(Some(key("p", "1")))
+        .send()
+        .await
+        .unwrap();
+    check("DeleteItem").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_write_changes_nothing_cached() {
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let (d, api) = daemon_caching(&t, &direct, |_| {}).await;
+    put(&direct, &t, rich("p", "1", "red", "1")).await;
+    wait_applied(&d, 2).await;
+    let cached = get(&api, &t, key("p", "1")).await;
+    let before = hits(&d);
+    let failed = api
+        .put_item()
+        .table_name(&t)
+        .set_item(Some(rich("p", "1", "blue", "2")))
+        .condition_expression("attribute_not_exists(pk)")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Some("ConditionalCheckFailedException"));
+    let cancelled = api
+        .transact_write_items()
+        .transact_items(
+            TransactWriteItem::builder()
+                .update(
+                    Update::builder()
+                        .table_name(&t)
+                        .set_key(Some(key("p", "1")))
+                        .update_expression("SET color = :c")
+                        .condition_expression("color = :other")
+                        .expression_attribute_values(":c", s("blue"))
+                        .expression_attribute_values(":other", s("green"))
+                        .build()
+                        .unwrap(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(cancelled.code(), Some("TransactionCanceledException"));
+    assert_eq!(get(&api, &t, key("p", "1")).await, cached);
+    assert_eq!(hits(&d) - before, 1, "still served from memory");
+    assert_eq!(cached, consistent_get(&direct, &t, key("p", "1")).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_around_the_daemon_are_seen_within_the_bound() {
+    const BOUND_MS: u64 = 2000;
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let (_d, api) = daemon_caching(&t, &direct, |c| c.cache.max_staleness_ms = BOUND_MS).await;
+    put(&direct, &t, rich("p", "1", "red", "1")).await;
+    put(&direct, &t, rich("p", "2", "red", "2")).await;
+    let reads = |label: &'static str| {
+        let (api, direct, t) = (api.clone(), direct.clone(), t.clone());
+        async move {
+            for sk in ["1", "2", "3"] {
+                assert_eq!(
+                    get(&api, &t, key("p", sk)).await,
+                    consistent_get(&direct, &t, key("p", sk)).await,
+                    "{label}: item {sk}"
+                );
+            }
+            let keys = [key("p", "1"), key("p", "2"), key("p", "3")];
+            assert_eq!(
+                batch(&api, &t, &keys).await,
+                sorted(
+                    futures::future::join_all(keys.iter().map(|k| consistent_get(
+                        &direct,
+                        &t,
+                        k.clone()
+                    )))
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect()
+                ),
+                "{label}: batch"
+            );
+            assert_eq!(
+                run(partition(&api, &t, "p")).await,
+                truth(partition(&direct, &t, "p"), false).await,
+                "{label}: partition"
+            );
+            for color in ["red", "blue"] {
+                assert_eq!(
+                    run(by_color(&api, &t, color)).await,
+                    truth(by_color(&direct, &t, color), true).await,
+                    "{label}: {color}"
+                );
+            }
+        }
+    };
+    // Settled, then read (and so cached) through the front.
+    tokio::time::sleep(Duration::from_millis(BOUND_MS + 100)).await;
+    reads("before").await;
+    // Around the daemon: an item moves from the red index partition to the blue one,
+    // another is deleted, a third is new. Every read that begins more than the bound
+    // after the writes were acknowledged must show them (from memory invalidated by the
+    // stream, or from DynamoDB while freshness is not proven).
+    direct
+        .update_item()
+        .table_name(&t)
+        .set_key(Some(key("p", "1")))
+        .update_expression("SET color = :c")
+        .expression_attribute_values(":c", s("blue"))
+        .send()
+        .await
+        .unwrap();
+    direct
+        .delete_item()
+        .table_name(&t)
+        .set_key(Some(key("p", "2")))
+        .send()
+        .await
+        .unwrap();
+    put(&direct, &t, rich("p", "3", "red", "3")).await;
+    tokio::time::sleep(Duration::from_millis(BOUND_MS + 100)).await;
+    reads("after").await;
+}
+
+/// A fill whose answer is held back while a write lands, through the stream or through
+/// the front: the answer it brings may predate the write, so it must not be kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_that_raced_a_write_is_never_kept() {
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let proxy = Proxy::start(endpoint()).await;
+    let (d, api) = daemon_caching(&t, &direct, |c| {
+        c.dynamodb.endpoint = proxy.endpoint.clone()
+    })
+    .await;
+    put(&direct, &t, rich("p", "1", "red", "1")).await;
+    wait_applied(&d, 2).await;
+
+    for (round, operation) in ["GetItem", "Query", "GetItem"].into_iter().enumerate() {
+        let color = ["blue", "green", "white"][round];
+        let read = |c: &Client| {
+            let (c, t) = (c.clone(), t.clone());
+            async move {
+                match operation {
+                    "GetItem" => get(&c, &t, key("p", "1")).await.into_iter().collect(),
+                    _ => run(partition(&c, &t, "p")).await.0,
+                }
+            }
+        };
+        let held = proxy.held();
+        proxy.hold_answers_to(operation);
+        let fill = tokio::spawn(read(&api));
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while proxy.held() == held {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the fill is sent");
+        // DynamoDB has read the item; now it changes.
+        let applied = cache(&d).applied(TableId(0)).0;
+        let changed = rich("p", "1", color, "1");
+        if round < 2 {
+            // Around the daemon: the stream brings the change before the fill's answer.
+            put(&direct, &t, changed).await;
+            wait_applied(&d, applied + 1).await;
+        } else {
+            // Through the front (the write's answer is not held).
+            put(&api, &t, changed).await;
+        }
+        proxy.release();
+        fill.await.unwrap();
+        let now: Vec<Item> = read(&direct).await;
+        assert_eq!(now[0]["color"], s(color));
+        assert_eq!(read(&api).await, now, "round {round} ({operation})");
+    }
+}
