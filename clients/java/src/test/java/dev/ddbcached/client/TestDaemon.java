@@ -4,6 +4,10 @@ import java.io.IOException;
 import java.net.InetAddress;
 import java.net.ServerSocket;
 import java.net.Socket;
+import java.net.URI;
+import java.net.http.HttpClient;
+import java.net.http.HttpRequest;
+import java.net.http.HttpResponse;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Duration;
@@ -13,7 +17,9 @@ import java.util.List;
 /**
  * A real daemon for the tests of this JVM: DynamoDB Local (installed by the repository's
  * scripts/dynamodb-local.sh) on a free loopback port, the tables, and the {@code ddbcached}
- * binary on a socket of its own. Started once, stopped when the JVM exits.
+ * binary on a socket of its own, answering DynamoDB's API too (caching the stores' two
+ * tables) and serving its metrics on free loopback ports. Started once, stopped when the
+ * JVM exits.
  */
 final class TestDaemon {
   static final Path ROOT = Path.of(System.getProperty("ddbcached.root", "../.."));
@@ -21,10 +27,22 @@ final class TestDaemon {
 
   private static TestDaemon instance;
 
-  final Path socket;
+  static final String KV_TABLE = "_zflow_key_value_store";
+  static final String LOG_TABLE = "_zflow_indexed_store";
 
-  private TestDaemon(Path socket) {
+  final Path socket;
+  /** DynamoDB Local, called directly. */
+  final URI dynamodb;
+  /** The daemon's DynamoDB API front. */
+  final URI api;
+  /** The daemon's metrics endpoint. */
+  final URI metrics;
+
+  private TestDaemon(Path socket, URI dynamodb, URI api, URI metrics) {
     this.socket = socket;
+    this.dynamodb = dynamodb;
+    this.api = api;
+    this.metrics = metrics;
   }
 
   /** The daemon, started on first use. */
@@ -51,6 +69,8 @@ final class TestDaemon {
 
     Path socket = dir.resolve("ddbcached.sock");
     Path config = dir.resolve("ddbcached.toml");
+    int apiPort = freePort();
+    int metricsPort = freePort();
     Files.writeString(
         config,
         String.join(
@@ -61,8 +81,15 @@ final class TestDaemon {
             "endpoint = \"http://127.0.0.1:" + port + "\"",
             "region = \"us-east-1\"",
             "use_dummy_credentials = true",
+            "[dynamodb_api]",
+            "listen = \"127.0.0.1:" + apiPort + "\"",
+            "tables = [\"" + KV_TABLE + "\", \"" + LOG_TABLE + "\"]",
+            // Tests count what the cache answers: no stream lag on a loaded machine may
+            // make a read bypass it.
+            "[cache]",
+            "max_staleness_ms = 600000",
             "[metrics]",
-            "listen = \"\"",
+            "listen = \"127.0.0.1:" + metricsPort + "\"",
             ""));
     Process init =
         new ProcessBuilder(BIN.toString(), "init-tables", "-c", config.toString())
@@ -79,7 +106,29 @@ final class TestDaemon {
             .start();
     Runtime.getRuntime().addShutdownHook(new Thread(daemon::destroy));
     waitFor("the daemon to be ready", Duration.ofSeconds(60), () -> ready(socket));
-    return new TestDaemon(socket);
+    return new TestDaemon(
+        socket,
+        URI.create("http://127.0.0.1:" + port),
+        URI.create("http://127.0.0.1:" + apiPort),
+        URI.create("http://127.0.0.1:" + metricsPort + "/metrics"));
+  }
+
+  /** The daemon's metrics now. */
+  String scrape() throws IOException, InterruptedException {
+    HttpResponse<String> r =
+        HttpClient.newHttpClient()
+            .send(HttpRequest.newBuilder(metrics).build(), HttpResponse.BodyHandlers.ofString());
+    return r.body();
+  }
+
+  /** The value of one sample ({@code name{labels}}), 0 if absent. */
+  double sample(String sample) throws IOException, InterruptedException {
+    return scrape()
+        .lines()
+        .filter(l -> l.startsWith(sample + " "))
+        .mapToDouble(l -> Double.parseDouble(l.substring(sample.length() + 1)))
+        .findFirst()
+        .orElse(0);
   }
 
   /** A new connection to the daemon. */
