@@ -7,6 +7,7 @@
 
 mod api;
 mod api_cache;
+mod api_differential;
 mod cache;
 mod check;
 mod cli;
