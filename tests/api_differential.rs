@@ -107,7 +107,7 @@ fn value() -> impl Strategy<Value = AttributeValue> {
     let number = prop::sample::select(vec!["0", "-0.0", "1.50", "7", "7.0", "1e3", "-12.25"]);
     let leaf = prop_oneof![
         "[a-z]{0,6}".prop_map(AttributeValue::S),
-        number.prop_map(|v| n(v)),
+        number.prop_map(n),
         prop::collection::vec(any::<u8>(), 0..6).prop_map(|b| AttributeValue::B(Blob::new(b))),
         any::<bool>().prop_map(AttributeValue::Bool),
         Just(AttributeValue::Null(true)),
