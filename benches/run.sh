@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The performance table: the daemon against the IPC floor (an echo server with the same
 # framing), Redis on its Unix socket, and DynamoDB Local called directly with the AWS SDK,
-# all driven by ddbcached-bench with the same settings, on this machine, in one run.
+# all driven by ddbcached-bench with the same settings, on this machine, in one run; and
+# the daemon's DynamoDB API front against DynamoDB Local directly, with the Rust SDK
+# (ddbcached-bench) and with boto3 (benches/api_boto3.py).
 #
 #   benches/run.sh                 the whole table (ROUNDS=3 rounds of RUN_SECONDS=5 s each)
 #   benches/run.sh --memory        also the memory check (256 MiB cache, 512 MiB working set)
@@ -19,6 +21,7 @@ memory=false
 
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 scripts/dynamodb-local.sh install >/dev/null
+python=$(scripts/python-env.sh)
 cargo build --release --locked --bins >&2
 bin=target/release
 work=$(mktemp -d)
@@ -39,8 +42,13 @@ pids+=($!)
 declare -A pid_of  # the process behind each socket, for its CPU time
 pid_of[dynamodb]=$!
 until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.2; done
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+api_port=$(free_port)
+api_echo_port=$(free_port)
 
-config() { # $1: socket, $2: cache bytes
+config() { # $1: socket, $2: cache bytes, $3: the DynamoDB API's address (caching the items' table)
+  local cached=""
+  [ -n "${3:-}" ] && cached='"ddbcached-bench-items"'
   cat <<TOML
 [server]
 socket_path = "$1"
@@ -50,21 +58,30 @@ region = "us-east-1"
 use_dummy_credentials = true
 [cache]
 max_bytes = $2
+[dynamodb_api]
+listen = "${3:-}"
+tables = [$cached]
 [metrics]
 listen = ""
 TOML
 }
-config "$work/daemon.sock" 268435456 >"$work/daemon.toml"
+config "$work/daemon.sock" 268435456 "127.0.0.1:$api_port" >"$work/daemon.toml"
 "$bin/ddbcached" init-tables -c "$work/daemon.toml" >/dev/null
+"$bin/ddbcached-bench" create-items-table --config "$work/daemon.toml"
 RUST_LOG=ddbcached=debug "$bin/ddbcached" serve -c "$work/daemon.toml" 2>"$work/daemon.log" &
 pids+=($!); pid_of[daemon]=$!
 "$bin/ddbcached-bench" echo-server --socket "$work/echo64.sock" --value-bytes 64 2>"$work/echo64.log" &
 pids+=($!); pid_of[echo64]=$!
 "$bin/ddbcached-bench" echo-server --socket "$work/echo4k.sock" --value-bytes 4096 2>"$work/echo4k.log" &
 pids+=($!); pid_of[echo4k]=$!
+# The API rows' floor: an HTTP server answering every SDK call with a canned item.
+"$bin/ddbcached-bench" api-echo-server --listen "127.0.0.1:$api_echo_port" 2>"$work/apiecho.log" &
+pids+=($!); pid_of[apiecho]=$!
 redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no >"$work/redis.log" &
 pids+=($!); pid_of[redis]=$!
 for s in daemon echo64 echo4k redis; do until [ -S "$work/$s.sock" ]; do sleep 0.2; done; done
+for p in "$api_port" "$api_echo_port"; do until (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do sleep 0.2; done; done
+declare -A endpoint_of=([api]="http://127.0.0.1:$api_port" [api-echo]="http://127.0.0.1:$api_echo_port" [dynamodb]="http://127.0.0.1:$port")
 
 run() { # target socket workload c d bytes
   echo "  $*" >&2
@@ -72,7 +89,16 @@ run() { # target socket workload c d bytes
   local server=${pid_of[$2]}
   [ "$1" = dynamodb ] && server=${pid_of[dynamodb]}
   "$bin/ddbcached-bench" run --json --seconds "$SECONDS_PER_RUN" --target "$1" --socket "$work/$2.sock" \
-    --config "$work/daemon.toml" --workload "$3" -c "$4" -d "$5" --value-bytes "$6" --server-pid "$server"
+    --config "$work/daemon.toml" --endpoint "${endpoint_of[$1]:-}" \
+    --workload "$3" -c "$4" -d "$5" --value-bytes "$6" --server-pid "$server"
+}
+run_boto3() { # target workload
+  echo "  $* (boto3)" >&2
+  local server=${pid_of[daemon]}
+  [ "$1" = dynamodb ] && server=${pid_of[dynamodb]}
+  [ "$1" = api-echo ] && server=${pid_of[apiecho]}
+  "$python" benches/api_boto3.py --endpoint "${endpoint_of[$1]}" --target "$1-boto3" --workload "$2" \
+    --seconds "$SECONDS_PER_RUN" --server-pid "$server"
 }
 results=target/bench-results.jsonl  # kept after the run, one JSON object a row
 : >"$results"
@@ -93,6 +119,17 @@ for round in $(seq 1 "$ROUNDS"); do
   for t in daemon dynamodb; do
     run "$t" daemon log 1 1 64 >>"$results"
     run "$t" daemon step 1 1 64 >>"$results"
+  done
+  # Side by side: DynamoDB Local slows as its tables grow, so each workload's rows run
+  # one after the other.
+  for w in item-get item-query item-put; do
+    for t in api dynamodb; do run "$t" daemon "$w" 1 1 64 >>"$results"; done
+  done
+  for t in api dynamodb; do run "$t" daemon item-get 4 4 64 >>"$results"; done
+  for w in item-get item-query; do run api-echo apiecho "$w" 1 1 64 >>"$results"; done
+  run api-echo apiecho item-get 4 4 64 >>"$results"
+  for w in item-get item-query; do
+    for t in api dynamodb api-echo; do run_boto3 "$t" "$w" >>"$results"; done
   done
 done
 
@@ -153,6 +190,25 @@ for w in ("put", "miss"):
 for w in ("log", "step"):
     r = ratio(w, 1, 1, "daemon", "dynamodb", "p50_us")
     checks.append((f"{w}: p50 vs zio-flow's own DynamoDB calls", f"{r:.2f}x", "(no goal)", ""))
+def api(w, t, f): return g(w, 1, 1, 64, t, f)
+r = api("item-get", "api", "p50_us") / api("get-hit", "daemon", "p50_us")
+check("API GetItem hit (Rust SDK): p50 vs a socket get-hit", f"{r:.2f}x", "<= 2x", r <= 2)
+r = api("item-get", "dynamodb", "p50_us") / api("item-get", "api", "p50_us")
+check("API GetItem hit (Rust SDK): faster than the direct call, p50", f"{r:.1f}x", ">= 10x", r >= 10)
+r = api("item-get", "api", "server_cpu_s_per_mop") / api("get-hit", "daemon", "server_cpu_s_per_mop")
+check("API GetItem hit: daemon CPU vs a socket get-hit's", f"{r:.2f}x", "<= 5x", r <= 5)
+r = api("item-put", "api", "p50_us") / api("item-put", "dynamodb", "p50_us")
+check("API PutItem (write through): p50 vs the direct call", f"{r:.2f}x", "<= 1.1x", r <= 1.1)
+for w, t in (("item-query", ""), ("item-get", "-boto3"), ("item-query", "-boto3")):
+    r = api(w, "dynamodb" + t, "p50_us") / api(w, "api" + t, "p50_us")
+    sdk = "boto3" if t else "Rust SDK"
+    checks.append((f"API {w} hit ({sdk}): faster than the direct call, p50", f"{r:.1f}x", "(no goal)", ""))
+for w, t in (("item-get", ""), ("item-query", ""), ("item-get", "-boto3"), ("item-query", "-boto3")):
+    r = api(w, "api" + t, "p50_us") / api(w, "api-echo" + t, "p50_us")
+    sdk = "boto3" if t else "Rust SDK"
+    checks.append((f"API {w} hit ({sdk}): p50 vs the SDK's floor (a canned answer)", f"{r:.2f}x", "(no goal)", ""))
+r = api("item-get", "api-echo", "p50_us") / api("get-hit", "daemon", "p50_us")
+checks.append(("Rust SDK's floor (a canned GetItem answer): p50 vs a socket get-hit", f"{r:.2f}x", "(no goal)", ""))
 if sys.argv[2]:
     rss, peak = float(sys.argv[2]), float(sys.argv[3])
     # 1.25 x cache.max_bytes (256 MiB) + 64 MiB

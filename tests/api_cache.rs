@@ -688,3 +688,32 @@ async fn a_fill_that_raced_a_write_is_never_kept() {
         assert_eq!(read(&api).await, now, "round {round} ({operation})");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_without_a_stream_is_refused_at_start_by_name() {
+    let direct = sdk_client(endpoint()).await;
+    let t: String = format!("nostream-{}", name()).chars().take(60).collect();
+    direct
+        .create_table()
+        .table_name(&t)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute("pk", ScalarAttributeType::S))
+        .key_schema(key_part("pk", KeyType::Hash))
+        .send()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::harness::dynamo_config(endpoint());
+    config.server.socket_path = dir.path().join("d.sock");
+    config.dynamodb_api.listen = "127.0.0.1:0".into();
+    config.dynamodb_api.tables = vec![t.clone()];
+    let refused = ddbcached::daemon::Daemon::start(&config)
+        .await
+        .err()
+        .unwrap();
+    let message = refused.to_string();
+    assert!(
+        message.contains(&t) && message.contains("no stream"),
+        "{message}"
+    );
+}

@@ -140,8 +140,8 @@ pub struct Entry {
     /// A global index's result: dropped by any write through the front too, and
     /// expiring after the staleness bound.
     expires: Option<Instant>,
-    /// The answer's JSON (an item, or `{}`-less absence as empty bytes, or a query's
-    /// answer), without `ConsumedCapacity`.
+    /// The answer's JSON without `ConsumedCapacity`: an item (empty: no such item), or
+    /// a query's whole answer.
     pub body: Bytes,
     /// Read capacity units the client's own read would have cost DynamoDB.
     pub units: f64,
@@ -233,7 +233,7 @@ impl ApiCache {
     }
 
     /// The slot of a scope's ticks.
-    pub fn slot(&self, table: TableId, scope: Scope<'_>) -> usize {
+    fn slot(&self, table: TableId, scope: Scope<'_>) -> usize {
         let mut h = self.hasher.build_hasher();
         table.0.hash(&mut h);
         match scope {

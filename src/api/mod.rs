@@ -209,7 +209,12 @@ impl Front {
 
 async fn accept_tcp(listener: &Option<TcpListener>) -> std::io::Result<tokio::net::TcpStream> {
     match listener {
-        Some(l) => l.accept().await.map(|(s, _)| s),
+        Some(l) => {
+            let (stream, _) = l.accept().await?;
+            // Answers are written whole: waiting to coalesce them only adds latency.
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        }
         None => std::future::pending().await,
     }
 }

@@ -15,7 +15,7 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Map, Value};
 
-use super::cache::{ApiCache, EntryKey, Of, Read, Served};
+use super::cache::{ApiCache, EntryKey, Of, Read, Served, Ticket};
 use super::error::{ApiError, JSON_1_0};
 use super::keys;
 use super::tables::ApiTable;
@@ -515,7 +515,7 @@ fn batch_keys(table: &ApiTable, part: &Object) -> Option<Vec<(Value, ItemKey)>> 
 /// came back without its key (a projection left it out), which makes absence unknown.
 fn fill_batch_part(
     cache: &ApiCache,
-    ticket: super::cache::Ticket,
+    ticket: Ticket,
     part: &BatchPart<'_>,
     returned: &[Value],
     unprocessed: Option<&Value>,

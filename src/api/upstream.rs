@@ -189,9 +189,13 @@ fn connector(https: bool, url: &str) -> Result<HttpsConnector<HttpConnector>, Up
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    // Requests are written whole: waiting to coalesce them only adds latency.
+    http.set_nodelay(true);
+    http.enforce_http(false);
     Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .build())
+        .wrap_connector(http))
 }

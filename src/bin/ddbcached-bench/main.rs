@@ -8,7 +8,12 @@
 //! - `redis`: a Redis server on its Unix socket (GET/SET of the same sizes);
 //! - `dynamodb`: DynamoDB called directly with the AWS SDK (endpoint and tables from
 //!   `--config` / `DDBCACHED_*`): for `miss` and `put` as the daemon's misses and writes
-//!   call it, for `log` and `step` as zio-flow's own DynamoDB backend does ([`zioflow`]).
+//!   call it, for `log` and `step` as zio-flow's own DynamoDB backend does ([`zioflow`]),
+//!   for the item workloads as any program does ([`items`]);
+//! - `api`: the daemon's DynamoDB API front at `--endpoint`, with the same SDK calls as
+//!   `dynamodb` for the item workloads;
+//! - `api-echo`: the floor of those, `ddbcached-bench api-echo-server` at `--endpoint`: an
+//!   HTTP server answering every call at once with a canned item ([`api_echo`]).
 //!
 //! With `--server-pid`, every row also reports the server's CPU time per million
 //! operations, read from `/proc` over the measured period: client and server share the
@@ -18,10 +23,13 @@
 //! get, 10% put), `miss` (every read goes to DynamoDB: the daemon's consistent-read
 //! bypass, or the SDK's Query), `put`, `log` (append, then read the entry back) and `step`
 //! (a workflow step: read a variable, write its next version, append to the flow's log,
-//! read the entry back, as one operation).
+//! read the entry back, as one operation); through DynamoDB's API, `item-get`, `item-query`
+//! and `item-put` ([`items`]).
 
+mod api_echo;
 mod echo;
 mod framed;
+mod items;
 mod redis;
 mod zioflow;
 
@@ -52,6 +60,20 @@ struct Args {
 enum Command {
     /// Drive a target and report.
     Run(RunArgs),
+    /// Create the item workloads' table (with a stream) unless it exists.
+    CreateItemsTable {
+        /// Configuration naming DynamoDB.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Serve the DynamoDB API's floor on a loopback address (until killed).
+    ApiEchoServer {
+        #[arg(long)]
+        listen: String,
+        /// Size of the binary attribute in the canned item.
+        #[arg(long, default_value_t = 64)]
+        value_bytes: usize,
+    },
     /// Serve the echo floor on a Unix socket (until killed).
     EchoServer {
         #[arg(long)]
@@ -69,9 +91,12 @@ struct RunArgs {
     /// Socket of the daemon, the echo floor or Redis.
     #[arg(long, env = "DDBCACHED_SOCKET", default_value = "/tmp/ddbcached.sock")]
     socket: PathBuf,
-    /// Configuration naming DynamoDB, for `--target dynamodb`.
+    /// Configuration naming DynamoDB, for `--target dynamodb` and `--target api`.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The daemon's DynamoDB API front, for `--target api`.
+    #[arg(long, default_value = "http://127.0.0.1:8100")]
+    endpoint: String,
     #[arg(long, value_enum, default_value = "get-hit")]
     workload: Workload,
     /// Connections.
@@ -103,6 +128,8 @@ enum Target {
     Echo,
     Redis,
     Dynamodb,
+    Api,
+    ApiEcho,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,6 +140,21 @@ enum Workload {
     Put,
     Log,
     Step,
+    ItemGet,
+    ItemQuery,
+    ItemPut,
+}
+
+impl Workload {
+    /// The item workload this is, if it is one.
+    fn item(self) -> Option<items::Item> {
+        match self {
+            Workload::ItemGet => Some(items::Item::Get),
+            Workload::ItemQuery => Some(items::Item::Query),
+            Workload::ItemPut => Some(items::Item::Put),
+            _ => None,
+        }
+    }
 }
 
 #[tokio::main]
@@ -122,6 +164,13 @@ async fn main() -> anyhow::Result<()> {
             socket,
             value_bytes,
         } => echo::serve(&socket, value_bytes).await,
+        Command::ApiEchoServer {
+            listen,
+            value_bytes,
+        } => api_echo::serve(&listen, value_bytes).await,
+        Command::CreateItemsTable { config } => {
+            items::create_table(&sdk_client(config.as_deref(), None).await?).await
+        }
         Command::Run(args) => run(args).await,
     }
 }
@@ -190,6 +239,12 @@ async fn preload(args: &RunArgs, value: &Bytes) -> anyhow::Result<()> {
         args.workload,
         Workload::GetHit | Workload::Mixed | Workload::Miss
     );
+    if let Some(item) = args.workload.item() {
+        if args.target == Target::ApiEcho {
+            return Ok(());
+        }
+        return items::preload(&item_client(args).await?, item, args.keys, value).await;
+    }
     if !reads {
         return Ok(());
     }
@@ -230,7 +285,7 @@ async fn preload(args: &RunArgs, value: &Bytes) -> anyhow::Result<()> {
             }
         }
         Target::Redis => set_all_redis(args, value).await?,
-        Target::Echo => {}
+        Target::Echo | Target::Api | Target::ApiEcho => {}
     }
     Ok(())
 }
@@ -256,6 +311,25 @@ async fn set_all_redis(args: &RunArgs, value: &Bytes) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An SDK client of the configured DynamoDB, or of `endpoint` (the daemon's front).
+async fn sdk_client(
+    config: Option<&std::path::Path>,
+    endpoint: Option<&str>,
+) -> anyhow::Result<aws_sdk_dynamodb::Client> {
+    let mut config = Config::load(config).context("loading the configuration")?;
+    if let Some(endpoint) = endpoint {
+        config.dynamodb.endpoint = endpoint.to_owned();
+    }
+    Ok(ddbcached::aws::dynamodb_client(&config.dynamodb, Default::default()).await)
+}
+
+/// The SDK client an item workload of `args` calls.
+async fn item_client(args: &RunArgs) -> anyhow::Result<aws_sdk_dynamodb::Client> {
+    let front = matches!(args.target, Target::Api | Target::ApiEcho);
+    let endpoint = front.then_some(args.endpoint.as_str());
+    sdk_client(args.config.as_deref(), endpoint).await
+}
+
 async fn direct_store(args: &RunArgs) -> anyhow::Result<KvStore> {
     let config = Config::load(args.config.as_deref()).context("loading the configuration")?;
     let client = ddbcached::aws::dynamodb_client(&config.dynamodb, Default::default()).await;
@@ -277,6 +351,15 @@ async fn connection(
     let keys = args.keys;
     let mut rng = XorShift::new(c as u64);
     let mut ts = ((c as i64) << 40) + 2;
+    let sdk = matches!(
+        args.target,
+        Target::Api | Target::ApiEcho | Target::Dynamodb
+    );
+    if let (true, Some(item)) = (sdk, args.workload.item()) {
+        let client = item_client(args).await?;
+        let callers = args.depth;
+        return items::run(&client, item, callers, keys, &value, warm_until, stop_at).await;
+    }
     match (args.target, args.workload) {
         (
             Target::Daemon | Target::Echo,
