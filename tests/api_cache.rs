@@ -717,3 +717,42 @@ async fn a_table_without_a_stream_is_refused_at_start_by_name() {
         "{message}"
     );
 }
+
+/// `["*"]`: every table with a stream is cached, every other passes through. On a
+/// DynamoDB Local of its own, whose every table the daemon then tails.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_table_with_a_stream_is_cached_under_a_star() {
+    let local = crate::harness::OwnLocal::start_in_memory().await;
+    let direct = sdk_client(&local.endpoint).await;
+    let streamed = cached_table(&direct).await;
+    let plain: String = format!("plain-{}", name()).chars().take(60).collect();
+    direct
+        .create_table()
+        .table_name(&plain)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute("pk", ScalarAttributeType::S))
+        .attribute_definitions(attribute("sk", ScalarAttributeType::N))
+        .key_schema(key_part("pk", KeyType::Hash))
+        .key_schema(key_part("sk", KeyType::Range))
+        .send()
+        .await
+        .unwrap();
+    let d = Daemon::start_with(|c| {
+        c.dynamodb.endpoint = local.endpoint.clone();
+        c.dynamodb_api.listen = "127.0.0.1:0".into();
+        c.dynamodb_api.tables = vec!["*".into()];
+        c.cache.max_staleness_ms = NO_BYPASS_MS;
+    })
+    .await;
+    let c = cache(&d);
+    assert!(c.table(&streamed).is_some());
+    assert!(c.table(&plain).is_none(), "no stream: passes through");
+    let api = sdk_client(&api_url(&d)).await;
+    put(&api, &plain, item("p", "1", &[])).await;
+    assert_eq!(
+        get(&api, &plain, key("p", "1")).await,
+        Some(item("p", "1", &[]))
+    );
+    // The stores' tables have streams too: cached alike.
+    assert!(c.table(&d.config.dynamodb.log_table).is_some());
+}

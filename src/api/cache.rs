@@ -399,6 +399,17 @@ impl ApiCache {
         stale
     }
 
+    /// Seconds since `table` was last proven fresh; NaN if it never was.
+    fn seconds_since_fresh(&self, table: TableId) -> f64 {
+        match self.state[table.0 as usize]
+            .fresh_as_of_ms
+            .load(Ordering::Acquire)
+        {
+            u64::MAX => f64::NAN,
+            ms => (self.origin.elapsed().as_millis() as u64).saturating_sub(ms) as f64 / 1000.0,
+        }
+    }
+
     fn fresh_as_of(&self, table: TableId, at: Option<Instant>) {
         // A proof older than the origin is older than the bound: as good as none.
         let ms = at
@@ -500,6 +511,17 @@ pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
             c.tables
                 .iter()
                 .map(move |t| (t.name.as_str(), u8::from(c.must_bypass(t.id))))
+        }),
+    );
+    out.by_label(
+        "ddbcached_api_cache_seconds_since_fresh",
+        Kind::Gauge,
+        "Seconds since every change of a table was last proven applied to the DynamoDB API's cache (NaN: never).",
+        "table",
+        cache.into_iter().flat_map(|c| {
+            c.tables
+                .iter()
+                .map(move |t| (t.name.as_str(), c.seconds_since_fresh(t.id)))
         }),
     );
     out.single(

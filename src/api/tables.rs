@@ -1,7 +1,8 @@
 //! The tables the DynamoDB API front caches (`dynamodb_api.tables`), as DynamoDB
 //! describes them at start: their keys, their indexes, and whether their stream carries
 //! what the cache needs. A named table without a stream is refused: its changes made
-//! elsewhere could never be seen.
+//! elsewhere could never be seen. `["*"]` stands for every table that has a stream when
+//! the daemon starts.
 
 use std::collections::HashMap;
 
@@ -47,28 +48,50 @@ pub enum TableError {
     Describe { table: String, reason: String },
 }
 
-/// Describes every table in `names`, in order.
+/// What `dynamodb_api.tables` holds for every table that has a stream.
+pub const EVERY_TABLE: &str = "*";
+
+/// Describes every table in `names`, in order; for `["*"]`, every table of the account
+/// and region that has a stream.
 pub async fn describe(
     client: &aws_sdk_dynamodb::Client,
     names: &[String],
 ) -> Result<Vec<ApiTable>, TableError> {
+    let every = names == [EVERY_TABLE];
+    let names = if every {
+        list(client).await?
+    } else {
+        names.to_vec()
+    };
     let mut tables = Vec::with_capacity(names.len());
-    for (i, name) in names.iter().enumerate() {
+    for name in &names {
         let fail = |reason: String| TableError::Describe {
             table: name.clone(),
             reason,
         };
-        let out = client
-            .describe_table()
-            .table_name(name)
-            .send()
-            .await
-            .map_err(|e| fail(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string()))?;
+        let out = match client.describe_table().table_name(name).send().await {
+            Ok(out) => out,
+            // Listed a moment ago, gone since.
+            Err(e)
+                if every
+                    && e.as_service_error()
+                        .is_some_and(|e| e.is_resource_not_found_exception()) =>
+            {
+                continue
+            }
+            Err(e) => {
+                return Err(fail(
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string(),
+                ))
+            }
+        };
         let t = out.table.ok_or_else(|| fail("no description".into()))?;
-        let stream = t
-            .stream_specification()
-            .filter(|s| s.stream_enabled())
-            .ok_or_else(|| TableError::NoStream(name.clone()))?;
+        let stream = match t.stream_specification().filter(|s| s.stream_enabled()) {
+            Some(stream) => stream,
+            // Its changes made elsewhere could not be seen: it passes through.
+            None if every => continue,
+            None => return Err(TableError::NoStream(name.clone())),
+        };
         let key = schema(t.key_schema()).ok_or_else(|| fail("no partition key".into()))?;
         let mut global = HashMap::new();
         for g in t.global_secondary_indexes() {
@@ -84,7 +107,7 @@ pub async fn describe(
             );
         }
         tables.push(ApiTable {
-            id: TableId(i as u16),
+            id: TableId(tables.len() as u16),
             name: name.clone(),
             key,
             local: t
@@ -97,6 +120,28 @@ pub async fn describe(
         });
     }
     Ok(tables)
+}
+
+/// Every table's name, page by page.
+async fn list(client: &aws_sdk_dynamodb::Client) -> Result<Vec<String>, TableError> {
+    let mut names = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = client
+            .list_tables()
+            .set_exclusive_start_table_name(after)
+            .send()
+            .await
+            .map_err(|e| TableError::Describe {
+                table: EVERY_TABLE.into(),
+                reason: aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string(),
+            })?;
+        names.extend(page.table_names.unwrap_or_default());
+        match page.last_evaluated_table_name {
+            Some(last) => after = Some(last),
+            None => return Ok(names),
+        }
+    }
 }
 
 fn schema(elements: &[KeySchemaElement]) -> Option<KeySchema> {
