@@ -47,8 +47,9 @@ async fn consistent_get(
         .item
 }
 
-/// A table of the test's own (partition key `pk` S, sort key `sk` N), made directly.
-async fn table(direct: &Client) -> String {
+/// A table of the test's own (partition key `pk` S, sort key `sk` N), made directly,
+/// without a stream.
+pub(crate) async fn table(direct: &Client) -> String {
     let table: String = format!("api-{}", name()).chars().take(60).collect();
     direct
         .create_table()

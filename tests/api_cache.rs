@@ -231,6 +231,23 @@ pub(crate) fn sorted(mut items: Vec<Item>) -> Vec<Item> {
     items
 }
 
+/// The partition `p` and the red and blue index partitions, through the front and as
+/// DynamoDB answers them now.
+async fn queries_answer_as_dynamodb_does(api: &Client, direct: &Client, t: &str, label: &str) {
+    assert_eq!(
+        run(partition(api, t, "p")).await,
+        truth(partition(direct, t, "p"), false).await,
+        "{label}: partition"
+    );
+    for color in ["red", "blue"] {
+        assert_eq!(
+            run(by_color(api, t, color)).await,
+            truth(by_color(direct, t, color), true).await,
+            "{label}: {color} index partition"
+        );
+    }
+}
+
 async fn batch(c: &Client, table: &str, keys: &[Item]) -> Vec<Item> {
     let out = c
         .batch_get_item()
@@ -431,18 +448,7 @@ async fn writes_through_the_api_are_read_back_at_once() {
                     "{label}: item {sk}"
                 );
             }
-            assert_eq!(
-                run(partition(&api, &t, "p")).await,
-                truth(partition(&direct, &t, "p"), false).await,
-                "{label}: partition"
-            );
-            for color in ["red", "blue"] {
-                assert_eq!(
-                    run(by_color(&api, &t, color)).await,
-                    truth(by_color(&direct, &t, color), true).await,
-                    "{label}: {color} index partition"
-                );
-            }
+            queries_answer_as_dynamodb_does(&api, &direct, &t, label).await;
         }
     };
     check("filled").await;
@@ -593,18 +599,7 @@ async fn writes_around_the_daemon_are_seen_within_the_bound() {
                 ),
                 "{label}: batch"
             );
-            assert_eq!(
-                run(partition(&api, &t, "p")).await,
-                truth(partition(&direct, &t, "p"), false).await,
-                "{label}: partition"
-            );
-            for color in ["red", "blue"] {
-                assert_eq!(
-                    run(by_color(&api, &t, color)).await,
-                    truth(by_color(&direct, &t, color), true).await,
-                    "{label}: {color}"
-                );
-            }
+            queries_answer_as_dynamodb_does(&api, &direct, &t, label).await;
         }
     };
     // Settled, then read (and so cached) through the front.
@@ -692,16 +687,7 @@ async fn a_fill_that_raced_a_write_is_never_kept() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_without_a_stream_is_refused_at_start_by_name() {
     let direct = sdk_client(endpoint()).await;
-    let t: String = format!("nostream-{}", name()).chars().take(60).collect();
-    direct
-        .create_table()
-        .table_name(&t)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attribute("pk", ScalarAttributeType::S))
-        .key_schema(key_part("pk", KeyType::Hash))
-        .send()
-        .await
-        .unwrap();
+    let t = crate::api::table(&direct).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = crate::harness::dynamo_config(endpoint());
     config.server.socket_path = dir.path().join("d.sock");
@@ -725,18 +711,7 @@ async fn every_table_with_a_stream_is_cached_under_a_star() {
     let local = crate::harness::OwnLocal::start_in_memory().await;
     let direct = sdk_client(&local.endpoint).await;
     let streamed = cached_table(&direct).await;
-    let plain: String = format!("plain-{}", name()).chars().take(60).collect();
-    direct
-        .create_table()
-        .table_name(&plain)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attribute("pk", ScalarAttributeType::S))
-        .attribute_definitions(attribute("sk", ScalarAttributeType::N))
-        .key_schema(key_part("pk", KeyType::Hash))
-        .key_schema(key_part("sk", KeyType::Range))
-        .send()
-        .await
-        .unwrap();
+    let plain = crate::api::table(&direct).await;
     let d = Daemon::start_with(|c| {
         c.dynamodb.endpoint = local.endpoint.clone();
         c.dynamodb_api.listen = "127.0.0.1:0".into();
