@@ -27,14 +27,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::cache::{Cache, CacheKey, Cached};
+use crate::freshness::{Freshness, Judged};
 use crate::metrics::{Exposition, Kind};
 use crate::store::StoreTable;
 use crate::stream::change::{digest, Change, Digest};
@@ -56,11 +56,8 @@ pub enum ItemKey {
 /// The coherence of one daemon's cache with the tables.
 pub struct Coherence {
     cache: Arc<Cache>,
-    clock: Instant,
-    max_staleness_ms: u64,
-    /// Per table: ms (on `clock`) before which every change is applied; `u64::MAX`: never.
-    fresh_as_of_ms: [AtomicU64; 2],
-    bypassing: [AtomicBool; 2],
+    /// Per table (by [`StoreTable`]).
+    freshness: Freshness,
     echoes: Mutex<Echoes>,
     /// Where the visibility lag of own writes is recorded.
     lag: metrics::Histogram,
@@ -102,22 +99,11 @@ impl Coherence {
     pub fn new(cache: Arc<Cache>, max_staleness_ms: u64, lag: metrics::Histogram) -> Coherence {
         Coherence {
             cache,
-            // Set back by the bound, so that any proof still within it can be represented
-            // (one older than the origin is stale anyway).
-            clock: Instant::now()
-                .checked_sub(Duration::from_millis(max_staleness_ms))
-                .unwrap_or_else(Instant::now),
-            max_staleness_ms,
-            fresh_as_of_ms: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
-            bypassing: [AtomicBool::new(true), AtomicBool::new(true)],
+            freshness: Freshness::new(StoreTable::ALL.len(), max_staleness_ms),
             echoes: Mutex::default(),
             lag,
             stats: Stats::default(),
         }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.clock.elapsed().as_millis() as u64
     }
 
     /// Whether reads of `table` must bypass the cache: nobody has proven it fresh within
@@ -130,17 +116,13 @@ impl Coherence {
     /// (earlier than now) is safe, since they began no later. A connection answers a
     /// batch of reads with one clock read.
     pub fn must_bypass_at(&self, table: StoreTable, at: Instant) -> bool {
-        let fresh_as_of = self.fresh_as_of_ms[table as usize].load(Ordering::Acquire);
-        let at_ms = at.saturating_duration_since(self.clock).as_millis() as u64;
-        let stale =
-            fresh_as_of == u64::MAX || at_ms.saturating_sub(fresh_as_of) > self.max_staleness_ms;
-        let flag = &self.bypassing[table as usize];
-        if flag.load(Ordering::Relaxed) != stale && flag.swap(stale, Ordering::Relaxed) != stale {
+        let Judged { stale, switched } = self.freshness.judge(table as usize, at);
+        if switched {
             self.stats.bypass_switches.fetch_add(1, Ordering::Relaxed);
             if stale {
                 tracing::warn!(
                     table = table.name(),
-                    max_staleness_ms = self.max_staleness_ms,
+                    max_staleness_ms = self.freshness.max_staleness_ms(),
                     "stream tailer is behind: reads bypass the cache"
                 );
             } else {
@@ -275,11 +257,7 @@ impl Coherence {
 
     /// Every change of `table` made before `as_of` has been applied (`None`: not proven).
     pub fn fresh_as_of(&self, table: StoreTable, as_of: Option<Instant>) {
-        // A proof older than this module's clock (set back by the bound) is stale anyway.
-        let ms = as_of
-            .and_then(|at| at.checked_duration_since(self.clock))
-            .map_or(u64::MAX, |since| since.as_millis() as u64);
-        self.fresh_as_of_ms[table as usize].store(ms, Ordering::Release);
+        self.freshness.set(table as usize, as_of);
     }
 
     /// Writes the counters into a scrape. Whether each table bypasses is judged now, not
@@ -331,16 +309,12 @@ impl Coherence {
     pub fn snapshot(&self) -> CoherenceSnapshot {
         let s = &self.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let now = self.now_ms();
         CoherenceSnapshot {
             invalidations: [0, 1].map(|t| load(&s.invalidations[t])),
             flushes: FlushCause::ALL.map(|c| load(&s.flushes[c as usize])),
             bypass_switches: load(&s.bypass_switches),
-            bypassing: [0, 1].map(|t| self.bypassing[t].load(Ordering::Relaxed)),
-            seconds_since_caught_up: [0, 1].map(|t| match load(&self.fresh_as_of_ms[t]) {
-                u64::MAX => None,
-                at => Some(now.saturating_sub(at) as f64 / 1000.0),
-            }),
+            bypassing: [0, 1].map(|t| self.freshness.bypassing(t)),
+            seconds_since_caught_up: [0, 1].map(|t| self.freshness.seconds_since(t)),
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod config;
 pub mod connection;
 pub mod daemon;
 pub mod fleet;
+pub mod freshness;
 pub mod http;
 pub mod locks;
 pub mod metrics;

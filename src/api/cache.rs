@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::keys;
 use super::tables::{ApiTable, TableId};
+use crate::freshness::Freshness;
 use crate::metrics::{Exposition, Kind};
 use crate::stream::api::Record;
 use crate::stream::sink::{Seen, Sink, SinkError};
@@ -158,9 +159,6 @@ pub struct Ticket {
 struct TableState {
     flushed: AtomicU64,
     written_through: AtomicU64,
-    /// Ms on the cache's clock before which every change is applied; `u64::MAX`: never.
-    fresh_as_of_ms: AtomicU64,
-    bypassing: AtomicBool,
     reads: [[AtomicU64; Served::ALL.len()]; Read::ALL.len()],
     /// Read units saved, in thousandths.
     saved_milli: AtomicU64,
@@ -177,13 +175,13 @@ pub struct ApiCache {
     stamps: Box<[AtomicU64]>,
     hasher: RandomState,
     entries: moka::sync::Cache<EntryKey, Arc<Entry>>,
-    origin: Instant,
-    max_staleness: Duration,
+    /// Per table, by [`TableId`].
+    freshness: Freshness,
 }
 
 impl ApiCache {
     pub fn new(tables: Vec<ApiTable>, max_staleness_ms: u64, max_bytes: u64) -> ApiCache {
-        let max_staleness = Duration::from_millis(max_staleness_ms);
+        let tables_len = tables.len();
         ApiCache {
             by_name: tables.iter().map(|t| (t.name.clone(), t.id)).collect(),
             state: tables
@@ -191,8 +189,6 @@ impl ApiCache {
                 .map(|_| TableState {
                     flushed: AtomicU64::new(0),
                     written_through: AtomicU64::new(0),
-                    fresh_as_of_ms: AtomicU64::new(u64::MAX),
-                    bypassing: AtomicBool::new(true),
                     reads: Default::default(),
                     saved_milli: AtomicU64::new(0),
                     invalidations: AtomicU64::new(0),
@@ -211,11 +207,7 @@ impl ApiCache {
                         .unwrap_or(u32::MAX)
                 })
                 .build(),
-            // Set back by the bound, so that any proof within it can be represented.
-            origin: Instant::now()
-                .checked_sub(max_staleness)
-                .unwrap_or_else(Instant::now),
-            max_staleness,
+            freshness: Freshness::new(tables_len, max_staleness_ms),
         }
     }
 
@@ -342,7 +334,8 @@ impl ApiCache {
             stamp: ticket.stamp,
             table: t,
             slots,
-            expires: global.then(|| Instant::now() + self.max_staleness),
+            expires: global
+                .then(|| Instant::now() + Duration::from_millis(self.freshness.max_staleness_ms())),
             body,
             units,
         };
@@ -381,43 +374,16 @@ impl ApiCache {
     /// Whether reads of `table` must bypass the cache: nobody has proven it fresh within
     /// the staleness bound. Logs each switch.
     pub fn must_bypass(&self, table: TableId) -> bool {
-        let s = &self.state[table.0 as usize];
-        let fresh_as_of = s.fresh_as_of_ms.load(Ordering::Acquire);
-        let now_ms = self.origin.elapsed().as_millis() as u64;
-        let stale = fresh_as_of == u64::MAX
-            || now_ms.saturating_sub(fresh_as_of) > self.max_staleness.as_millis() as u64;
-        if s.bypassing.load(Ordering::Relaxed) != stale
-            && s.bypassing.swap(stale, Ordering::Relaxed) != stale
-        {
+        let judged = self.freshness.judge(table.0 as usize, Instant::now());
+        if judged.switched {
             let name = &self.tables[table.0 as usize].name;
-            if stale {
+            if judged.stale {
                 tracing::warn!(table = %name, "stream tailer is behind: DynamoDB API reads bypass the cache");
             } else {
                 tracing::info!(table = %name, "stream tailer caught up: DynamoDB API reads use the cache");
             }
         }
-        stale
-    }
-
-    /// Seconds since `table` was last proven fresh; NaN if it never was.
-    fn seconds_since_fresh(&self, table: TableId) -> f64 {
-        match self.state[table.0 as usize]
-            .fresh_as_of_ms
-            .load(Ordering::Acquire)
-        {
-            u64::MAX => f64::NAN,
-            ms => (self.origin.elapsed().as_millis() as u64).saturating_sub(ms) as f64 / 1000.0,
-        }
-    }
-
-    fn fresh_as_of(&self, table: TableId, at: Option<Instant>) {
-        // A proof older than the origin is older than the bound: as good as none.
-        let ms = at
-            .and_then(|at| at.checked_duration_since(self.origin))
-            .map_or(u64::MAX, |d| d.as_millis() as u64);
-        self.state[table.0 as usize]
-            .fresh_as_of_ms
-            .store(ms, Ordering::Release);
+        judged.stale
     }
 
     /// Applies one stream record: its item, its partition and the global index
@@ -521,7 +487,10 @@ pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
         cache.into_iter().flat_map(|c| {
             c.tables
                 .iter()
-                .map(move |t| (t.name.as_str(), c.seconds_since_fresh(t.id)))
+                .map(move |t| {
+                    let since = c.freshness.seconds_since(t.id.0 as usize);
+                    (t.name.as_str(), since.unwrap_or(f64::NAN))
+                })
         }),
     );
     out.single(
@@ -545,7 +514,7 @@ impl Sink for ApiCache {
             }
             Seen::ShardEnded { .. } => {}
             Seen::ContinuityLost(_) => self.flush(table),
-            Seen::CaughtUp(at) => self.fresh_as_of(table, at),
+            Seen::CaughtUp(at) => self.freshness.set(table.0 as usize, at),
         }
         Ok(())
     }
@@ -706,18 +675,16 @@ mod tests {
         assert!(c.get(&green).is_none());
     }
 
-    #[test]
-    fn reads_bypass_until_freshness_is_proven_and_again_once_it_is_old() {
+    #[tokio::test]
+    async fn the_tailers_proofs_decide_whether_reads_bypass() {
         let c = cache();
         assert!(c.must_bypass(TableId(0)));
-        c.fresh_as_of(TableId(0), Some(Instant::now()));
+        let proof = |at| Seen::CaughtUp(at);
+        c.accept(TableId(0), proof(Some(Instant::now())))
+            .await
+            .unwrap();
         assert!(!c.must_bypass(TableId(0)));
-        c.fresh_as_of(
-            TableId(0),
-            Instant::now().checked_sub(Duration::from_secs(61)),
-        );
-        assert!(c.must_bypass(TableId(0)));
-        c.fresh_as_of(TableId(0), None);
+        c.accept(TableId(0), proof(None)).await.unwrap();
         assert!(c.must_bypass(TableId(0)));
     }
 }
