@@ -162,12 +162,12 @@ fn units_of(consumed: Option<&Value>) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `object` with `fields` removed, as canonical text (object keys sorted).
+/// `object` with `fields` removed, as canonical text (object keys sorted, as the map
+/// keeps them), written without copying the request.
 fn canonical_without(object: &Object, fields: &[&str]) -> Vec<u8> {
-    let rest: Object = object
+    let rest: std::collections::BTreeMap<&String, &Value> = object
         .iter()
         .filter(|(k, _)| !fields.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     serde_json::to_vec(&rest).expect("JSON values serialize")
 }
