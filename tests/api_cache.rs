@@ -231,9 +231,16 @@ pub(crate) fn sorted(mut items: Vec<Item>) -> Vec<Item> {
     items
 }
 
-/// The partition `p` and the red and blue index partitions, through the front and as
-/// DynamoDB answers them now.
-async fn queries_answer_as_dynamodb_does(api: &Client, direct: &Client, t: &str, label: &str) {
+/// Items `p`/1..3, the partition `p` and the red and blue index partitions, through the
+/// front and as DynamoDB answers them now.
+async fn reads_answer_as_dynamodb_does(api: &Client, direct: &Client, t: &str, label: &str) {
+    for sk in ["1", "2", "3"] {
+        assert_eq!(
+            get(api, t, key("p", sk)).await,
+            consistent_get(direct, t, key("p", sk)).await,
+            "{label}: item {sk}"
+        );
+    }
     assert_eq!(
         run(partition(api, t, "p")).await,
         truth(partition(direct, t, "p"), false).await,
@@ -438,23 +445,10 @@ async fn writes_through_the_api_are_read_back_at_once() {
 
     // Each write through the front, then the reads it touched: equal to DynamoDB's
     // consistent answers at once, though each was cached just before.
-    let check = |label: &'static str| {
-        let (api, direct, t) = (api.clone(), direct.clone(), t.clone());
-        async move {
-            for sk in ["1", "2", "3"] {
-                assert_eq!(
-                    get(&api, &t, key("p", sk)).await,
-                    consistent_get(&direct, &t, key("p", sk)).await,
-                    "{label}: item {sk}"
-                );
-            }
-            queries_answer_as_dynamodb_does(&api, &direct, &t, label).await;
-        }
-    };
-    check("filled").await;
+    reads_answer_as_dynamodb_does(&api, &direct, &t, "filled").await;
     // Written under other spellings of the key read as `1`: one item.
     put(&api, &t, rich("p", "1.0", "blue", "2")).await;
-    check("PutItem").await;
+    reads_answer_as_dynamodb_does(&api, &direct, &t, "PutItem").await;
     api.update_item()
         .table_name(&t)
         .set_key(Some(key("p", "10E-1")))
@@ -464,7 +458,7 @@ async fn writes_through_the_api_are_read_back_at_once() {
         .send()
         .await
         .unwrap();
-    check("UpdateItem").await;
+    reads_answer_as_dynamodb_does(&api, &direct, &t, "UpdateItem").await;
     api.batch_write_item()
         .request_items(
             &t,
@@ -485,7 +479,7 @@ async fn writes_through_the_api_are_read_back_at_once() {
         .send()
         .await
         .unwrap();
-    check("BatchWriteItem").await;
+    reads_answer_as_dynamodb_does(&api, &direct, &t, "BatchWriteItem").await;
     api.transact_write_items()
         .transact_items(
             TransactWriteItem::builder()
@@ -503,7 +497,7 @@ async fn writes_through_the_api_are_read_back_at_once() {
         .send()
         .await
         .unwrap();
-    check("TransactWriteItems").await;
+    reads_answer_as_dynamodb_does(&api, &direct, &t, "TransactWriteItems").await;
     api.execute_statement()
         .statement(format!(
             "UPDATE \"{t}\" SET color = 'blue' WHERE pk = 'p' AND sk = 3"
@@ -511,14 +505,14 @@ async fn writes_through_the_api_are_read_back_at_once() {
         .send()
         .await
         .unwrap();
-    check("ExecuteStatement").await;
+    reads_answer_as_dynamodb_does(&api, &direct, &t, "ExecuteStatement").await;
     api.delete_item()
         .table_name(&t)
         .set_key(Some(key("p", "1")))
         .send()
         .await
         .unwrap();
-    check("DeleteItem").await;
+    reads_answer_as_dynamodb_does(&api, &direct, &t, "DeleteItem").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -576,13 +570,6 @@ async fn writes_around_the_daemon_are_seen_within_the_bound() {
     let reads = |label: &'static str| {
         let (api, direct, t) = (api.clone(), direct.clone(), t.clone());
         async move {
-            for sk in ["1", "2", "3"] {
-                assert_eq!(
-                    get(&api, &t, key("p", sk)).await,
-                    consistent_get(&direct, &t, key("p", sk)).await,
-                    "{label}: item {sk}"
-                );
-            }
             let keys = [key("p", "1"), key("p", "2"), key("p", "3")];
             assert_eq!(
                 batch(&api, &t, &keys).await,
@@ -599,7 +586,7 @@ async fn writes_around_the_daemon_are_seen_within_the_bound() {
                 ),
                 "{label}: batch"
             );
-            queries_answer_as_dynamodb_does(&api, &direct, &t, label).await;
+            reads_answer_as_dynamodb_does(&api, &direct, &t, label).await;
         }
     };
     // Settled, then read (and so cached) through the front.
