@@ -3,6 +3,8 @@
 //! bytes for the same item, so `7`, `7.0` and `7e0` are one key and a change read from
 //! the stream finds what a request cached.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::stream::api::{Attr, Image};
@@ -18,7 +20,7 @@ pub struct KeySchema {
 enum Scalar<'a> {
     S(&'a str),
     N(String),
-    B(Vec<u8>),
+    B(Cow<'a, [u8]>),
 }
 
 impl Scalar<'_> {
@@ -43,7 +45,9 @@ fn scalar_of_json(value: &Value) -> Option<Scalar<'_>> {
     match kind.as_str() {
         "S" => Some(Scalar::S(v)),
         "N" => canonical_number(v).map(Scalar::N),
-        "B" => aws_smithy_types::base64::decode(v).ok().map(Scalar::B),
+        "B" => aws_smithy_types::base64::decode(v)
+            .ok()
+            .map(|b| Scalar::B(Cow::Owned(b))),
         _ => None,
     }
 }
@@ -52,59 +56,56 @@ fn scalar_of_attr(value: &Attr) -> Option<Scalar<'_>> {
     match value {
         Attr::S(s) => Some(Scalar::S(s)),
         Attr::N(n) => canonical_number(n).map(Scalar::N),
-        Attr::B(b) => Some(Scalar::B(b.to_vec())),
+        Attr::B(b) => Some(Scalar::B(Cow::Borrowed(b))),
         Attr::Other => None,
     }
+}
+
+/// The encodings of `parts`, one after the other; `None` if one is missing.
+fn encode<'a>(parts: impl IntoIterator<Item = Option<Scalar<'a>>>) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(64);
+    for part in parts {
+        part?.encode(&mut out);
+    }
+    Some(out)
+}
+
+/// The key `schema` names, each attribute's value read by `scalar`.
+fn key_of<'a>(schema: &KeySchema, scalar: impl Fn(&str) -> Option<Scalar<'a>>) -> Option<Vec<u8>> {
+    let sort = schema.sort.as_deref().map(&scalar);
+    encode(std::iter::once(scalar(&schema.partition)).chain(sort))
 }
 
 /// The canonical bytes of the key `schema` names in `item` (a request's `Key`, or a
 /// whole item: other attributes are ignored). `None` if a key attribute is missing or
 /// not a valid key value.
 pub fn of_json(schema: &KeySchema, item: &Map<String, Value>) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(64);
-    scalar_of_json(item.get(&schema.partition)?)?.encode(&mut out);
-    if let Some(sort) = &schema.sort {
-        scalar_of_json(item.get(sort)?)?.encode(&mut out);
-    }
-    Some(out)
-}
-
-/// The canonical bytes of the partition key alone, from a request's value.
-pub fn partition_of_json(value: &Value) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(32);
-    scalar_of_json(value)?.encode(&mut out);
-    Some(out)
-}
-
-/// The canonical bytes of a binary partition key.
-pub fn partition_of_bytes(value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + value.len());
-    Scalar::B(value.to_vec()).encode(&mut out);
-    out
-}
-
-/// The canonical bytes of a string partition key.
-pub fn partition_of_str(value: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + value.len());
-    Scalar::S(value).encode(&mut out);
-    out
+    key_of(schema, |attr| scalar_of_json(item.get(attr)?))
 }
 
 /// [`of_json`] for a stream record's image.
 pub fn of_image(schema: &KeySchema, image: &Image) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(64);
-    scalar_of_attr(image.get(&schema.partition)?)?.encode(&mut out);
-    if let Some(sort) = &schema.sort {
-        scalar_of_attr(image.get(sort)?)?.encode(&mut out);
-    }
-    Some(out)
+    key_of(schema, |attr| scalar_of_attr(image.get(attr)?))
+}
+
+/// The canonical bytes of the partition key alone, from a request's value.
+pub fn partition_of_json(value: &Value) -> Option<Vec<u8>> {
+    encode([scalar_of_json(value)])
 }
 
 /// The canonical bytes of the partition key `schema` names in a stream image.
 pub fn partition_of_image(schema: &KeySchema, image: &Image) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(32);
-    scalar_of_attr(image.get(&schema.partition)?)?.encode(&mut out);
-    Some(out)
+    encode([image.get(&schema.partition).and_then(scalar_of_attr)])
+}
+
+/// The canonical bytes of a binary partition key.
+pub fn partition_of_bytes(value: &[u8]) -> Vec<u8> {
+    encode([Some(Scalar::B(Cow::Borrowed(value)))]).expect("one part, present")
+}
+
+/// The canonical bytes of a string partition key.
+pub fn partition_of_str(value: &str) -> Vec<u8> {
+    encode([Some(Scalar::S(value))]).expect("one part, present")
 }
 
 /// A number in one spelling per value: significant digits without leading or trailing
