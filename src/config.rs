@@ -222,10 +222,11 @@ impl StreamsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FleetConfig {
-    /// `redis://host:port`, `rediss://host:port` (TLS) or `unix:///path`; empty: no
-    /// fleet, this daemon
-    /// reads the streams itself (for one or two daemons per table). Credentials belong in
-    /// the environment (`DDBCACHED_FLEET_REDIS_URL`), not in this file.
+    /// `redis://host:port`, `rediss://host:port` (TLS) or `unix:///path`; a Redis
+    /// Cluster: `redis+cluster://host:port,host:port` (seed nodes; `rediss+cluster://`
+    /// with TLS). Empty: no fleet, this daemon reads the streams itself (for one or two
+    /// daemons per table). Credentials belong in the environment
+    /// (`DDBCACHED_FLEET_REDIS_URL`), not in this file.
     pub redis_url: String,
     /// Daemons reading each table's stream at once: 2 for single-Region tables, 1 for
     /// global tables or tables with another stream consumer (a Lambda trigger).
@@ -532,10 +533,17 @@ impl Config {
             "fleet.redis_url",
             redacted(&f.redis_url),
             f.redis_url.is_empty()
-                || ["redis://", "rediss://", "unix://"]
-                    .iter()
-                    .any(|scheme| f.redis_url.starts_with(scheme)),
-            "must be empty or start with redis://, rediss:// or unix://",
+                || [
+                    "redis://",
+                    "rediss://",
+                    "unix://",
+                    "redis+cluster://",
+                    "rediss+cluster://",
+                ]
+                .iter()
+                .any(|scheme| f.redis_url.starts_with(scheme)),
+            "must be empty or start with redis://, rediss://, unix://, redis+cluster:// or \
+             rediss+cluster://",
         )?;
         check(
             "fleet.relay_slots",

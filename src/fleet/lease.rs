@@ -56,6 +56,11 @@ impl Leases {
         Leases { client, table }
     }
 
+    /// The lease table's name, which also names the fleet.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
     /// The lease as it stands (strongly consistent), if it exists.
     pub async fn read(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         let out = self

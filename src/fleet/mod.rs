@@ -204,7 +204,10 @@ pub async fn start(
     let redis = Redis::open(&parts.fleet.redis_url, &parts.fleet.tls_ca_file)?;
     let codec = Codec::new(&parts.fleet.auth_key);
     let stats = parts.stats;
-    let keys = parts.tables.clone().map(|t| stream_key(&t));
+    let keys = parts
+        .tables
+        .clone()
+        .map(|t| stream_key(parts.leases.table(), &t));
     let consuming = Arc::new(consumer::Consuming {
         me: me.clone(),
         redis: redis.clone(),
@@ -243,6 +246,7 @@ pub async fn start(
                 relaying.clone(),
                 t,
                 parts.tables[t as usize].clone(),
+                keys[t as usize].clone(),
                 stop.clone(),
             ));
         }

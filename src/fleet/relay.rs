@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::entry::{wall_ms, Codec, Entry, Event, Fact};
 use super::lease::{lease_id, Lease, Leases};
-use super::transport::{stream_key, Connection, Redis};
+use super::transport::{Connection, Redis};
 use super::FleetStats;
 use crate::config::{FleetConfig, StreamsConfig};
 use crate::store::StoreTable;
@@ -194,11 +194,13 @@ pub struct Relaying {
     pub stats: Arc<FleetStats>,
 }
 
-/// Competes for one of `table`'s slots until `shutdown`, relaying while it holds one.
+/// Competes for one of `table`'s slots until `shutdown`, relaying to the Redis stream
+/// `key` while it holds one.
 pub async fn run(
     ctx: Arc<Relaying>,
     table: StoreTable,
     table_name: String,
+    key: String,
     shutdown: CancellationToken,
 ) {
     let period = ctx.fleet.lease() / 3;
@@ -209,7 +211,7 @@ pub async fn run(
             ctx.stats.lease_changes.fetch_add(1, Ordering::Relaxed);
             tracing::info!(table = %table_name, lease = %lease.id, epoch = lease.epoch, "relay lease taken");
             ctx.stats.leases_held[table as usize].fetch_add(1, Ordering::Relaxed);
-            hold(&ctx, table, &table_name, lease, &shutdown).await;
+            hold(&ctx, table, &table_name, &key, lease, &shutdown).await;
             ctx.stats.leases_held[table as usize].fetch_sub(1, Ordering::Relaxed);
             ctx.stats.lease_changes.fetch_add(1, Ordering::Relaxed);
             observed.clear();
@@ -263,6 +265,7 @@ async fn hold(
     ctx: &Relaying,
     table: StoreTable,
     table_name: &str,
+    key: &str,
     mut lease: Lease,
     shutdown: &CancellationToken,
 ) {
@@ -283,7 +286,7 @@ async fn hold(
     let publisher = Arc::new(Publisher {
         redis: ctx.redis.clone(),
         connection: tokio::sync::Mutex::new(None),
-        key: stream_key(table_name),
+        key: key.to_owned(),
         relay: ctx.me.clone(),
         epoch: lease.epoch,
         table,

@@ -1,6 +1,7 @@
 //! Fleet mode on real parts: DynamoDB Local, a real `redis-server`, and daemon processes
 //! on tables of their own (so that their leases and streams are theirs alone).
 
+mod cluster;
 mod prometheus;
 mod redis_faults;
 mod relays;
@@ -30,7 +31,8 @@ use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{
-    dynamo_config, dynamodb_toml, endpoint, free_port, http_get, name, spawn_daemon, RedisServer,
+    dynamo_config, dynamodb_toml, endpoint, free_port, http_get, name, spawn_daemon, RedisCluster,
+    RedisServer,
 };
 use crate::ops::{collect_exprs, samples};
 
@@ -40,11 +42,54 @@ const BOUND: Duration = Duration::from_millis(2000);
 /// DynamoDB Local and Redis ten times slower than usual; past the bound, reads bypass.
 const CONVERGENCE: Duration = Duration::from_secs(60);
 
+/// The Redis a fleet shares: one server, or a cluster.
+trait SharedRedis {
+    fn url(&self) -> String;
+    /// The authority to trust (empty without TLS).
+    fn ca_file(&self) -> String;
+    /// Bytes sent to clients so far (`INFO stats`), summed over the nodes.
+    async fn output_bytes(&self) -> u64;
+}
+
+impl SharedRedis for RedisServer {
+    fn url(&self) -> String {
+        RedisServer::url(self)
+    }
+    fn ca_file(&self) -> String {
+        RedisServer::ca_file(self)
+    }
+    async fn output_bytes(&self) -> u64 {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl SharedRedis for RedisCluster {
+    fn url(&self) -> String {
+        RedisCluster::url(self)
+    }
+    fn ca_file(&self) -> String {
+        String::new()
+    }
+    async fn output_bytes(&self) -> u64 {
+        RedisCluster::output_bytes(self).await
+    }
+}
+
 /// Fleet daemons sharing tables of their own and one Redis.
-struct Fleet {
+struct Fleet<R = RedisServer> {
     // Dropped in this order: the daemons before their Redis.
     members: Vec<Member>,
-    redis: RedisServer,
+    redis: R,
     config: Config,
     dir: tempfile::TempDir,
 }
@@ -65,8 +110,16 @@ impl Fleet {
         Fleet::start_on(RedisServer::start().await, n, extra).await
     }
 
+    /// A fresh fleet of `n` daemons in which key `k` holds `v1` and every daemon has
+    /// read it: the clients and the namespace.
+    async fn with_cached_key(n: usize, extra: &str) -> (Fleet, Vec<Client>, String) {
+        Fleet::with_cached_key_on(RedisServer::start().await, n, extra).await
+    }
+}
+
+impl<R: SharedRedis> Fleet<R> {
     /// The same on a given Redis.
-    async fn start_on(redis: RedisServer, n: usize, extra: &str) -> Fleet {
+    async fn start_on(redis: R, n: usize, extra: &str) -> Fleet<R> {
         let mut config = dynamo_config(endpoint());
         // Short enough for DynamoDB's 255 characters with any suffix.
         let prefix: String = name().chars().take(24).collect();
@@ -89,10 +142,13 @@ impl Fleet {
         fleet
     }
 
-    /// A fresh fleet of `n` daemons in which key `k` holds `v1` and every daemon has
-    /// read it: the clients and the namespace.
-    async fn with_cached_key(n: usize, extra: &str) -> (Fleet, Vec<Client>, String) {
-        let fleet = Fleet::start(n, extra).await;
+    /// The same on a given Redis.
+    async fn with_cached_key_on(
+        redis: R,
+        n: usize,
+        extra: &str,
+    ) -> (Fleet<R>, Vec<Client>, String) {
+        let fleet = Fleet::start_on(redis, n, extra).await;
         fleet.wait_until_fresh().await;
         let clients = fleet.clients().await;
         let ns = name();
@@ -213,7 +269,7 @@ async fn seen_within_bound(c: &Client, ns: &str, key: &str, want: &str) -> Durat
     }
 }
 
-impl Fleet {
+impl<R: SharedRedis> Fleet<R> {
     /// Per daemon, the relay leases it holds on the key-value table (0 for one that
     /// does not answer).
     async fn kv_relays(&self) -> Vec<f64> {
@@ -273,8 +329,8 @@ impl Fleet {
 /// Writes `key` around every daemon to `new` (it held `old`), then reads it through every
 /// client until each sees `new`, failing if any read that began more than `BOUND` after
 /// the write returns `old`. Returns the longest time to see it.
-async fn write_around_and_watch(
-    fleet: &Fleet,
+async fn write_around_and_watch<R: SharedRedis>(
+    fleet: &Fleet<R>,
     clients: &[&Client],
     ns: &str,
     old: &str,
@@ -311,7 +367,7 @@ async fn write_around_and_watch(
     slowest
 }
 
-impl Fleet {
+impl<R: SharedRedis> Fleet<R> {
     async fn kv_relays_among(&self, of: &[usize]) -> bool {
         let held = self.kv_relays().await;
         of.iter().any(|&i| held[i] > 0.0)

@@ -101,7 +101,7 @@ async fn forged_and_garbled_entries_are_gaps_never_proofs() {
         .connect(None)
         .await
         .unwrap();
-    let kv = stream_key(&d.kv_table);
+    let kv = stream_key(&d.lease_table, &d.kv_table);
     let watermark = |n| Entry::Relay {
         relay: "forger".into(),
         epoch: 1,
@@ -162,8 +162,8 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     let redis = Redis::open(&redis_server.url(), "").unwrap();
     let table = format!("t{}", name().chars().take(12).collect::<String>());
     let keys = [
-        stream_key(&format!("{table}_kv")),
-        stream_key(&format!("{table}_log")),
+        stream_key(&table, &format!("{table}_kv")),
+        stream_key(&table, &format!("{table}_log")),
     ];
     let cache = Arc::new(Cache::new(&CacheConfig::default()));
     let coherence = Arc::new(Coherence::new(cache, 2000, metrics::Histogram::noop()));

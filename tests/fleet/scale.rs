@@ -16,21 +16,41 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() - 1) * p / 100]
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_bound() {
-    let hosts: usize = std::env::var("DDBCACHED_SIM_HOSTS")
+/// Hosts simulated: `DDBCACHED_SIM_HOSTS`, or `default`.
+fn hosts(default: usize) -> usize {
+    std::env::var("DDBCACHED_SIM_HOSTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(500);
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_bound() {
+    simulate(Fleet::start(2, "").await, hosts(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_simulated_fleet_on_a_redis_cluster_sees_every_write_within_the_bound() {
+    simulate(
+        Fleet::start_on(RedisCluster::start().await, 2, "").await,
+        hosts(100),
+    )
+    .await;
+}
+
+/// `hosts` simulated hosts beside `fleet`'s two real daemons (the relays, and the writers
+/// of half the writes): how soon each sees each write, and what a write costs.
+async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
     let writes = 20;
-    // Two real daemons: the relays, and the writers of half the writes.
-    let fleet = Fleet::start(2, "").await;
     fleet.wait_until_fresh().await;
     let clients = fleet.clients().await;
     let direct = fleet.direct_kv().await;
     let d = &fleet.config.dynamodb;
     let redis = Redis::open(&fleet.redis.url(), "").unwrap();
-    let keys = [stream_key(&d.kv_table), stream_key(&d.log_table)];
+    let keys = [
+        stream_key(&d.lease_table, &d.kv_table),
+        stream_key(&d.lease_table, &d.log_table),
+    ];
     let stop = CancellationToken::new();
     let mut sims = Vec::new();
     for h in 0..hosts {
@@ -144,7 +164,7 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
     let window = Duration::from_secs(3);
     let measure = async |load: bool| {
         let (egress, relay_cpu, consumer_cpu) = (
-            redis_output_bytes(&fleet.redis).await,
+            fleet.redis.output_bytes().await,
             cpu_seconds(relay_pid),
             cpu_seconds(std::process::id()),
         );
@@ -162,7 +182,7 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
         tokio::time::sleep(Duration::from_millis(500)).await;
         (
             n as f64,
-            (redis_output_bytes(&fleet.redis).await - egress) as f64,
+            (fleet.redis.output_bytes().await - egress) as f64,
             cpu_seconds(relay_pid) - relay_cpu,
             cpu_seconds(std::process::id()) - consumer_cpu,
         )
@@ -181,21 +201,6 @@ async fn a_simulated_fleet_of_hundreds_of_hosts_sees_every_write_within_the_boun
         per_write(consumer, idle_consumer) * 1e6 / hosts as f64,
     );
     stop.cancel();
-}
-
-/// Bytes Redis has sent to its clients so far.
-async fn redis_output_bytes(server: &RedisServer) -> u64 {
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
 }
 
 /// CPU seconds a process has used (user and system).

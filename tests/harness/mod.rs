@@ -10,6 +10,7 @@ mod names;
 mod proxy;
 mod raw;
 mod redis;
+mod redis_cluster;
 mod sdk;
 
 pub use daemon::{http_get, rss, spawn_daemon, Daemon};
@@ -18,6 +19,7 @@ pub use names::{key, name, value};
 pub use proxy::Proxy;
 pub use raw::{field, msgpack_map, Raw, Val};
 pub use redis::RedisServer;
+pub use redis_cluster::RedisCluster;
 pub use sdk::{api_url, attribute, key_part, n, s, sdk_client};
 
 /// A loopback port nobody listens on at the moment.

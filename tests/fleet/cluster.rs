@@ -1,0 +1,103 @@
+//! Fleet mode on a real Redis Cluster (three masters with a replica each): the master
+//! serving the fleet's slot killed and its replica promoted, the slot moved to another
+//! master while the fleet runs, the whole cluster restarted empty. Each time no read
+//! that began past the bound returns the old value (a daemon either keeps proving
+//! freshness or flushes and bypasses), and the fleet is fresh again afterwards.
+
+use super::*;
+
+impl Fleet<RedisCluster> {
+    /// A fleet of three on a cluster of its own, `k` cached everywhere, and the slot of
+    /// its streams.
+    async fn on_cluster() -> (Fleet<RedisCluster>, Vec<Client>, String, u16) {
+        let (fleet, clients, ns) =
+            Fleet::with_cached_key_on(RedisCluster::start().await, 3, "").await;
+        let d = &fleet.config.dynamodb;
+        let slot = fleet
+            .redis
+            .slot(&stream_key(&d.lease_table, &d.kv_table))
+            .await;
+        (fleet, clients, ns, slot)
+    }
+
+    /// How many entries the fleet's key-value stream holds, read through the daemon's
+    /// own cluster client.
+    async fn kv_stream_len(&self) -> usize {
+        let d = &self.config.dynamodb;
+        let mut c = Redis::open(&self.redis.url(), "")
+            .unwrap()
+            .connect(None)
+            .await
+            .unwrap();
+        let (keys, after) = (
+            [stream_key(&d.lease_table, &d.kv_table)],
+            ["0-0".to_owned()],
+        );
+        let read = c.read(&keys, &after, Duration::from_millis(1), 100_000);
+        read.await.unwrap().iter().map(|(_, e)| e.len()).sum()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_a_killed_master_is_replaced_by_its_replica_and_nothing_stale_is_served() {
+    let (mut fleet, clients, ns, slot) = Fleet::on_cluster().await;
+    assert!(fleet.kv_stream_len().await > 0, "the fleet publishes");
+    let master = fleet.redis.master_of(slot).await;
+    fleet.redis.kill(master).await;
+    let watching: Vec<&Client> = clients.iter().collect();
+    write_around_and_watch(&fleet, &watching, &ns, "v1", "v2", 2, CONVERGENCE).await;
+
+    fleet.redis.wait_until_ok(&[master]).await;
+    assert_ne!(fleet.redis.master_of(slot).await, master, "not failed over");
+    fleet.wait_until_fresh().await;
+    write_around_and_watch(&fleet, &watching, &ns, "v2", "v3", 3, CONVERGENCE).await;
+    // Through the promoted replica: writes through one daemon reach the others.
+    clients[0].kv_put(&ns, b("k"), b("v4"), 4).await.unwrap();
+    for c in &clients[1..] {
+        seen_within_bound(c, &ns, "k", "v4").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_the_fleets_slot_moved_to_another_master_while_it_runs() {
+    let (fleet, clients, ns, slot) = Fleet::on_cluster().await;
+    let to = fleet.redis.other_master(slot).await;
+    let watching: Vec<&Client> = clients.iter().collect();
+    // Writes around are published, and read, while the slot's keys move.
+    tokio::join!(
+        fleet.redis.migrate(slot, to),
+        write_around_and_watch(&fleet, &watching, &ns, "v1", "v2", 2, CONVERGENCE),
+    );
+    assert_eq!(fleet.redis.master_of(slot).await, to);
+    assert!(
+        fleet.kv_stream_len().await > 0,
+        "the stream moved with its slot"
+    );
+    fleet.wait_until_fresh().await;
+    write_around_and_watch(&fleet, &watching, &ns, "v2", "v3", 3, CONVERGENCE).await;
+    clients[0].kv_put(&ns, b("k"), b("v4"), 4).await.unwrap();
+    for c in &clients[1..] {
+        seen_within_bound(c, &ns, "k", "v4").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_restarted_empty_every_daemon_flushes_and_recovers() {
+    let (mut fleet, clients, ns, _) = Fleet::on_cluster().await;
+    let all: Vec<usize> = (0..3).collect();
+    // A reconnect flushes; so does a skipped entry number, if a client's own retries
+    // carried a read across the restart.
+    let flushes = async |fleet: &Fleet<RedisCluster>| {
+        fleet.flushes(&all, "reconnected").await + fleet.flushes(&all, "gap").await
+    };
+    let before = flushes(&fleet).await;
+    fleet.redis.restart_empty().await;
+    let deadline = Instant::now() + CONVERGENCE;
+    while flushes(&fleet).await < before + 3.0 {
+        assert!(Instant::now() < deadline, "not every daemon flushed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet.wait_until_fresh().await;
+    let watching: Vec<&Client> = clients.iter().collect();
+    write_around_and_watch(&fleet, &watching, &ns, "v1", "v2", 2, CONVERGENCE).await;
+}
