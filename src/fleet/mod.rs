@@ -50,6 +50,8 @@ const HINT_BATCH: usize = 256;
 pub struct FleetStats {
     /// Relay leases held, per table (0: a consumer only).
     pub leases_held: [AtomicU64; 2],
+    /// Per table, 1 while this daemon is the table's publisher (it holds slot 0).
+    pub publishing: [AtomicU64; 2],
     /// Leases taken or given up by this daemon.
     pub lease_changes: AtomicU64,
     /// Entries this daemon published as a relay, per table.
@@ -77,6 +79,13 @@ impl FleetStats {
             "Relay leases this daemon holds, by table (0: it only consumes).",
             "table",
             per_table(&self.leases_held),
+        );
+        out.by_label(
+            "ddbcached_fleet_publishing",
+            Kind::Gauge,
+            "1 while this daemon publishes the table's changes (a relay lease held, not standing by).",
+            "table",
+            per_table(&self.publishing),
         );
         out.single(
             "ddbcached_fleet_lease_changes_total",
@@ -128,8 +137,10 @@ impl FleetStats {
     pub fn roles(&self) -> String {
         StoreTable::ALL
             .map(|t| {
-                let role = match self.leases_held[t as usize].load(Ordering::Relaxed) {
-                    0 => "consumer",
+                let load = |a: &[AtomicU64; 2]| a[t as usize].load(Ordering::Relaxed);
+                let role = match (load(&self.publishing), load(&self.leases_held)) {
+                    (0, 0) => "consumer",
+                    (0, _) => "standby",
                     _ => "relay",
                 };
                 format!("{}: {role}", t.name())

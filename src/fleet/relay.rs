@@ -3,9 +3,11 @@
 //! instead of applying it ([`Publisher`] is the tailer's sink). Every daemon, relays
 //! included, applies changes only from Redis ([`super::consumer`]).
 //!
-//! [`run`] competes for a slot, and while it holds one renews the lease every third of
-//! `lease_ms`, writing the positions the publisher has had acknowledged by Redis as the
-//! lease's checkpoints. A new holder resumes after those checkpoints (a restarted relay
+//! [`run`] competes for a slot. Only the holder of slot 0 publishes, so that every change
+//! goes out once; the holder of another slot stands by: it renews its lease, reads no
+//! stream, and takes slot 0 over once the publisher's lease has lapsed. The publisher
+//! renews its lease every third of `lease_ms`, writing the positions it has had
+//! acknowledged by Redis as the lease's checkpoints. A new holder resumes after those checkpoints (a restarted relay
 //! may publish some records twice, which is harmless), and reads shards its predecessor
 //! saw no record of from their first record; a lease never renewed on this stream (new,
 //! or of a replaced stream) starts from LATEST after publishing a reset, since what
@@ -194,8 +196,11 @@ pub struct Relaying {
     pub stats: Arc<FleetStats>,
 }
 
-/// Competes for one of `table`'s slots until `shutdown`, relaying to the Redis stream
-/// `key` while it holds one.
+/// The slot whose holder publishes; the others stand by.
+const PUBLISHER: u32 = 0;
+
+/// Competes for one of `table`'s slots until `shutdown`: publishing to the Redis stream
+/// `key` while it holds slot 0, standing by to take slot 0 over while it holds another.
 pub async fn run(
     ctx: Arc<Relaying>,
     table: StoreTable,
@@ -207,11 +212,19 @@ pub async fn run(
     // Per slot: the counter last seen and since when (on this host's clock).
     let mut observed: HashMap<u32, (u64, Instant)> = HashMap::new();
     loop {
-        if let Some(lease) = acquire(&ctx, &table_name, &mut observed).await {
+        if let Some((slot, lease)) = acquire(&ctx, &table_name, &mut observed).await {
             ctx.stats.lease_changes.fetch_add(1, Ordering::Relaxed);
             tracing::info!(table = %table_name, lease = %lease.id, epoch = lease.epoch, "relay lease taken");
             ctx.stats.leases_held[table as usize].fetch_add(1, Ordering::Relaxed);
-            hold(&ctx, table, &table_name, &key, lease, &shutdown).await;
+            let publishing = match slot {
+                PUBLISHER => Some(lease),
+                _ => stand_by(&ctx, &table_name, lease, &mut observed, &shutdown).await,
+            };
+            if let Some(lease) = publishing {
+                ctx.stats.publishing[table as usize].store(1, Ordering::Relaxed);
+                hold(&ctx, table, &table_name, &key, lease, &shutdown).await;
+                ctx.stats.publishing[table as usize].store(0, Ordering::Relaxed);
+            }
             ctx.stats.leases_held[table as usize].fetch_sub(1, Ordering::Relaxed);
             ctx.stats.lease_changes.fetch_add(1, Ordering::Relaxed);
             observed.clear();
@@ -223,39 +236,118 @@ pub async fn run(
     }
 }
 
-/// Takes a free, released or expired slot, if there is one.
+/// Takes a free, released or expired slot, if there is one, and says which. With a
+/// standby slot, the publisher's lapsed lease is left to the standby for another
+/// `lease_ms`: a fleet of many daemons does not race for it, and it is taken here only
+/// if the standby is gone too.
 async fn acquire(
     ctx: &Relaying,
     table_name: &str,
     observed: &mut HashMap<u32, (u64, Instant)>,
-) -> Option<Lease> {
+) -> Option<(u32, Lease)> {
     for slot in 0..ctx.fleet.relay_slots {
-        let id = lease_id(table_name, slot);
-        let taken = match ctx.leases.read(&id).await {
-            Ok(None) => ctx.leases.create(&id, &ctx.me).await,
-            Ok(Some(lease)) => {
-                let now = Instant::now();
-                let since = match observed.get(&slot) {
-                    Some(&(counter, since)) if counter == lease.counter => since,
-                    _ => {
-                        observed.insert(slot, (lease.counter, now));
-                        now
-                    }
-                };
-                if lease.owner.is_empty() || now.duration_since(since) >= ctx.fleet.lease() {
-                    ctx.leases.take(&lease, &ctx.me).await
-                } else {
-                    continue;
-                }
-            }
-            Err(e) => Err(e),
+        let patience = match slot {
+            PUBLISHER if ctx.fleet.relay_slots > 1 => ctx.fleet.lease() * 2,
+            _ => ctx.fleet.lease(),
         };
-        match taken {
-            Ok(Some(lease)) => return Some(lease),
+        match take_if_lapsed(ctx, &lease_id(table_name, slot), slot, patience, observed).await {
+            Ok(Some(lease)) => return Some((slot, lease)),
             Ok(None) => {}
-            Err(e) => tracing::warn!(lease = %id, error = %e, "reading the relay lease failed"),
+            Err(e) => {
+                tracing::warn!(table = %table_name, slot, error = %e, "reading the relay lease failed")
+            }
         }
     }
+    None
+}
+
+/// Takes the lease `id` (of `slot`) if it is missing, released, or its counter has not
+/// moved for `patience` on this host's clock; `None` if it is held, or another daemon
+/// took it first.
+async fn take_if_lapsed(
+    ctx: &Relaying,
+    id: &str,
+    slot: u32,
+    patience: Duration,
+    observed: &mut HashMap<u32, (u64, Instant)>,
+) -> Result<Option<Lease>, crate::store::StoreError> {
+    match ctx.leases.read(id).await? {
+        None => ctx.leases.create(id, &ctx.me).await,
+        Some(lease) => {
+            let now = Instant::now();
+            let since = match observed.get(&slot) {
+                Some(&(counter, since)) if counter == lease.counter => since,
+                _ => {
+                    observed.insert(slot, (lease.counter, now));
+                    now
+                }
+            };
+            if lease.owner.is_empty() || now.duration_since(since) >= patience {
+                ctx.leases.take(&lease, &ctx.me).await
+            } else {
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Holds a standby slot: renews it, reads nothing, and watches the publisher's lease.
+/// Once that lease has lapsed (released, or not renewed for `lease_ms` on this host's
+/// clock) it is taken over and returned, the standby slot released for another daemon;
+/// `None` if the standby lease is lost or on shutdown.
+async fn stand_by(
+    ctx: &Relaying,
+    table_name: &str,
+    mut lease: Lease,
+    observed: &mut HashMap<u32, (u64, Instant)>,
+    shutdown: &CancellationToken,
+) -> Option<Lease> {
+    let period = ctx.fleet.lease() / 3;
+    let publisher = lease_id(table_name, PUBLISHER);
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let arn = lease.stream_arn.clone().unwrap_or_default();
+        match ctx
+            .leases
+            .renew(&lease, &arn, &lease.checkpoints, false)
+            .await
+        {
+            Ok(Some(l)) => {
+                lease = l;
+                renewed = Instant::now();
+            }
+            Ok(None) => {
+                tracing::warn!(table = %table_name, lease = %lease.id, "standby lease lost to another daemon");
+                return None;
+            }
+            Err(e) if renewed.elapsed() >= ctx.fleet.lease() => {
+                tracing::warn!(table = %table_name, error = %e, "standby lease not renewed in time");
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(table = %table_name, error = %e, "renewing the standby lease failed");
+                continue;
+            }
+        }
+        let lease_ms = ctx.fleet.lease();
+        match take_if_lapsed(ctx, &publisher, PUBLISHER, lease_ms, observed).await {
+            Ok(Some(taken)) => {
+                tracing::info!(table = %table_name, lease = %taken.id, epoch = taken.epoch, "the publisher's lease lapsed: taking over from standby");
+                release(ctx, &lease, None).await;
+                ctx.stats.lease_changes.fetch_add(2, Ordering::Relaxed);
+                return Some(taken);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(table = %table_name, error = %e, "reading the publisher's lease failed")
+            }
+        }
+    }
+    release(ctx, &lease, None).await;
     None
 }
 

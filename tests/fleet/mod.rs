@@ -18,7 +18,7 @@ use ddbcached::cache::Cache;
 use ddbcached::coherence::Coherence;
 use ddbcached::config::{CacheConfig, Config};
 use ddbcached::fleet::consumer::{self, Consuming};
-use ddbcached::fleet::entry::{wall_ms, Codec, Entry, Event};
+use ddbcached::fleet::entry::{wall_ms, Codec, Entry, Event, Fact};
 use ddbcached::fleet::lease::{lease_id, Leases};
 use ddbcached::fleet::transport::{stream_key, Redis};
 use ddbcached::fleet::FleetStats;
@@ -270,24 +270,25 @@ async fn seen_within_bound(c: &Client, ns: &str, key: &str, want: &str) -> Durat
 }
 
 impl<R: SharedRedis> Fleet<R> {
-    /// Per daemon, the relay leases it holds on the key-value table (0 for one that
-    /// does not answer).
+    /// Per daemon, whether it publishes the key-value table (0 for one that does not
+    /// answer).
     async fn kv_relays(&self) -> Vec<f64> {
-        let mut held = Vec::new();
+        self.kv_gauge("ddbcached_fleet_publishing").await
+    }
+
+    /// Per daemon, a gauge of the key-value table (0 for one that does not answer).
+    async fn kv_gauge(&self, metric: &str) -> Vec<f64> {
+        let mut values = Vec::new();
         for m in &self.members {
-            held.push(match m.answering {
-                true => total(
-                    &scrape(m.metrics).await,
-                    "ddbcached_fleet_leases_held",
-                    &["table=\"kv\""],
-                ),
+            values.push(match m.answering {
+                true => total(&scrape(m.metrics).await, metric, &["table=\"kv\""]),
                 false => 0.0,
             });
         }
-        held
+        values
     }
 
-    /// The index of a daemon relaying the key-value table.
+    /// The index of the daemon publishing the key-value table.
     async fn a_kv_relay(&self) -> usize {
         let deadline = Instant::now() + CONVERGENCE;
         loop {

@@ -1,5 +1,6 @@
-//! Relays: leases that change hands only by conditional writes, a killed relay replaced
-//! (one slot) or covered by the other (two slots), a zombie that can change nothing.
+//! Relays: leases that change hands only by conditional writes, one publisher per table
+//! and a standby, a killed relay replaced (one slot) or by the standby (two slots), a
+//! zombie that can change nothing.
 
 use super::*;
 
@@ -182,4 +183,75 @@ async fn a_zombie_relay_cannot_move_the_checkpoint_and_changes_nothing() {
     };
     assert_eq!(now.owner, holder.owner, "the zombie got its lease back");
     assert_eq!(now.epoch, holder.epoch);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_slots_one_publisher_a_standby_and_every_write_published_once() {
+    let (mut fleet, _clients, ns) = Fleet::with_cached_key(3, "").await;
+    // One daemon publishes, another holds the second lease and stands by.
+    let deadline = Instant::now() + CONVERGENCE;
+    let (publisher, standby) = loop {
+        let publishing = fleet.kv_relays().await;
+        let held = fleet.kv_gauge("ddbcached_fleet_leases_held").await;
+        let standby = (0..3).find(|&i| held[i] > 0.0 && publishing[i] == 0.0);
+        if let (1.0, Some(standby)) = (publishing.iter().sum::<f64>(), standby) {
+            break (fleet.a_kv_relay().await, standby);
+        }
+        assert!(Instant::now() < deadline, "{publishing:?} {held:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // A write around the daemons appears once in the table's Redis stream.
+    fleet
+        .direct_kv()
+        .await
+        .put(&ns, b"once", b("v"), 1)
+        .await
+        .unwrap();
+    let published = async || {
+        let d = &fleet.config.dynamodb;
+        let mut c = Redis::open(&fleet.redis.url(), "")
+            .unwrap()
+            .connect(None)
+            .await
+            .unwrap();
+        let (keys, after) = (
+            [stream_key(&d.lease_table, &d.kv_table)],
+            ["0-0".to_owned()],
+        );
+        let streams = c.read(&keys, &after, Duration::from_millis(1), 100_000);
+        let mut n = 0;
+        for (_, entries) in streams.await.unwrap() {
+            for e in entries {
+                let entry = Codec::new("").decode(|f| e.fields.get(f).map(Vec::as_slice));
+                if let Ok(Entry::Relay {
+                    event: Event::Batch { facts, .. },
+                    ..
+                }) = entry
+                {
+                    n += facts
+                        .iter()
+                        .filter(|f| matches!(f, Fact::KvVersion { ns: s, key, .. } if *s == ns && key == b"once"))
+                        .count();
+                }
+            }
+        }
+        n
+    };
+    let deadline = Instant::now() + CONVERGENCE;
+    while published().await == 0 {
+        assert!(Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Ten poll rounds later: still once.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(published().await, 1);
+
+    // The publisher gone, the standby takes its slot over and publishes.
+    fleet.signal(publisher, "KILL");
+    let deadline = Instant::now() + CONVERGENCE;
+    while fleet.kv_relays().await[standby] == 0.0 {
+        assert!(Instant::now() < deadline, "the standby never took over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
