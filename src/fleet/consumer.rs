@@ -32,7 +32,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What the consumer needs.
 pub struct Consuming {
-    pub me: String,
+    /// This daemon's incarnation number: its own hints are skipped.
+    pub me: u64,
     pub redis: Redis,
     pub codec: Codec,
     pub coherence: Arc<Coherence>,
@@ -62,7 +63,7 @@ pub async fn position(ctx: &Consuming) -> redis::RedisResult<Position> {
 
 /// Reads until `shutdown`, starting from `start` (taken at start-up) if given.
 pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: CancellationToken) {
-    let mut rules = StoreTable::ALL.map(|_| Rules::new(ctx.me.clone()));
+    let mut rules = StoreTable::ALL.map(|_| Rules::new(ctx.me));
     let mut backoff = Duration::from_millis(100);
     let mut actions = Vec::new();
     loop {

@@ -5,6 +5,12 @@
 //!
 //! Values never travel: a change carries its item's key and the digest of its new value,
 //! enough to recognise an own write's echo and to keep an entry that already shows it.
+//!
+//! Every host receives every entry, so entries are kept small: variants are tagged with
+//! one letter, senders are named by a random 64-bit number per daemon process (not by
+//! host name), a batch that follows its relay's previous batch of the shard does not
+//! repeat the sequence number it follows, and the MAC is HMAC-SHA256 truncated to 128
+//! bits (RFC 2104's truncation; forging one still takes 2^128 guesses).
 
 use std::collections::BTreeMap;
 
@@ -21,14 +27,18 @@ use crate::stream::change::{Change, Content, Digest};
 pub const FIELD_ENTRY: &str = "e";
 /// The Redis stream field holding the entry's MAC.
 pub const FIELD_MAC: &str = "m";
+/// Bytes of the MAC kept (of HMAC-SHA256's 32).
+const MAC_BYTES: usize = 16;
 
 /// One entry of a table's stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Entry {
     /// Published by a relay: numbered `n` = 1, 2, ... per relay and lease epoch, so that
     /// a consumer can see a missing one.
+    #[serde(rename = "r")]
     Relay {
-        relay: String,
+        /// The relay process's incarnation number.
+        relay: u64,
         epoch: u64,
         n: u64,
         /// The relay's wall clock when it published (ms since the Unix epoch), for the lag.
@@ -36,8 +46,10 @@ pub enum Entry {
         event: Event,
     },
     /// Published by a daemon after DynamoDB acknowledged writes of these keys.
+    #[serde(rename = "h")]
     Hint {
-        from: String,
+        /// The writing daemon's incarnation number.
+        from: u64,
         sent_ms: u64,
         keys: Vec<Key>,
     },
@@ -48,6 +60,7 @@ pub enum Entry {
 pub enum Event {
     /// The records of one poll of one shard, read from just after `prev`; `last` is the
     /// sequence number of the last one.
+    #[serde(rename = "b")]
     Batch {
         shard: String,
         prev: Prev,
@@ -55,9 +68,11 @@ pub enum Event {
         facts: Vec<Fact>,
     },
     /// The shard is closed and read to its end.
+    #[serde(rename = "e")]
     End { shard: String },
     /// Continuity lost: some changes were never published. `cause` names a
     /// [`crate::stream::FlushCause`].
+    #[serde(rename = "x")]
     Reset { cause: String },
     /// Every record visible on the stream at `t_ms` (the relay's wall clock, read before
     /// the poll round began) has been published; `shards` are the relay's positions.
@@ -70,9 +85,16 @@ pub enum Event {
 /// Where a batch's records follow from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Prev {
+    #[serde(rename = "t")]
     TrimHorizon,
+    #[serde(rename = "l")]
     Latest,
+    #[serde(rename = "a")]
     After(String),
+    /// Just after the `last` of the same relay's previous batch of the shard, in the
+    /// same epoch (whose contiguous numbering shows that batch was not lost).
+    #[serde(rename = "s")]
+    Same,
 }
 
 impl From<&StartAt> for Prev {
@@ -88,6 +110,7 @@ impl From<&StartAt> for Prev {
 /// A change, without its value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Fact {
+    #[serde(rename = "v")]
     KvVersion {
         ns: String,
         #[serde(with = "serde_bytes")]
@@ -96,18 +119,21 @@ pub enum Fact {
         #[serde(with = "serde_bytes")]
         digest: Option<Digest>,
     },
+    #[serde(rename = "u")]
     KvUnknown {
         ns: String,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         ts: i64,
     },
+    #[serde(rename = "l")]
     LogEntry {
         topic: String,
         index: i64,
         #[serde(with = "serde_bytes")]
         digest: Option<Digest>,
     },
+    #[serde(rename = "c")]
     LogCounter {
         topic: String,
         position: Option<i64>,
@@ -181,14 +207,14 @@ impl From<Fact> for Change {
 /// A written item's cache key, as a hint names it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Key {
+    #[serde(rename = "k")]
     Kv {
         ns: String,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
-    Log {
-        topic: String,
-    },
+    #[serde(rename = "l")]
+    Log { topic: String },
 }
 
 impl From<&CacheKey> for Key {
@@ -249,7 +275,7 @@ impl Codec {
         if let Some(key) = &self.key {
             let mut mac = key.clone();
             mac.update(&bytes);
-            fields.push((FIELD_MAC, mac.finalize().into_bytes().to_vec()));
+            fields.push((FIELD_MAC, mac.finalize().into_bytes()[..MAC_BYTES].to_vec()));
         }
         fields.push((FIELD_ENTRY, bytes));
         fields
@@ -265,7 +291,10 @@ impl Codec {
             let mut mac = key.clone();
             mac.update(bytes);
             let given = field(FIELD_MAC).ok_or(DecodeError::Unauthenticated)?;
-            mac.verify_slice(given)
+            if given.len() != MAC_BYTES {
+                return Err(DecodeError::Unauthenticated);
+            }
+            mac.verify_truncated_left(given)
                 .map_err(|_| DecodeError::Unauthenticated)?;
         }
         rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
@@ -300,7 +329,7 @@ mod tests {
             value: Some(Content::Bytes(Bytes::from_static(b"v"))),
         };
         Entry::Relay {
-            relay: "r".into(),
+            relay: 1,
             epoch: 2,
             n: 7,
             sent_ms: 1,

@@ -212,6 +212,8 @@ pub async fn start(
     stop: CancellationToken,
 ) -> Result<Fleet, StartError> {
     let me = daemon_id();
+    // Names this process in every entry it publishes: 8 bytes, not a host name.
+    let incarnation: u64 = rand::random();
     let redis = Redis::open(&parts.fleet.redis_url, &parts.fleet.tls_ca_file)?;
     let codec = Codec::new(&parts.fleet.auth_key);
     let stats = parts.stats;
@@ -220,7 +222,7 @@ pub async fn start(
         .clone()
         .map(|t| stream_key(parts.leases.table(), &t));
     let consuming = Arc::new(consumer::Consuming {
-        me: me.clone(),
+        me: incarnation,
         redis: redis.clone(),
         codec: codec.clone(),
         coherence: parts.coherence,
@@ -241,7 +243,8 @@ pub async fn start(
     tasks.spawn(consumer::run(consuming, start, stop.clone()));
     if parts.fleet.relay_eligible {
         let relaying = Arc::new(relay::Relaying {
-            me: me.clone(),
+            me,
+            incarnation,
             redis: redis.clone(),
             leases: parts.leases,
             streams: parts.streams,
@@ -268,7 +271,7 @@ pub async fn start(
             pending,
             redis,
             codec,
-            me,
+            incarnation,
             keys,
             parts.fleet.retention_ms,
             stats.clone(),
@@ -292,7 +295,7 @@ async fn publish_hints(
     mut pending: mpsc::Receiver<CacheKey>,
     redis: Redis,
     codec: Codec,
-    me: String,
+    me: u64,
     keys: [String; 2],
     retention_ms: u64,
     stats: Arc<FleetStats>,
@@ -335,7 +338,7 @@ async fn publish_hints(
             }
             let count = of_table.len() as u64;
             let entry = Entry::Hint {
-                from: me.clone(),
+                from: me,
                 sent_ms: wall_ms(),
                 keys: of_table,
             };

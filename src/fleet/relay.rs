@@ -25,13 +25,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::entry::{wall_ms, Codec, Entry, Event, Fact};
+use super::entry::{wall_ms, Codec, Entry, Event, Fact, Prev};
 use super::lease::{lease_id, Lease, Leases};
 use super::transport::{Connection, Redis};
 use super::FleetStats;
 use crate::config::{FleetConfig, StreamsConfig};
 use crate::store::StoreTable;
-use crate::stream::api::{SdkStreams, StreamsApi};
+use crate::stream::api::{SdkStreams, StartAt, StreamsApi};
 use crate::stream::change::Change;
 use crate::stream::sink::{Seen, Sink, SinkError};
 use crate::stream::{FlushCause, TailStats, Tailer};
@@ -42,7 +42,8 @@ pub struct Publisher {
     /// The connection, made again after any failure (a restarted Redis breaks it).
     connection: tokio::sync::Mutex<Option<Connection>>,
     key: String,
-    relay: String,
+    /// This daemon's incarnation number.
+    relay: u64,
     epoch: u64,
     table: StoreTable,
     /// The next entry's number. A failed append consumes its number too: had it been
@@ -50,6 +51,9 @@ pub struct Publisher {
     next: AtomicU64,
     /// Per shard, the last sequence number Redis acknowledged.
     positions: Mutex<BTreeMap<String, String>>,
+    /// Per shard, the last sequence number of this publisher's own last batch: the next
+    /// batch reading on from it says [`Prev::Same`] instead of repeating it.
+    followed: Mutex<HashMap<String, String>>,
     /// Since when Redis has refused every entry (`None`: it took the last one).
     failing_since: Mutex<Option<Instant>>,
     /// The least time between two watermarks, and when the last one was published: a
@@ -64,7 +68,7 @@ pub struct Publisher {
 impl Publisher {
     async fn publish(&self, event: Event) -> Result<(), SinkError> {
         let entry = Entry::Relay {
-            relay: self.relay.clone(),
+            relay: self.relay,
             epoch: self.epoch,
             n: self.next.fetch_add(1, Ordering::Relaxed),
             sent_ms: wall_ms(),
@@ -134,9 +138,19 @@ impl Sink for Publisher {
                     .filter_map(|r| Change::of(table, r))
                     .map(|c| Fact::from(&c))
                     .collect();
+                let follows_own = match after {
+                    StartAt::After(seq) => {
+                        self.followed.lock().expect("followed poisoned").get(shard) == Some(seq)
+                    }
+                    _ => false,
+                };
                 self.publish(Event::Batch {
                     shard: shard.to_owned(),
-                    prev: after.into(),
+                    prev: if follows_own {
+                        Prev::Same
+                    } else {
+                        after.into()
+                    },
                     last: last.sequence_number.clone(),
                     facts,
                 })
@@ -144,6 +158,10 @@ impl Sink for Publisher {
                 self.positions
                     .lock()
                     .expect("positions poisoned")
+                    .insert(shard.to_owned(), last.sequence_number.clone());
+                self.followed
+                    .lock()
+                    .expect("followed poisoned")
                     .insert(shard.to_owned(), last.sequence_number.clone());
             }
             Seen::ShardEnded { shard } => {
@@ -154,6 +172,10 @@ impl Sink for Publisher {
                 self.positions
                     .lock()
                     .expect("positions poisoned")
+                    .remove(shard);
+                self.followed
+                    .lock()
+                    .expect("followed poisoned")
                     .remove(shard);
             }
             Seen::ContinuityLost(cause) => {
@@ -183,7 +205,10 @@ impl Sink for Publisher {
 
 /// What a relay needs, shared by the tables' relay tasks.
 pub struct Relaying {
+    /// This daemon's id, as lease owner.
     pub me: String,
+    /// This daemon's incarnation number, naming it in entries.
+    pub incarnation: u64,
     pub redis: Redis,
     pub leases: Leases,
     pub streams: Arc<SdkStreams>,
@@ -379,12 +404,13 @@ async fn hold(
         redis: ctx.redis.clone(),
         connection: tokio::sync::Mutex::new(None),
         key: key.to_owned(),
-        relay: ctx.me.clone(),
+        relay: ctx.incarnation,
         epoch: lease.epoch,
         table,
         next: AtomicU64::new(1),
         // Shards without news keep their checkpoints through this holder's renewals.
         positions: Mutex::new(resume.clone().unwrap_or_default()),
+        followed: Mutex::new(HashMap::new()),
         failing_since: Mutex::new(None),
         watermark_every: ctx.watermark_every,
         last_watermark: Mutex::new(None),

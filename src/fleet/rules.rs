@@ -10,7 +10,11 @@
 //!   entries of an epoch older than the newest seen of that relay only invalidate.
 //! - A batch invalidates its changes. Its `prev` beyond what this consumer has seen of
 //!   the shard (from any relay) is a gap: a relay that took over resumed from a
-//!   checkpoint past entries that never arrived here.
+//!   checkpoint past entries that never arrived here. A batch that reads on from its
+//!   relay's own previous batch of the shard says so (`Prev::Same`) instead: when every
+//!   earlier entry of its relay's epoch was heard, its number shows whether that batch
+//!   arrived; when some were not (the epoch was first heard past its first entry), it is
+//!   a gap.
 //! - A reset is a gap. A watermark whose position on a shard is beyond what was seen is
 //!   a gap; otherwise it proves freshness as of its time.
 //! - A gap flushes the table, so nothing cached predates it, and the freshness already
@@ -53,11 +57,10 @@ pub enum Action {
 /// One table's consumer state.
 #[derive(Debug)]
 pub struct Rules {
-    /// This daemon's id: its own hints are skipped.
-    me: String,
-    /// Per relay: the newest epoch seen, the last number of it, and when it was last
-    /// heard from (in entries read).
-    relays: HashMap<String, (u64, u64, u64)>,
+    /// This daemon's incarnation number: its own hints are skipped.
+    me: u64,
+    /// What was heard of each relay.
+    relays: HashMap<u64, Heard>,
     /// Entries read, the clock of `relays`.
     read: u64,
     /// Per shard: the furthest sequence number known published.
@@ -66,15 +69,28 @@ pub struct Rules {
     fresh_ms: Option<u64>,
 }
 
+/// What a consumer knows of one relay.
+#[derive(Clone, Copy, Debug)]
+struct Heard {
+    /// The newest epoch seen, and the last number of it.
+    epoch: u64,
+    last: u64,
+    /// When it was last heard from (in entries read).
+    at: u64,
+    /// Every entry of the epoch up to `last` arrived, or a flush came after the missing
+    /// ones: only then does a [`Prev::Same`] batch show that the batch it follows arrived.
+    whole: bool,
+}
+
 /// Orders DynamoDB Streams sequence numbers: decimal strings of varying length.
 pub fn seq_cmp(a: &str, b: &str) -> Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
 impl Rules {
-    pub fn new(me: impl Into<String>) -> Rules {
+    pub fn new(me: u64) -> Rules {
         Rules {
-            me: me.into(),
+            me,
             relays: HashMap::new(),
             read: 0,
             shards: HashMap::new(),
@@ -111,33 +127,60 @@ impl Rules {
                 ..
             } => {
                 self.read += 1;
+                // A new epoch is whole if it is heard from its first entry, or before
+                // this consumer has joined (see the module's note on joining).
+                let mut whole = n == 1 || self.fresh_ms.is_none();
                 match self.relays.get(&relay) {
-                    Some(&(newest, _, _)) if epoch < newest => {
+                    Some(heard) if epoch < heard.epoch => {
                         // A deposed relay's late entry: a fact still, but it proves nothing.
                         if let Event::Batch { facts, .. } = event {
                             out.push(Action::Apply(facts));
                         }
                         return;
                     }
-                    Some(&(newest, last, _)) if epoch == newest => {
-                        if n <= last {
+                    Some(heard) if epoch == heard.epoch => {
+                        if n <= heard.last {
                             return;
                         }
-                        if n > last + 1 {
+                        whole = heard.whole;
+                        if n > heard.last + 1 {
                             self.gap(FlushCause::Gap, out);
+                            whole = true;
                         }
                     }
                     _ => {}
                 }
-                self.relays.insert(relay, (epoch, n, self.read));
+                if !whole
+                    && matches!(
+                        event,
+                        Event::Batch {
+                            prev: Prev::Same,
+                            ..
+                        }
+                    )
+                {
+                    // The batch it follows may be among the entries never heard.
+                    self.gap(FlushCause::Gap, out);
+                    whole = true;
+                }
+                let at = self.read;
+                self.relays.insert(
+                    relay,
+                    Heard {
+                        epoch,
+                        last: n,
+                        at,
+                        whole,
+                    },
+                );
                 if self.relays.len() > RELAYS_REMEMBERED {
                     // A forgotten relay's next entry starts a new sequence: one number
                     // goes unchecked, the positions still are.
                     let oldest = self
                         .relays
                         .iter()
-                        .min_by_key(|(_, &(_, _, heard))| heard)
-                        .map(|(r, _)| r.clone());
+                        .min_by_key(|(_, heard)| heard.at)
+                        .map(|(r, _)| *r);
                     if let Some(r) = oldest {
                         self.relays.remove(&r);
                     }
@@ -215,6 +258,8 @@ mod tests {
     use super::*;
 
     const SHARD: &str = "s";
+    /// The consumer's own incarnation number.
+    const ME: u64 = 1000;
 
     fn seq(i: u64) -> String {
         // Varying lengths, as DynamoDB's are: ordered by length, then digits.
@@ -230,17 +275,19 @@ mod tests {
 
     /// A relay as the model runs it: where it has read to, its lease epoch and number.
     struct Relay {
-        id: String,
+        id: u64,
         epoch: u64,
         n: u64,
         read: u64,
+        /// The `last` of its previous batch in this epoch, as the publisher remembers it.
+        followed: Option<u64>,
     }
 
     impl Relay {
         fn entry(&mut self, event: Event) -> Entry {
             self.n += 1;
             Entry::Relay {
-                relay: self.id.clone(),
+                relay: self.id,
                 epoch: self.epoch,
                 n: self.n,
                 sent_ms: 0,
@@ -288,14 +335,15 @@ mod tests {
     fn run(steps: &[Step], fates: &[Fate]) -> Vec<u64> {
         let mut relays: Vec<Relay> = (0..2)
             .map(|i| Relay {
-                id: format!("r{i}"),
+                id: i as u64 + 1,
                 epoch: 1,
                 n: 0,
                 read: 0,
+                followed: None,
             })
             .collect();
         let mut written = 0u64; // records 1..=written exist; record i written at time i
-        let mut rules = Rules::new("me");
+        let mut rules = Rules::new(ME);
         let mut covered: BTreeMap<u64, bool> = BTreeMap::new();
         let mut fates = fates.iter().cycle();
         let mut violations = Vec::new();
@@ -349,9 +397,13 @@ mod tests {
                     let started = written + 1; // the round begins before any read
                     let relay = &mut relays[r];
                     if relay.read < written {
-                        let prev = Prev::After(seq(relay.read));
+                        let prev = match relay.followed == Some(relay.read) {
+                            true => Prev::Same,
+                            false => Prev::After(seq(relay.read)),
+                        };
                         let facts = (relay.read + 1..=written).map(fact).collect();
                         relay.read = written;
+                        relay.followed = Some(written);
                         let e = relay.entry(Event::Batch {
                             shard: SHARD.into(),
                             prev,
@@ -372,12 +424,14 @@ mod tests {
                     let relay = &mut relays[r];
                     relay.epoch += 1;
                     relay.n = 0;
+                    relay.followed = None;
                     relay.read = relay.read.saturating_sub(back);
                 }
                 Step::Restart { r } => {
                     let relay = &mut relays[r];
                     relay.epoch += 1;
                     relay.n = 0;
+                    relay.followed = None;
                     relay.read = written;
                     let e = relay.entry(Event::Reset {
                         cause: FlushCause::NoCheckpoint.name().into(),
@@ -414,7 +468,7 @@ mod tests {
             let mut relays = [0u64, 0u64];
             let mut ns = [0u64, 0u64];
             let mut written = 0;
-            let mut rules = Rules::new("me");
+            let mut rules = Rules::new(ME);
             let mut flushes = 0;
             for s in &steps {
                 let mut out = Vec::new();
@@ -425,7 +479,7 @@ mod tests {
                         if relays[r] < written {
                             ns[r] += 1;
                             rules.entry(Entry::Relay {
-                                relay: format!("r{r}"), epoch: 1, n: ns[r], sent_ms: 0,
+                                relay: r as u64 + 1, epoch: 1, n: ns[r], sent_ms: 0,
                                 event: Event::Batch {
                                     shard: SHARD.into(), prev: Prev::After(seq(relays[r])),
                                     last: seq(written), facts: vec![],
@@ -436,7 +490,7 @@ mod tests {
                         if watermark {
                             ns[r] += 1;
                             rules.entry(Entry::Relay {
-                                relay: format!("r{r}"), epoch: 1, n: ns[r], sent_ms: 0,
+                                relay: r as u64 + 1, epoch: 1, n: ns[r], sent_ms: 0,
                                 event: Event::Watermark {
                                     t_ms: started,
                                     shards: BTreeMap::from([(SHARD.to_owned(), seq(relays[r]))]),
@@ -455,12 +509,12 @@ mod tests {
 
     #[test]
     fn hints_of_others_drop_keys_and_own_hints_are_skipped() {
-        let mut rules = Rules::new("me");
+        let mut rules = Rules::new(ME);
         let mut out = Vec::new();
         let key = crate::fleet::entry::Key::Log { topic: "t".into() };
         rules.entry(
             Entry::Hint {
-                from: "me".into(),
+                from: ME,
                 sent_ms: 0,
                 keys: vec![key.clone()],
             },
@@ -469,7 +523,7 @@ mod tests {
         assert!(out.is_empty());
         rules.entry(
             Entry::Hint {
-                from: "other".into(),
+                from: ME + 1,
                 sent_ms: 0,
                 keys: vec![key],
             },
@@ -480,10 +534,10 @@ mod tests {
 
     #[test]
     fn a_deposed_epoch_invalidates_but_proves_nothing() {
-        let mut rules = Rules::new("me");
+        let mut rules = Rules::new(ME);
         let mut out = Vec::new();
         let entry = |epoch, n, event| Entry::Relay {
-            relay: "r".into(),
+            relay: 1,
             epoch,
             n,
             sent_ms: 0,
@@ -509,12 +563,12 @@ mod tests {
 
     #[test]
     fn relay_incarnations_are_remembered_up_to_a_bound() {
-        let mut rules = Rules::new("me");
+        let mut rules = Rules::new(ME);
         let mut out = Vec::new();
         for r in 0..1000 {
             rules.entry(
                 Entry::Relay {
-                    relay: format!("r{r}"),
+                    relay: r as u64 + 1,
                     epoch: 1,
                     n: 1,
                     sent_ms: 0,
@@ -524,7 +578,7 @@ mod tests {
             );
         }
         assert_eq!(rules.relays.len(), RELAYS_REMEMBERED);
-        assert!(rules.relays.contains_key("r999"), "the newest is kept");
+        assert!(rules.relays.contains_key(&1000), "the newest is kept");
     }
 
     #[test]

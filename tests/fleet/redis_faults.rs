@@ -103,7 +103,7 @@ async fn forged_and_garbled_entries_are_gaps_never_proofs() {
         .unwrap();
     let kv = stream_key(&d.lease_table, &d.kv_table);
     let watermark = |n| Entry::Relay {
-        relay: "forger".into(),
+        relay: 7,
         epoch: 1,
         n,
         sent_ms: wall_ms(),
@@ -169,7 +169,7 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     let coherence = Arc::new(Coherence::new(cache, 2000, metrics::Histogram::noop()));
     let stats = Arc::new(FleetStats::default());
     let ctx = Arc::new(Consuming {
-        me: "consumer".into(),
+        me: 1,
         redis: redis.clone(),
         codec: Codec::new(""),
         coherence: coherence.clone(),
@@ -186,7 +186,7 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     let mut relay = redis.connect(None).await.unwrap();
     let mut publish = async |n: u64| {
         let entry = Entry::Relay {
-            relay: "relay".into(),
+            relay: 2,
             epoch: 1,
             n,
             sent_ms: wall_ms(),
@@ -204,7 +204,7 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     // hint appended after the others, it has acted on every one before.
     let settled = async |entries: u64| {
         let marker = Entry::Hint {
-            from: "another daemon".into(),
+            from: 3,
             sent_ms: wall_ms(),
             keys: Vec::new(),
         };

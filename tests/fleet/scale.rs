@@ -64,7 +64,7 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
             metrics::Histogram::noop(),
         ));
         let ctx = Arc::new(Consuming {
-            me: format!("sim-{h}"),
+            me: h as u64 + 1,
             redis: redis.clone(),
             codec: Codec::new(""),
             coherence: coherence.clone(),
@@ -162,6 +162,8 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
     // and consumes.
     let relay_pid = fleet.members[1].process.id().unwrap();
     let window = Duration::from_secs(3);
+    // Writes per burst through a daemon, and as many around them.
+    const BURST: usize = 8;
     let measure = async |load: bool| {
         let (egress, relay_cpu, consumer_cpu) = (
             fleet.redis.output_bytes().await,
@@ -172,10 +174,20 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
         let mut n = 0;
         while started.elapsed() < window {
             if load {
-                let key = format!("cost{n}");
-                clients[0].kv_put(&ns, b(&key), b("v"), 1).await.unwrap();
-                direct.put(&ns, key.as_bytes(), b("v"), 2).await.unwrap();
-                n += 2;
+                // Bursts of BURST writes through a daemon and as many around it, as a
+                // busy fleet makes them: entries carry several keys each.
+                let keys: Vec<String> = (0..BURST).map(|i| format!("cost{n}-{i}")).collect();
+                let through = keys.iter().map(|k| clients[0].kv_put(&ns, b(k), b("v"), 1));
+                let around = keys
+                    .iter()
+                    .map(|k| direct.put(&ns, k.as_bytes(), b("v"), 2));
+                for put in futures::future::join_all(through).await {
+                    put.unwrap();
+                }
+                for put in futures::future::join_all(around).await {
+                    put.unwrap();
+                }
+                n += 2 * BURST;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
