@@ -228,8 +228,9 @@ pub struct FleetConfig {
     /// daemons per table). Credentials belong in the environment
     /// (`DDBCACHED_FLEET_REDIS_URL`), not in this file.
     pub redis_url: String,
-    /// Daemons reading each table's stream at once: 2 for single-Region tables, 1 for
-    /// global tables or tables with another stream consumer (a Lambda trigger).
+    /// Relay lease slots per table: the holder of slot 0 reads the stream and publishes;
+    /// with 2, the holder of slot 1 stands by (reads nothing) and takes slot 0 first once
+    /// its lease lapses.
     pub relay_slots: u32,
     /// Whether this daemon may hold a relay lease (read a stream and publish it).
     pub relay_eligible: bool,

@@ -112,7 +112,6 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
                     continue;
                 };
                 for e in entries {
-                    position.after[t as usize] = e.id;
                     let decoded = ctx
                         .codec
                         .decode(|name| e.fields.get(name).map(Vec::as_slice));
@@ -120,7 +119,7 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
                     match decoded {
                         Ok(entry) => {
                             ctx.stats.consumed[t as usize].fetch_add(1, Ordering::Relaxed);
-                            record_lag(&ctx, &entry);
+                            record_lag(&ctx, &entry, &e.id);
                             rules.entry(entry, &mut actions);
                         }
                         Err(err) => {
@@ -130,19 +129,24 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
                         }
                     }
                     perform(&ctx, t, &mut actions).await;
+                    position.after[t as usize] = e.id;
                 }
             }
         }
     }
 }
 
-fn record_lag(ctx: &Consuming, entry: &Entry) {
-    let (sent_ms, lag) = match entry {
-        Entry::Relay { sent_ms, .. } => (*sent_ms, &ctx.fleet_lag),
-        Entry::Hint { from, sent_ms, .. } if *from != ctx.me => (*sent_ms, &ctx.hint_lag),
+/// How long ago the entry was appended: its stream id begins with Redis's clock then
+/// (milliseconds since the Unix epoch), so the entry need not carry a time of its own.
+fn record_lag(ctx: &Consuming, entry: &Entry, id: &str) {
+    let lag = match entry {
+        Entry::Relay { .. } => &ctx.fleet_lag,
+        Entry::Hint { from, .. } if *from != ctx.me => &ctx.hint_lag,
         Entry::Hint { .. } => return,
     };
-    lag.record(wall_ms().saturating_sub(sent_ms) as f64 / 1000.0);
+    if let Some(appended_ms) = id.split('-').next().and_then(|ms| ms.parse::<u64>().ok()) {
+        lag.record(wall_ms().saturating_sub(appended_ms) as f64 / 1000.0);
+    }
 }
 
 /// Does what the rules said, in order, and empties `actions`.

@@ -10,7 +10,9 @@
 //! one letter, senders are named by a random 64-bit number per daemon process (not by
 //! host name), a batch that follows its relay's previous batch of the shard does not
 //! repeat the sequence number it follows, and the MAC is HMAC-SHA256 truncated to 128
-//! bits (RFC 2104's truncation; forging one still takes 2^128 guesses).
+//! bits (RFC 2104's truncation; forging one still takes 2^128 guesses). In a list of
+//! facts or keys, a namespace or topic is written once before the run of elements that
+//! share it ([`shared_names`]).
 
 use std::collections::BTreeMap;
 
@@ -41,8 +43,6 @@ pub enum Entry {
         relay: u64,
         epoch: u64,
         n: u64,
-        /// The relay's wall clock when it published (ms since the Unix epoch), for the lag.
-        sent_ms: u64,
         event: Event,
     },
     /// Published by a daemon after DynamoDB acknowledged writes of these keys.
@@ -50,7 +50,7 @@ pub enum Entry {
     Hint {
         /// The writing daemon's incarnation number.
         from: u64,
-        sent_ms: u64,
+        #[serde(with = "shared_names")]
         keys: Vec<Key>,
     },
 }
@@ -65,6 +65,7 @@ pub enum Event {
         shard: String,
         prev: Prev,
         last: String,
+        #[serde(with = "shared_names")]
         facts: Vec<Fact>,
     },
     /// The shard is closed and read to its end.
@@ -76,6 +77,7 @@ pub enum Event {
     Reset { cause: String },
     /// Every record visible on the stream at `t_ms` (the relay's wall clock, read before
     /// the poll round began) has been published; `shards` are the relay's positions.
+    #[serde(rename = "w")]
     Watermark {
         t_ms: u64,
         shards: BTreeMap<String, String>,
@@ -240,6 +242,103 @@ impl From<Key> for CacheKey {
     }
 }
 
+/// What names the item a fact or key is of: its namespace or topic.
+trait Named {
+    fn name(&self) -> &str;
+    fn name_mut(&mut self) -> &mut String;
+}
+
+impl Named for Fact {
+    fn name(&self) -> &str {
+        match self {
+            Fact::KvVersion { ns, .. } | Fact::KvUnknown { ns, .. } => ns,
+            Fact::LogEntry { topic, .. } | Fact::LogCounter { topic, .. } => topic,
+        }
+    }
+    fn name_mut(&mut self) -> &mut String {
+        match self {
+            Fact::KvVersion { ns, .. } | Fact::KvUnknown { ns, .. } => ns,
+            Fact::LogEntry { topic, .. } | Fact::LogCounter { topic, .. } => topic,
+        }
+    }
+}
+
+impl Named for Key {
+    fn name(&self) -> &str {
+        match self {
+            Key::Kv { ns, .. } => ns,
+            Key::Log { topic } => topic,
+        }
+    }
+    fn name_mut(&mut self) -> &mut String {
+        match self {
+            Key::Kv { ns, .. } => ns,
+            Key::Log { topic } => topic,
+        }
+    }
+}
+
+/// A list of facts or keys with each name written once before the run of elements that
+/// share it (a batch's changes are mostly of one namespace); the elements carry it empty.
+mod shared_names {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Named;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Item<T> {
+        /// The name of the elements that follow.
+        Name(String),
+        Element(T),
+    }
+
+    pub fn serialize<T, S>(elements: &[T], s: S) -> Result<S::Ok, S::Error>
+    where
+        T: Named + Clone + Serialize,
+        S: Serializer,
+    {
+        let mut items = Vec::with_capacity(elements.len() + 1);
+        let mut current: Option<&str> = None;
+        for element in elements {
+            if current != Some(element.name()) {
+                items.push(Item::Name(element.name().to_owned()));
+                current = Some(element.name());
+            }
+            let mut bare = element.clone();
+            bare.name_mut().clear();
+            items.push(Item::Element(bare));
+        }
+        items.serialize(s)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        T: Named + Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        let mut elements = Vec::new();
+        let mut current: Option<String> = None;
+        for item in Vec::<Item<T>>::deserialize(d)? {
+            match item {
+                Item::Name(name) => current = Some(name),
+                Item::Element(mut element) => {
+                    let name = current
+                        .as_ref()
+                        .ok_or_else(|| D::Error::custom("an element before any name"))?;
+                    if !element.name_mut().is_empty() {
+                        return Err(D::Error::custom("an element with a name of its own"));
+                    }
+                    element.name_mut().clone_from(name);
+                    elements.push(element);
+                }
+            }
+        }
+        Ok(elements)
+    }
+}
+
 /// Why an entry was not interpreted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -332,7 +431,6 @@ mod tests {
             relay: 1,
             epoch: 2,
             n: 7,
-            sent_ms: 1,
             event: Event::Batch {
                 shard: "s".into(),
                 prev: Prev::After("10".into()),
@@ -364,6 +462,81 @@ mod tests {
             unreachable!()
         };
         assert!(v.matches(b"v") && !v.matches(b"w"));
+    }
+
+    #[test]
+    fn names_shared_by_neighbours_are_written_once() {
+        let fact = |ns: &str, key: &[u8]| Fact::KvUnknown {
+            ns: ns.into(),
+            key: key.to_vec(),
+            ts: 1,
+        };
+        let facts = vec![
+            fact("a-long-namespace", b"1"),
+            fact("a-long-namespace", b"2"),
+            fact("", b"3"),
+            fact("a-long-namespace", b"4"),
+            Fact::LogCounter {
+                topic: "a-long-namespace".into(),
+                position: Some(1),
+            },
+        ];
+        let entry = |facts| Entry::Relay {
+            relay: 1,
+            epoch: 1,
+            n: 1,
+            event: Event::Batch {
+                shard: "s".into(),
+                prev: Prev::Same,
+                last: "1".into(),
+                facts,
+            },
+        };
+        let codec = Codec::new("");
+        let fields = codec.encode(&entry(facts.clone()));
+        let name = b"a-long-namespace";
+        let times = fields[0]
+            .1
+            .windows(name.len())
+            .filter(|w| w == name)
+            .count();
+        assert_eq!(times, 2, "once before the empty name, once after");
+        assert_eq!(decode(&codec, &fields).unwrap(), entry(facts));
+        let keys = vec![
+            Key::Kv {
+                ns: "n".into(),
+                key: b"k".to_vec(),
+            },
+            Key::Log { topic: "t".into() },
+        ];
+        let hint = Entry::Hint { from: 1, keys };
+        assert_eq!(decode(&codec, &codec.encode(&hint)).unwrap(), hint);
+    }
+
+    #[test]
+    fn a_list_whose_names_do_not_resolve_is_malformed() {
+        use rmpv::Value;
+        // A key with no name before it, and one that carries its own.
+        let key = |ns: &str| {
+            Value::Map(vec![(
+                "k".into(),
+                Value::Array(vec![ns.into(), Value::Binary(b"k".to_vec())]),
+            )])
+        };
+        let decoded = |keys: Vec<Value>| {
+            let hint = Value::Map(vec![(
+                "h".into(),
+                Value::Array(vec![1.into(), Value::Array(keys)]),
+            )]);
+            let mut bytes = Vec::new();
+            rmpv::encode::write_value(&mut bytes, &hint).unwrap();
+            decode(&Codec::new(""), &[(FIELD_ENTRY, bytes)])
+        };
+        for keys in [vec![key("")], vec!["n".into(), key("n")]] {
+            assert!(matches!(decoded(keys), Err(DecodeError::Malformed(_))));
+        }
+        // The same, well formed, decodes.
+        assert!(decoded(vec!["n".into(), key("")]).is_ok());
     }
 
     #[test]

@@ -339,7 +339,6 @@ async fn publish_hints(
             let count = of_table.len() as u64;
             let entry = Entry::Hint {
                 from: me,
-                sent_ms: wall_ms(),
                 keys: of_table,
             };
             let keep_after = wall_ms().saturating_sub(retention_ms);

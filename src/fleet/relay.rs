@@ -71,7 +71,6 @@ impl Publisher {
             relay: self.relay,
             epoch: self.epoch,
             n: self.next.fetch_add(1, Ordering::Relaxed),
-            sent_ms: wall_ms(),
             event,
         };
         let fields = self.codec.encode(&entry);

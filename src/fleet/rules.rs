@@ -290,7 +290,6 @@ mod tests {
                 relay: self.id,
                 epoch: self.epoch,
                 n: self.n,
-                sent_ms: 0,
                 event,
             }
         }
@@ -479,7 +478,7 @@ mod tests {
                         if relays[r] < written {
                             ns[r] += 1;
                             rules.entry(Entry::Relay {
-                                relay: r as u64 + 1, epoch: 1, n: ns[r], sent_ms: 0,
+                                relay: r as u64 + 1, epoch: 1, n: ns[r],
                                 event: Event::Batch {
                                     shard: SHARD.into(), prev: Prev::After(seq(relays[r])),
                                     last: seq(written), facts: vec![],
@@ -490,7 +489,7 @@ mod tests {
                         if watermark {
                             ns[r] += 1;
                             rules.entry(Entry::Relay {
-                                relay: r as u64 + 1, epoch: 1, n: ns[r], sent_ms: 0,
+                                relay: r as u64 + 1, epoch: 1, n: ns[r],
                                 event: Event::Watermark {
                                     t_ms: started,
                                     shards: BTreeMap::from([(SHARD.to_owned(), seq(relays[r]))]),
@@ -515,7 +514,6 @@ mod tests {
         rules.entry(
             Entry::Hint {
                 from: ME,
-                sent_ms: 0,
                 keys: vec![key.clone()],
             },
             &mut out,
@@ -524,7 +522,6 @@ mod tests {
         rules.entry(
             Entry::Hint {
                 from: ME + 1,
-                sent_ms: 0,
                 keys: vec![key],
             },
             &mut out,
@@ -540,7 +537,6 @@ mod tests {
             relay: 1,
             epoch,
             n,
-            sent_ms: 0,
             event,
         };
         let mark = |t_ms| Event::Watermark {
@@ -571,7 +567,6 @@ mod tests {
                     relay: r as u64 + 1,
                     epoch: 1,
                     n: 1,
-                    sent_ms: 0,
                     event: Event::End { shard: "s".into() },
                 },
                 &mut out,

@@ -49,6 +49,8 @@ trait SharedRedis {
     fn ca_file(&self) -> String;
     /// Bytes sent to clients so far (`INFO stats`), summed over the nodes.
     async fn output_bytes(&self) -> u64;
+    /// A plain `redis://` URL of the node holding `key`.
+    async fn node_of(&self, key: &str) -> String;
 }
 
 impl SharedRedis for RedisServer {
@@ -71,6 +73,9 @@ impl SharedRedis for RedisServer {
             .and_then(|v| v.trim().parse().ok())
             .unwrap()
     }
+    async fn node_of(&self, _key: &str) -> String {
+        self.url()
+    }
 }
 
 impl SharedRedis for RedisCluster {
@@ -82,6 +87,10 @@ impl SharedRedis for RedisCluster {
     }
     async fn output_bytes(&self) -> u64 {
         RedisCluster::output_bytes(self).await
+    }
+    async fn node_of(&self, key: &str) -> String {
+        let port = self.master_of(self.slot(key).await).await;
+        format!("redis://127.0.0.1:{port}")
     }
 }
 

@@ -106,7 +106,6 @@ async fn forged_and_garbled_entries_are_gaps_never_proofs() {
         relay: 7,
         epoch: 1,
         n,
-        sent_ms: wall_ms(),
         event: Event::Watermark {
             t_ms: wall_ms() + 3_600_000,
             shards: BTreeMap::new(),
@@ -189,7 +188,6 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
             relay: 2,
             epoch: 1,
             n,
-            sent_ms: wall_ms(),
             event: Event::Watermark {
                 t_ms: wall_ms(),
                 shards: BTreeMap::new(),
@@ -205,7 +203,6 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     let settled = async |entries: u64| {
         let marker = Entry::Hint {
             from: 3,
-            sent_ms: wall_ms(),
             keys: Vec::new(),
         };
         let mut c = redis.connect(None).await.unwrap();

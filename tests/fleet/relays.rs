@@ -110,15 +110,15 @@ async fn one_slot_a_killed_relay_is_replaced_and_nothing_stale_is_served_meanwhi
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn two_slots_the_other_relay_keeps_the_fleet_fresh() {
+async fn two_slots_the_standby_takes_over_from_the_publishers_checkpoint() {
     let (mut fleet, clients, ns) = Fleet::with_cached_key(4, "").await;
     let relay = fleet.a_kv_relay().await;
     let others: Vec<usize> = (0..4).filter(|i| *i != relay).collect();
     let resets = fleet.flushes(&others, "no_checkpoint").await;
     fleet.signal(relay, "KILL");
     let watching: Vec<&Client> = others.iter().map(|&i| &clients[i]).collect();
-    // Seen through the surviving relay within the bound, and nobody flushed: the second
-    // relay's checkpoint carries on where the first one's stood.
+    // Seen once the standby has taken the publisher's lapsed lease, and nobody flushed
+    // for want of a checkpoint: it carries on where the publisher's stood.
     let seen = write_around_and_watch(&fleet, &watching, &ns, "v1", "v2", 2, CONVERGENCE).await;
     assert_eq!(fleet.flushes(&others, "no_checkpoint").await, resets);
     // And every daemon serves from its cache again (a loaded machine may have made one
@@ -135,7 +135,7 @@ async fn two_slots_the_other_relay_keeps_the_fleet_fresh() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    eprintln!("with one of two relays killed, the write around seen after {seen:?}");
+    eprintln!("with the publisher killed, the write around seen after {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

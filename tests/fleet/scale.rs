@@ -161,9 +161,14 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
     // Daemon 1 serves none of the writes: it only relays (both tables, like daemon 0)
     // and consumes.
     let relay_pid = fleet.members[1].process.id().unwrap();
-    let window = Duration::from_secs(3);
+    // Long enough that the watermarks' timing (a few per second, idle or not) averages
+    // out of the difference.
+    let window = Duration::from_secs(10);
+    let settle = Duration::from_millis(500);
     // Writes per burst through a daemon, and as many around them.
     const BURST: usize = 8;
+    // Items of 32-byte keys: an 8-byte namespace and 24-byte keys.
+    const COST_NS: &str = "costs-ns";
     let measure = async |load: bool| {
         let (egress, relay_cpu, consumer_cpu) = (
             fleet.redis.output_bytes().await,
@@ -176,11 +181,13 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
             if load {
                 // Bursts of BURST writes through a daemon and as many around it, as a
                 // busy fleet makes them: entries carry several keys each.
-                let keys: Vec<String> = (0..BURST).map(|i| format!("cost{n}-{i}")).collect();
-                let through = keys.iter().map(|k| clients[0].kv_put(&ns, b(k), b("v"), 1));
+                let keys: Vec<String> = (0..BURST).map(|i| format!("key-{:020}", n + i)).collect();
+                let through = keys
+                    .iter()
+                    .map(|k| clients[0].kv_put(COST_NS, b(k), b("v"), 1));
                 let around = keys
                     .iter()
-                    .map(|k| direct.put(&ns, k.as_bytes(), b("v"), 2));
+                    .map(|k| direct.put(COST_NS, k.as_bytes(), b("v"), 2));
                 for put in futures::future::join_all(through).await {
                     put.unwrap();
                 }
@@ -191,7 +198,7 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(settle).await;
         (
             n as f64,
             (fleet.redis.output_bytes().await - egress) as f64,
@@ -199,20 +206,66 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
             cpu_seconds(std::process::id()) - consumer_cpu,
         )
     };
+    let idle_from = wall_ms();
     let (_, idle_egress, idle_relay, idle_consumer) = measure(false).await;
+    let busy_from = wall_ms();
     let (n, egress, relay, consumer) = measure(true).await;
+    let busy_to = wall_ms();
+    let (idle_entries, idle_bytes) = published(&fleet.redis, &keys, idle_from, busy_from).await;
+    let (entries, bytes) = published(&fleet.redis, &keys, busy_from, busy_to).await;
     let per_write = |busy: f64, idle: f64| (busy - idle).max(0.0) / n;
+    let per_second = |idle: f64| idle / (window + settle).as_secs_f64();
     eprintln!(
         "{hosts} simulated hosts, {n} writes: Redis egress {:.0} B per write per host \
          ({:.0} B/s per host idle); a relay's CPU (its own consumer included) {:.0} µs per \
          write ({:.1} ms/s idle); a simulated host's consumer CPU {:.1} µs per write",
         per_write(egress, idle_egress) / hosts as f64,
-        idle_egress / 3.5 / hosts as f64,
+        per_second(idle_egress) / hosts as f64,
         per_write(relay, idle_relay) * 1e6,
-        idle_relay / 3.5 * 1e3,
+        per_second(idle_relay) * 1e3,
         per_write(consumer, idle_consumer) * 1e6 / hosts as f64,
     );
+    // What the streams hold, whatever the replies that carry it: each host receives
+    // every entry once, plus each reply's framing (the stream's name, ids).
+    eprintln!(
+        "{hosts} simulated hosts, {n} writes: {entries} entries published ({idle_entries} \
+         idle), {:.1} B of entries (ids and fields) per write",
+        per_write(bytes as f64, idle_bytes as f64),
+    );
     stop.cancel();
+}
+
+/// A stream entry as XRANGE answers it: its id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// The entries of `keys` with ids from `from_ms` to before `to_ms`: how many, and their
+/// ids' and fields' bytes.
+async fn published<R: SharedRedis>(
+    redis: &R,
+    keys: &[String],
+    from_ms: u64,
+    to_ms: u64,
+) -> (usize, usize) {
+    let (mut count, mut bytes) = (0, 0);
+    for key in keys {
+        let client = redis::Client::open(redis.node_of(key).await).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(from_ms)
+            .arg(format!("({to_ms}"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        count += entries.len();
+        bytes += entries
+            .iter()
+            .map(|(id, fields)| {
+                id.len() + fields.iter().map(|(f, v)| f.len() + v.len()).sum::<usize>()
+            })
+            .sum::<usize>();
+    }
+    (count, bytes)
 }
 
 /// CPU seconds a process has used (user and system).
