@@ -1,6 +1,7 @@
 //! Fleet mode on a real Redis Cluster (three masters with a replica each): the master
 //! serving the fleet's slot killed and its replica promoted, the slot moved to another
-//! master while the fleet runs, the whole cluster restarted empty. Each time no read
+//! master while the fleet runs, the whole cluster restarted empty, a cluster speaking only
+//! TLS. Each time no read
 //! that began past the bound returns the old value (a daemon either keeps proving
 //! freshness or flushes and bypasses), and the fleet is fresh again afterwards.
 
@@ -100,4 +101,25 @@ async fn cluster_restarted_empty_every_daemon_flushes_and_recovers() {
     fleet.wait_until_fresh().await;
     let watching: Vec<&Client> = clients.iter().collect();
     write_around_and_watch(&fleet, &watching, &ns, "v1", "v2", 2, CONVERGENCE).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_over_tls_relays_and_hints() {
+    let fleet = Fleet::start_on(RedisCluster::start_tls().await, 2, "").await;
+    assert!(fleet.redis.url().starts_with("rediss+cluster://"));
+    fleet.wait_until_fresh().await;
+    let clients = fleet.clients().await;
+    let ns = name();
+    clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
+    seen_within_bound(&clients[1], &ns, "k", "v1").await;
+    clients[0].kv_put(&ns, b("k"), b("v2"), 2).await.unwrap();
+    seen_within_bound(&clients[1], &ns, "k", "v2").await;
+    let direct = fleet.direct_kv().await;
+    direct.put(&ns, b"k", b("v3"), 3).await.unwrap();
+    for c in &clients {
+        seen_within_bound(c, &ns, "k", "v3").await;
+    }
+    let s = scrape(fleet.members[1].metrics).await;
+    assert!(total(&s, "ddbcached_fleet_consumed_total", &[]) > 0.0);
+    assert_eq!(total(&s, "ddbcached_fleet_redis_errors_total", &[]), 0.0);
 }

@@ -49,7 +49,7 @@ trait SharedRedis {
     fn ca_file(&self) -> String;
     /// Bytes sent to clients so far (`INFO stats`), summed over the nodes.
     async fn output_bytes(&self) -> u64;
-    /// A plain `redis://` URL of the node holding `key`.
+    /// A plain `redis://` URL of the node holding `key` (of a Redis without TLS).
     async fn node_of(&self, key: &str) -> String;
 }
 
@@ -83,7 +83,7 @@ impl SharedRedis for RedisCluster {
         RedisCluster::url(self)
     }
     fn ca_file(&self) -> String {
-        String::new()
+        RedisCluster::ca_file(self)
     }
     async fn output_bytes(&self) -> u64 {
         RedisCluster::output_bytes(self).await

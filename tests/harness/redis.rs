@@ -29,27 +29,10 @@ impl RedisServer {
     /// One that speaks only TLS, with a certificate for 127.0.0.1 signed by an authority
     /// made for it (`openssl`).
     pub async fn start_tls() -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
-        let script = r#"set -e
-openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca
-openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1
-printf 'subjectAltName=IP:127.0.0.1\n' > san.ext
-openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext"#;
-        let made = Command::new("sh")
-            .args(["-c", script])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("run openssl");
-        assert!(
-            made.success(),
-            "making test certificates with openssl failed"
-        );
         let mut server = RedisServer {
             port: free_port(),
             process: None,
-            tls: Some(dir),
+            tls: Some(certificates()),
         };
         server.restart().await;
         server
@@ -123,6 +106,29 @@ openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out s
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A directory holding `ca.crt`, an authority made for one test (`openssl`), and
+/// `server.crt` and `server.key`, a certificate for 127.0.0.1 it signed.
+pub fn certificates() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"set -e
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca
+openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1
+printf 'subjectAltName=IP:127.0.0.1\n' > san.ext
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext"#;
+    let made = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(
+        made.success(),
+        "making test certificates with openssl failed"
+    );
+    dir
 }
 
 impl Drop for RedisServer {

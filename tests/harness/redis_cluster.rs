@@ -1,6 +1,7 @@
 //! A Redis Cluster for the fleet tests, from Debian's `redis-server` and `redis-cli`:
 //! three masters with a replica each on free loopback ports, made with
-//! `redis-cli --cluster create`, without persistence. A test can kill a master (SIGKILL)
+//! `redis-cli --cluster create`, without persistence, plain or speaking only TLS (between
+//! its nodes too). A test can kill a master (SIGKILL)
 //! and wait for its replica to take over, move a slot to another master while it is in
 //! use, or restart the whole cluster empty. Every node is killed when it is dropped.
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 use super::free_port;
+use super::redis::certificates;
 
 /// How long a master may be silent before its replica takes over: short for the tests,
 /// long enough that a loaded machine does not cause a failover of its own.
@@ -22,6 +24,8 @@ pub struct RedisCluster {
     /// Per node, its process while it runs.
     processes: Vec<Option<Child>>,
     dir: tempfile::TempDir,
+    /// With TLS: the certificates ([`certificates`]).
+    tls: Option<tempfile::TempDir>,
 }
 
 /// One line of `CLUSTER NODES`.
@@ -36,22 +40,80 @@ struct Node {
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
+        RedisCluster::with(None).await
+    }
+
+    /// One whose nodes speak only TLS, to clients and to each other.
+    pub async fn start_tls() -> RedisCluster {
+        RedisCluster::with(Some(certificates())).await
+    }
+
+    async fn with(tls: Option<tempfile::TempDir>) -> RedisCluster {
         let mut cluster = RedisCluster {
             ports: (0..6).map(|_| free_port()).collect(),
             processes: (0..6).map(|_| None).collect(),
             dir: tempfile::tempdir().unwrap(),
+            tls,
         };
         cluster.create().await;
         cluster
     }
 
-    /// `redis+cluster://` and the masters as seed nodes.
+    /// `redis+cluster://` (`rediss+cluster://` with TLS) and the masters as seed nodes.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self.ports[..3]
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
-        format!("redis+cluster://{}", seeds.join(","))
+        let scheme = match self.tls {
+            Some(_) => "rediss+cluster",
+            None => "redis+cluster",
+        };
+        format!("{scheme}://{}", seeds.join(","))
+    }
+
+    /// The authority to trust (empty without TLS).
+    pub fn ca_file(&self) -> String {
+        self.tls.as_ref().map_or_else(String::new, |d| {
+            d.path().join("ca.crt").to_str().unwrap().to_owned()
+        })
+    }
+
+    /// How a node is listened on: a plain port, or a TLS one with its certificates.
+    fn listen_args(&self, port: u16) -> Vec<String> {
+        let port = port.to_string();
+        match &self.tls {
+            None => vec!["--port".into(), port],
+            Some(dir) => {
+                let file = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+                vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port,
+                    "--tls-cluster".into(),
+                    "yes".into(),
+                    "--tls-replication".into(),
+                    "yes".into(),
+                    "--tls-cert-file".into(),
+                    file("server.crt"),
+                    "--tls-key-file".into(),
+                    file("server.key"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.crt"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            }
+        }
+    }
+
+    /// What `redis-cli` needs to reach the nodes.
+    fn cli_args(&self) -> Vec<String> {
+        match &self.tls {
+            None => vec![],
+            Some(_) => vec!["--tls".into(), "--cacert".into(), self.ca_file()],
+        }
     }
 
     /// Starts every node empty and joins them into a cluster whose every slot is served.
@@ -60,9 +122,9 @@ impl RedisCluster {
             let dir = self.dir.path().join(i.to_string());
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let port = self.ports[i].to_string();
             let child = Command::new("redis-server")
-                .args(["--port", &port, "--bind", "127.0.0.1"])
+                .args(self.listen_args(self.ports[i]))
+                .args(["--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-node-timeout", NODE_TIMEOUT_MS])
@@ -89,6 +151,7 @@ impl RedisCluster {
         args.extend(self.ports.iter().map(|p| format!("127.0.0.1:{p}")));
         args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
         let made = Command::new("redis-cli")
+            .args(self.cli_args())
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -262,6 +325,7 @@ impl RedisCluster {
 
     async fn cli(&self, port: u16, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
+            .args(self.cli_args())
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(args)
             .output()
