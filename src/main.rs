@@ -124,6 +124,9 @@ fn init_logging(config: &Config) {
         // Cannot fail: a literal target with a level is a valid directive.
         filter = filter.add_directive(format!("{target}=info").parse().expect("a valid directive"));
     }
+    // The Redis client warns at every connection attempt to every node while a cluster
+    // node is down (hundreds of lines a second); fleet mode logs each failure itself.
+    filter = filter.add_directive("redis=error".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,9 +1,9 @@
 //! Fleet mode on a real Redis Cluster (three masters with a replica each): the master
 //! serving the fleet's slot killed and its replica promoted, the slot moved to another
-//! master while the fleet runs, the whole cluster restarted empty, a cluster speaking only
-//! TLS. Each time no read
+//! master while the fleet runs, the whole cluster restarted empty. Each time no read
 //! that began past the bound returns the old value (a daemon either keeps proving
-//! freshness or flushes and bypasses), and the fleet is fresh again afterwards.
+//! freshness or flushes and bypasses), and the fleet is fresh again afterwards. And a
+//! cluster speaking only TLS.
 
 use super::*;
 
@@ -20,29 +20,24 @@ impl Fleet<RedisCluster> {
             .await;
         (fleet, clients, ns, slot)
     }
+}
 
-    /// How many entries the fleet's key-value stream holds, read through the daemon's
-    /// own cluster client.
-    async fn kv_stream_len(&self) -> usize {
-        let d = &self.config.dynamodb;
-        let mut c = Redis::open(&self.redis.url(), "")
-            .unwrap()
-            .connect(None)
-            .await
-            .unwrap();
-        let (keys, after) = (
-            [stream_key(&d.lease_table, &d.kv_table)],
-            ["0-0".to_owned()],
-        );
-        let read = c.read(&keys, &after, Duration::from_millis(1), 100_000);
-        read.await.unwrap().iter().map(|(_, e)| e.len()).sum()
+/// After a change of the cluster, with `k` last written as `v2`: the fleet is fresh, a
+/// write around reaches every daemon and writes through one reach the others.
+async fn fresh_again(fleet: &Fleet<RedisCluster>, clients: &[Client], ns: &str) {
+    fleet.wait_until_fresh().await;
+    let watching: Vec<&Client> = clients.iter().collect();
+    write_around_and_watch(fleet, &watching, ns, "v2", "v3", 3, CONVERGENCE).await;
+    clients[0].kv_put(ns, b("k"), b("v4"), 4).await.unwrap();
+    for c in &clients[1..] {
+        seen_within_bound(c, ns, "k", "v4").await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_a_killed_master_is_replaced_by_its_replica_and_nothing_stale_is_served() {
     let (mut fleet, clients, ns, slot) = Fleet::on_cluster().await;
-    assert!(fleet.kv_stream_len().await > 0, "the fleet publishes");
+    assert!(!fleet.kv_entries().await.is_empty(), "the fleet publishes");
     let master = fleet.redis.master_of(slot).await;
     fleet.redis.kill(master).await;
     let watching: Vec<&Client> = clients.iter().collect();
@@ -50,13 +45,7 @@ async fn cluster_a_killed_master_is_replaced_by_its_replica_and_nothing_stale_is
 
     fleet.redis.wait_until_ok(&[master]).await;
     assert_ne!(fleet.redis.master_of(slot).await, master, "not failed over");
-    fleet.wait_until_fresh().await;
-    write_around_and_watch(&fleet, &watching, &ns, "v2", "v3", 3, CONVERGENCE).await;
-    // Through the promoted replica: writes through one daemon reach the others.
-    clients[0].kv_put(&ns, b("k"), b("v4"), 4).await.unwrap();
-    for c in &clients[1..] {
-        seen_within_bound(c, &ns, "k", "v4").await;
-    }
+    fresh_again(&fleet, &clients, &ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -71,15 +60,10 @@ async fn cluster_the_fleets_slot_moved_to_another_master_while_it_runs() {
     );
     assert_eq!(fleet.redis.master_of(slot).await, to);
     assert!(
-        fleet.kv_stream_len().await > 0,
+        !fleet.kv_entries().await.is_empty(),
         "the stream moved with its slot"
     );
-    fleet.wait_until_fresh().await;
-    write_around_and_watch(&fleet, &watching, &ns, "v2", "v3", 3, CONVERGENCE).await;
-    clients[0].kv_put(&ns, b("k"), b("v4"), 4).await.unwrap();
-    for c in &clients[1..] {
-        seen_within_bound(c, &ns, "k", "v4").await;
-    }
+    fresh_again(&fleet, &clients, &ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -105,21 +89,7 @@ async fn cluster_restarted_empty_every_daemon_flushes_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_over_tls_relays_and_hints() {
-    let fleet = Fleet::start_on(RedisCluster::start_tls().await, 2, "").await;
-    assert!(fleet.redis.url().starts_with("rediss+cluster://"));
-    fleet.wait_until_fresh().await;
-    let clients = fleet.clients().await;
-    let ns = name();
-    clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
-    seen_within_bound(&clients[1], &ns, "k", "v1").await;
-    clients[0].kv_put(&ns, b("k"), b("v2"), 2).await.unwrap();
-    seen_within_bound(&clients[1], &ns, "k", "v2").await;
-    let direct = fleet.direct_kv().await;
-    direct.put(&ns, b"k", b("v3"), 3).await.unwrap();
-    for c in &clients {
-        seen_within_bound(c, &ns, "k", "v3").await;
-    }
-    let s = scrape(fleet.members[1].metrics).await;
-    assert!(total(&s, "ddbcached_fleet_consumed_total", &[]) > 0.0);
-    assert_eq!(total(&s, "ddbcached_fleet_redis_errors_total", &[]), 0.0);
+    let cluster = RedisCluster::start_tls().await;
+    assert!(cluster.url().starts_with("rediss+cluster://"));
+    relays_and_hints(cluster).await;
 }

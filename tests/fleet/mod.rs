@@ -18,7 +18,7 @@ use ddbcached::cache::Cache;
 use ddbcached::coherence::Coherence;
 use ddbcached::config::{CacheConfig, Config};
 use ddbcached::fleet::consumer::{self, Consuming};
-use ddbcached::fleet::entry::{wall_ms, Codec, Entry, Event, Fact};
+use ddbcached::fleet::entry::{wall_ms, Codec, DecodeError, Entry, Event, Fact};
 use ddbcached::fleet::lease::{lease_id, Leases};
 use ddbcached::fleet::transport::{stream_key, Redis};
 use ddbcached::fleet::FleetStats;
@@ -222,6 +222,51 @@ impl<R: SharedRedis> Fleet<R> {
             }
         }
     }
+
+    /// Every entry the key-value table's Redis stream holds, decoded as unsigned, read
+    /// through the daemon's own client.
+    async fn kv_entries(&self) -> Vec<Result<Entry, DecodeError>> {
+        let d = &self.config.dynamodb;
+        let mut c = Redis::open(&self.redis.url(), &self.redis.ca_file())
+            .unwrap()
+            .connect(None)
+            .await
+            .unwrap();
+        let (keys, after) = (
+            [stream_key(&d.lease_table, &d.kv_table)],
+            ["0-0".to_owned()],
+        );
+        let streams = c.read(&keys, &after, Duration::from_millis(1), 100_000);
+        let codec = Codec::new("");
+        streams
+            .await
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, entries)| entries)
+            .map(|e| codec.decode(|f| e.fields.get(f).map(Vec::as_slice)))
+            .collect()
+    }
+}
+
+/// A fleet of two on `redis`: writes through one daemon reach the other, and a write
+/// around both reaches both, with no failed Redis call.
+async fn relays_and_hints<R: SharedRedis>(redis: R) {
+    let fleet = Fleet::start_on(redis, 2, "").await;
+    fleet.wait_until_fresh().await;
+    let clients = fleet.clients().await;
+    let ns = name();
+    clients[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
+    seen_within_bound(&clients[1], &ns, "k", "v1").await;
+    clients[0].kv_put(&ns, b("k"), b("v2"), 2).await.unwrap();
+    seen_within_bound(&clients[1], &ns, "k", "v2").await;
+    let direct = fleet.direct_kv().await;
+    direct.put(&ns, b"k", b("v3"), 3).await.unwrap();
+    for c in &clients {
+        seen_within_bound(c, &ns, "k", "v3").await;
+    }
+    let s = scrape(fleet.members[1].metrics).await;
+    assert!(total(&s, "ddbcached_fleet_consumed_total", &[]) > 0.0);
+    assert_eq!(total(&s, "ddbcached_fleet_redis_errors_total", &[]), 0.0);
 }
 
 /// How many of a daemon's tables (among those `labels` select) bypass the cache, for

@@ -209,31 +209,15 @@ async fn two_slots_one_publisher_a_standby_and_every_write_published_once() {
         .await
         .unwrap();
     let published = async || {
-        let d = &fleet.config.dynamodb;
-        let mut c = Redis::open(&fleet.redis.url(), "")
-            .unwrap()
-            .connect(None)
-            .await
-            .unwrap();
-        let (keys, after) = (
-            [stream_key(&d.lease_table, &d.kv_table)],
-            ["0-0".to_owned()],
-        );
-        let streams = c.read(&keys, &after, Duration::from_millis(1), 100_000);
+        let once = |f: &Fact| matches!(f, Fact::KvVersion { ns: s, key, .. } if *s == ns && key == b"once");
         let mut n = 0;
-        for (_, entries) in streams.await.unwrap() {
-            for e in entries {
-                let entry = Codec::new("").decode(|f| e.fields.get(f).map(Vec::as_slice));
-                if let Ok(Entry::Relay {
-                    event: Event::Batch { facts, .. },
-                    ..
-                }) = entry
-                {
-                    n += facts
-                        .iter()
-                        .filter(|f| matches!(f, Fact::KvVersion { ns: s, key, .. } if *s == ns && key == b"once"))
-                        .count();
-                }
+        for entry in fleet.kv_entries().await {
+            if let Ok(Entry::Relay {
+                event: Event::Batch { facts, .. },
+                ..
+            }) = entry
+            {
+                n += facts.iter().filter(|f| once(f)).count();
             }
         }
         n
