@@ -250,3 +250,27 @@ impl Connection {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_url_names_every_seed_with_the_credentials_given_once() {
+        assert_eq!(
+            cluster_nodes("rediss", "user:p@ss,word@h1:6379,h2:6380").unwrap(),
+            [
+                "rediss://user:p@ss,word@h1:6379",
+                "rediss://user:p@ss,word@h2:6380"
+            ]
+        );
+        assert_eq!(cluster_nodes("redis", "h1:1,").unwrap(), ["redis://h1:1"]);
+        assert!(cluster_nodes("redis", "").is_err());
+        assert!(cluster_nodes("unix", "h:1").is_err());
+        assert!(Redis::open("http+cluster://h:1", "").is_err());
+        assert!(matches!(
+            Redis::open("redis+cluster://h1:1,h2:2", ""),
+            Ok(Redis::Cluster(_))
+        ));
+    }
+}

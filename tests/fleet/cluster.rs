@@ -2,8 +2,8 @@
 //! serving the fleet's slot killed and its replica promoted, the slot moved to another
 //! master while the fleet runs, the whole cluster restarted empty. Each time no read
 //! that began past the bound returns the old value (a daemon either keeps proving
-//! freshness or flushes and bypasses), and the fleet is fresh again afterwards. And a
-//! cluster speaking only TLS.
+//! freshness or flushes and bypasses), and the fleet is fresh again afterwards. And
+//! clusters speaking only TLS, or requiring a password.
 
 use super::*;
 
@@ -91,5 +91,15 @@ async fn cluster_restarted_empty_every_daemon_flushes_and_recovers() {
 async fn cluster_over_tls_relays_and_hints() {
     let cluster = RedisCluster::start_tls().await;
     assert!(cluster.url().starts_with("rediss+cluster://"));
+    relays_and_hints(cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_with_a_password_relays_and_hints() {
+    let cluster = RedisCluster::start_with_password("fleet-secret").await;
+    let without = cluster.url().replace("default:fleet-secret@", "");
+    assert_ne!(without, cluster.url());
+    let refused = Redis::open(&without, "").unwrap().connect(None).await;
+    assert!(refused.is_err(), "a client without the password is refused");
     relays_and_hints(cluster).await;
 }

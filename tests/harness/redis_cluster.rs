@@ -1,7 +1,7 @@
 //! A Redis Cluster for the fleet tests, from Debian's `redis-server` and `redis-cli`:
 //! three masters with a replica each on free loopback ports, made with
-//! `redis-cli --cluster create`, without persistence, plain or speaking only TLS (between
-//! its nodes too). A test can kill a master (SIGKILL)
+//! `redis-cli --cluster create`, without persistence, plain, speaking only TLS (between
+//! its nodes too) or requiring a password. A test can kill a master (SIGKILL)
 //! and wait for its replica to take over, move a slot to another master while it is in
 //! use, or restart the whole cluster empty. Every node is killed when it is dropped.
 
@@ -26,6 +26,8 @@ pub struct RedisCluster {
     dir: tempfile::TempDir,
     /// With TLS: the certificates ([`certificates`]).
     tls: Option<tempfile::TempDir>,
+    /// The password every node requires (of the `default` user), if any.
+    password: Option<String>,
 }
 
 /// One line of `CLUSTER NODES`.
@@ -40,20 +42,26 @@ struct Node {
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
-        RedisCluster::with(None).await
+        RedisCluster::with(None, None).await
     }
 
     /// One whose nodes speak only TLS, to clients and to each other.
     pub async fn start_tls() -> RedisCluster {
-        RedisCluster::with(Some(certificates())).await
+        RedisCluster::with(Some(certificates()), None).await
     }
 
-    async fn with(tls: Option<tempfile::TempDir>) -> RedisCluster {
+    /// One whose nodes require `password` of clients and of each other.
+    pub async fn start_with_password(password: &str) -> RedisCluster {
+        RedisCluster::with(None, Some(password.to_owned())).await
+    }
+
+    async fn with(tls: Option<tempfile::TempDir>, password: Option<String>) -> RedisCluster {
         let mut cluster = RedisCluster {
             ports: (0..6).map(|_| free_port()).collect(),
             processes: (0..6).map(|_| None).collect(),
             dir: tempfile::tempdir().unwrap(),
             tls,
+            password,
         };
         cluster.create().await;
         cluster
@@ -69,7 +77,11 @@ impl RedisCluster {
             Some(_) => "rediss+cluster",
             None => "redis+cluster",
         };
-        format!("{scheme}://{}", seeds.join(","))
+        let credentials = self
+            .password
+            .as_ref()
+            .map_or_else(String::new, |p| format!("default:{p}@"));
+        format!("{scheme}://{credentials}{}", seeds.join(","))
     }
 
     /// The authority to trust (empty without TLS).
@@ -79,10 +91,17 @@ impl RedisCluster {
         })
     }
 
-    /// How a node is listened on: a plain port, or a TLS one with its certificates.
+    /// How a node is listened on (a plain port, or a TLS one with its certificates), and
+    /// the password it requires and gives its master.
     fn listen_args(&self, port: u16) -> Vec<String> {
         let port = port.to_string();
-        match &self.tls {
+        let mut args = match &self.password {
+            Some(p) => ["--requirepass", p, "--masterauth", p]
+                .map(String::from)
+                .to_vec(),
+            None => vec![],
+        };
+        args.extend(match &self.tls {
             None => vec!["--port".into(), port],
             Some(dir) => {
                 let file = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
@@ -105,15 +124,20 @@ impl RedisCluster {
                     "no".into(),
                 ]
             }
-        }
+        });
+        args
     }
 
     /// What `redis-cli` needs to reach the nodes.
     fn cli_args(&self) -> Vec<String> {
-        match &self.tls {
+        let mut args = match &self.tls {
             None => vec![],
             Some(_) => vec!["--tls".into(), "--cacert".into(), self.ca_file()],
+        };
+        if let Some(p) = &self.password {
+            args.extend(["-a", p, "--no-auth-warning"].map(String::from));
         }
+        args
     }
 
     /// Starts every node empty and joins them into a cluster whose every slot is served.
