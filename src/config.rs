@@ -25,6 +25,7 @@ const RENAMED_SECTIONS: [(&str, &str); 2] = [("fanout", "fleet"), ("log", "loggi
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub stores: StoresConfig,
     pub dynamodb: DynamoConfig,
     pub cache: CacheConfig,
     pub streams: StreamsConfig,
@@ -327,6 +328,22 @@ impl Default for DynamoApiConfig {
     }
 }
 
+/// The zio-flow stores: the key-value and indexed stores in `dynamodb.kv_table` and
+/// `dynamodb.log_table`, served over the Unix socket (`[server]`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoresConfig {
+    /// Off: the daemon serves only DynamoDB's API (`[dynamodb_api]`); the stores' tables
+    /// need not exist and are neither checked nor tailed, and no socket is bound.
+    pub enabled: bool,
+}
+
+impl Default for StoresConfig {
+    fn default() -> Self {
+        StoresConfig { enabled: true }
+    }
+}
+
 /// The Prometheus endpoint.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -581,6 +598,20 @@ impl Config {
             "must not be empty and must differ from the data tables",
         )?;
         let a = &self.dynamodb_api;
+        let front = !a.listen.is_empty() || !a.socket_path.as_os_str().is_empty();
+        check(
+            "stores.enabled",
+            self.stores.enabled,
+            self.stores.enabled || front,
+            "may be false only with the DynamoDB API on (dynamodb_api.listen or \
+             dynamodb_api.socket_path): there would be nothing to serve",
+        )?;
+        check(
+            "stores.enabled",
+            self.stores.enabled,
+            self.stores.enabled || !self.fleet.enabled(),
+            "may be false only without fleet mode, which carries the stores' tables alone",
+        )?;
         check(
             "dynamodb_api.listen",
             &a.listen,
@@ -953,6 +984,20 @@ mod tests {
         // The current names warn of nothing.
         let c = Config::load_with_env(None, env(&[("DDBCACHED_LOGGING_LEVEL", "warn")])).unwrap();
         assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_stores_can_be_off_only_for_a_daemon_serving_the_api() {
+        let load = |pairs: &[(&str, &str)]| Config::load_with_env(None, env(pairs));
+        assert!(load(&[]).unwrap().stores.enabled);
+        let off = ("DDBCACHED_STORES_ENABLED", "false");
+        let e = load(&[off]).unwrap_err().to_string();
+        assert!(e.starts_with("stores.enabled = false is not valid"), "{e}");
+        let api = ("DDBCACHED_DYNAMODB_API_LISTEN", "127.0.0.1:8100");
+        assert!(!load(&[off, api]).unwrap().stores.enabled);
+        let fleet = ("DDBCACHED_FLEET_REDIS_URL", "redis://127.0.0.1:6379");
+        let e = load(&[off, api, fleet]).unwrap_err().to_string();
+        assert!(e.contains("fleet mode"), "{e}");
     }
 
     #[test]

@@ -81,8 +81,9 @@ impl Tailers {
 pub struct Daemon {
     service: Arc<Service>,
     probe: Arc<Probe>,
-    listener: Listener,
     metrics_endpoint: Option<TcpListener>,
+    /// The stores' socket (none when `stores.enabled` is off).
+    listener: Option<Listener>,
     api: Option<Front>,
     tailers: Option<Tailers>,
     server: ServerConfig,
@@ -124,6 +125,7 @@ impl Daemon {
         });
         let cache = Arc::new(Cache::new(&config.cache));
         let fleet_mode = config.fleet.enabled();
+        let stores = config.stores.enabled;
         let api_cache = match api_cached_tables(config, tail) {
             [] => None,
             names => {
@@ -147,6 +149,7 @@ impl Daemon {
         ));
         let probe = Arc::new(Probe {
             ready: Default::default(),
+            stores,
             fleet_mode,
             server_stats: Arc::default(),
             api_calls: api_calls.clone(),
@@ -164,10 +167,13 @@ impl Daemon {
         // later write is sure to reach the cache, and only then may reads use it.
         let mut hints = None;
         let tailers = if tail {
-            tables::check_tables(&dynamodb, d, fleet_mode).await?;
             let stop = CancellationToken::new();
             let tasks = TaskTracker::new();
-            if fleet_mode {
+            // With the stores off their tables are never read: they need not exist.
+            if stores {
+                tables::check_tables(&dynamodb, d, fleet_mode).await?;
+            }
+            if stores && fleet_mode {
                 let parts = fleet::Parts {
                     fleet: config.fleet.clone(),
                     // A quarter of the bound: proofs arrive often enough that a reader
@@ -184,7 +190,7 @@ impl Daemon {
                     stats: probe.fleet_stats.clone(),
                 };
                 hints = fleet::start(parts, &tasks, stop.clone()).await?.hints;
-            } else {
+            } else if stores {
                 start_tailers(config, &tables, &streams, &probe, &tasks, &stop).await?;
             }
             if let Some(api_cache) = &api_cache {
@@ -239,7 +245,10 @@ impl Daemon {
             )
             .await?
         };
-        let listener = server::bind(&config.server)?;
+        let listener = match stores {
+            true => Some(server::bind(&config.server)?),
+            false => None,
+        };
         Ok(Daemon {
             service,
             probe,
@@ -301,14 +310,19 @@ impl Daemon {
         let api = self
             .api
             .map(|front| tokio::spawn(front.run(shutdown.clone())));
-        server::run(
-            self.listener,
-            self.service,
-            self.probe.server_stats.clone(),
-            self.server,
-            shutdown,
-        )
-        .await;
+        match self.listener {
+            Some(listener) => {
+                server::run(
+                    listener,
+                    self.service,
+                    self.probe.server_stats.clone(),
+                    self.server,
+                    shutdown,
+                )
+                .await
+            }
+            None => shutdown.cancelled().await,
+        }
         if let Some(api) = api {
             // Cannot fail: the front's task does not panic on what a client sends.
             let _ = api.await;

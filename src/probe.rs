@@ -23,6 +23,8 @@ pub struct Probe {
     /// Set once the tailers (or fleet mode's consumer) have taken their positions: from
     /// then on the daemon can serve reads from the cache.
     pub(crate) ready: AtomicBool,
+    /// Whether this daemon serves the stores (`stores.enabled`).
+    pub(crate) stores: bool,
     /// Whether this daemon runs in fleet mode (health then names its roles).
     pub(crate) fleet_mode: bool,
     pub(crate) server_stats: Arc<ServerStats>,
@@ -43,7 +45,8 @@ pub struct Health {
     /// Tables checked and tailers positioned.
     pub ready: bool,
     /// Per table (indexed by [`StoreTable`]): whether its freshness is proven, so that
-    /// reads of it are served from the cache.
+    /// reads of it are served from the cache; true when the stores are off (nothing
+    /// reads them).
     pub fresh: [bool; 2],
     /// The DynamoDB API's cached tables whose freshness is not proven.
     pub api_behind: Vec<String>,
@@ -89,7 +92,8 @@ impl Probe {
         let ready = self.ready.load(Ordering::Acquire);
         Health {
             ready,
-            fresh: StoreTable::ALL.map(|t| ready && !self.coherence.must_bypass(t)),
+            fresh: StoreTable::ALL
+                .map(|t| !self.stores || (ready && !self.coherence.must_bypass(t))),
             api_behind: self
                 .api_cache
                 .iter()
@@ -111,7 +115,10 @@ impl Probe {
         self.api_calls.export(&mut out);
         self.cache.export(&mut out).await;
         self.tail_stats.export(&mut out);
-        self.coherence.export(&mut out);
+        if self.stores {
+            // Off, the stores' tables are never proven fresh: their gauges would alarm.
+            self.coherence.export(&mut out);
+        }
         self.fleet_stats.export(&mut out);
         self.api_stats.export(&mut out);
         crate::api::cache::export(self.api_cache.as_deref(), &mut out);

@@ -20,7 +20,7 @@ use ddbcached::api::cache::ApiCache;
 use ddbcached::api::tables::TableId;
 
 use crate::harness::{
-    api_url, attribute, endpoint, key_part, n, name, s, sdk_client, Daemon, Proxy,
+    api_url, attribute, endpoint, http_get, key_part, n, name, s, sdk_client, Daemon, Proxy,
 };
 
 pub(crate) type Item = HashMap<String, AttributeValue>;
@@ -717,4 +717,43 @@ async fn every_table_with_a_stream_is_cached_under_a_star() {
     );
     // The stores' tables have streams too: cached alike.
     assert!(c.table(&d.config.dynamodb.log_table).is_some());
+}
+
+/// A daemon serving only DynamoDB's API: the stores' tables need not exist, no socket is
+/// bound, it is ready with no store table behind, and its reads are answered from memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_stores_off_only_the_api_is_served() {
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let absent = || {
+        format!("absent-{}", name())
+            .chars()
+            .take(60)
+            .collect::<String>()
+    };
+    let (d, api) = daemon_caching(&t, &direct, |c| {
+        c.stores.enabled = false;
+        c.dynamodb.kv_table = absent();
+        c.dynamodb.log_table = absent();
+    })
+    .await;
+    assert!(!d.socket.exists(), "no socket is bound");
+    let (status, body) = http_get(d.metrics_endpoint(), "/ready").await;
+    assert_eq!((status.as_str(), body.trim()), ("HTTP/1.1 200 OK", "ready"));
+    let (_, metrics) = http_get(d.metrics_endpoint(), "/metrics").await;
+    assert!(
+        !metrics.contains("ddbcached_stream_bypassing"),
+        "no freshness gauge of a store that is not served"
+    );
+    put(&api, &t, item("p", "1", &[])).await;
+    assert_eq!(
+        get(&api, &t, key("p", "1")).await,
+        Some(item("p", "1", &[]))
+    );
+    let before = hits(&d);
+    assert_eq!(
+        get(&api, &t, key("p", "1")).await,
+        Some(item("p", "1", &[]))
+    );
+    assert_eq!(hits(&d), before + 1, "answered from memory");
 }

@@ -1,6 +1,12 @@
-//! A DynamoDB outage under traffic: a DynamoDB Local of the test's own, with its data on
-//! disk, is killed (SIGTERM) while clients write and read through a daemon, and started
-//! again on the same port with the same data.
+//! A DynamoDB outage under traffic: while clients write and read through a daemon, every
+//! connection to DynamoDB is cut (a proxy in between), and a DynamoDB Local of the test's
+//! own, with its data on disk, is stopped (SIGTERM) and started again on the same port
+//! with the same data before the daemon may connect again.
+//!
+//! DynamoDB Local answers a write before it has stored it: stopped at that moment, it
+//! loses an acknowledged write (seen once in about 2,700 acknowledged transactions). So it is stopped
+//! only a second after the cut, once whatever it acknowledged is stored, and the test
+//! can hold the daemon to "every acknowledged write is in DynamoDB".
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +18,7 @@ use ddbcached::store::{KvStore, LogStore};
 use ddbcached_protocol::{ClientError, ErrorCode};
 use futures::TryStreamExt;
 
-use crate::harness::{dynamo_config, name, Daemon, OwnLocal};
+use crate::harness::{dynamo_config, name, Daemon, OwnLocal, Proxy};
 
 const KEYS: usize = 4;
 const TOPICS: usize = 2;
@@ -35,7 +41,8 @@ struct Acked {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outage_fails_requests_in_time_and_the_daemon_recovers_without_a_restart() {
     let mut local = OwnLocal::start().await;
-    let mut config = dynamo_config(&local.endpoint);
+    let proxy = Proxy::start(&local.endpoint).await;
+    let mut config = dynamo_config(&proxy.endpoint);
     config.dynamodb.attempt_timeout_ms = 1000;
     config.dynamodb.operation_timeout_ms = 2000;
     config.dynamodb.max_attempts = 2;
@@ -130,18 +137,21 @@ async fn an_outage_fails_requests_in_time_and_the_daemon_recovers_without_a_rest
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let flushes_before = d.flushes();
+    proxy.cut(true);
+    let lost = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
     local.kill().await;
-    let killed = Instant::now();
     tokio::time::sleep(bound + Duration::from_millis(2000)).await;
     for table in StoreTable::ALL {
         assert!(
             d.service.coherence().must_bypass(table),
             "{table:?}: reads still served from the cache {:?} into the outage",
-            killed.elapsed()
+            lost.elapsed()
         );
     }
     let restarted = Instant::now();
     local.restart().await;
+    proxy.cut(false);
     // Recovery, without restarting the daemon: its tailers catch up again, and it
     // writes again.
     d.wait_until_fresh().await;
@@ -155,7 +165,7 @@ async fn an_outage_fails_requests_in_time_and_the_daemon_recovers_without_a_rest
     pinger.await.unwrap();
 
     let ops = std::mem::take(&mut *ops.lock().unwrap());
-    let in_outage = |op: &Op| op.start >= killed && op.start < restarted;
+    let in_outage = |op: &Op| op.start >= lost && op.start < restarted;
     assert!(
         ops.iter()
             .filter(|op| in_outage(op))
@@ -174,7 +184,7 @@ async fn an_outage_fails_requests_in_time_and_the_daemon_recovers_without_a_rest
                 "undocumented error for an outage: {e}"
             );
             assert!(
-                op.start + op.took > killed,
+                op.start + op.took > lost,
                 "an operation failed before the outage: {e}"
             );
         }
@@ -183,9 +193,9 @@ async fn an_outage_fails_requests_in_time_and_the_daemon_recovers_without_a_rest
         // waited for the restarted DynamoDB.)
         if op.read && op.error.is_none() && in_outage(op) && op.start + op.took < restarted {
             assert!(
-                op.start < killed + bound + Duration::from_millis(100),
+                op.start < lost + bound + Duration::from_millis(100),
                 "a read served from the cache {:?} into the outage (bound {bound:?})",
-                op.start - killed
+                op.start - lost
             );
         }
         if op.start >= recovered {

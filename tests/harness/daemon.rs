@@ -175,18 +175,20 @@ impl Daemon {
     }
 
     /// Waits until every tailer has proven itself caught up, so that reads are served
-    /// from the cache.
+    /// from the cache (the stores' only if the daemon serves them).
     pub async fn wait_until_fresh(&self) {
         use ddbcached::store::StoreTable;
+        let stores = self.config.stores.enabled;
         let api_behind = || {
             self.api_cache
                 .as_ref()
                 .is_some_and(|c| c.tables().iter().any(|t| c.must_bypass(t.id)))
         };
         tokio::time::timeout(Duration::from_secs(120), async {
-            while StoreTable::ALL
-                .iter()
-                .any(|t| self.service.coherence().must_bypass(*t))
+            while (stores
+                && StoreTable::ALL
+                    .iter()
+                    .any(|t| self.service.coherence().must_bypass(*t)))
                 || api_behind()
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1,5 +1,5 @@
-//! A TCP proxy in front of DynamoDB Local that can swallow its responses, or hold back
-//! the answers to one operation until told to let them go.
+//! A TCP proxy in front of DynamoDB Local that can swallow its responses, hold back the
+//! answers to one operation until told to let them go, or cut every connection.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,8 @@ struct Shared {
     released: watch::Sender<bool>,
     /// Answers held back so far.
     held: AtomicUsize,
+    /// While `true`, every connection is closed and new ones are refused.
+    cut: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -39,11 +41,15 @@ impl Proxy {
             hold: Mutex::new(None),
             released: watch::channel(true).0,
             held: AtomicUsize::new(0),
+            cut: watch::channel(false).0,
         });
         let task = {
             let shared = shared.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    if *shared.cut.borrow() {
+                        continue;
+                    }
                     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                         continue;
                     };
@@ -67,6 +73,12 @@ impl Proxy {
     pub fn hold_answers_to(&self, operation: &str) {
         self.shared.released.send_replace(false);
         *self.shared.hold.lock().unwrap() = Some(format!("DynamoDB_20120810.{operation}"));
+    }
+
+    /// From now on, close every connection and refuse new ones (`true`): to the daemon,
+    /// DynamoDB is gone, while DynamoDB Local itself goes on; or connect again (`false`).
+    pub fn cut(&self, on: bool) {
+        self.shared.cut.send_replace(on);
     }
 
     /// Answers held back so far.
@@ -108,20 +120,27 @@ async fn relay(client: tokio::net::TcpStream, server: tokio::net::TcpStream, sha
             }
         })
     };
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match sr.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if holding.swap(false, Ordering::SeqCst) {
-            shared.held.fetch_add(1, Ordering::SeqCst);
-            let mut released = shared.released.subscribe();
-            let _ = released.wait_for(|r| *r).await;
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if holding.swap(false, Ordering::SeqCst) {
+                shared.held.fetch_add(1, Ordering::SeqCst);
+                let mut released = shared.released.subscribe();
+                let _ = released.wait_for(|r| *r).await;
+            }
+            if !shared.swallow.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
         }
-        if !shared.swallow.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
+    };
+    let mut cut = shared.cut.subscribe();
+    tokio::select! {
+        _ = down => {}
+        _ = cut.wait_for(|c| *c) => {}
     }
     up.abort();
 }
