@@ -4,9 +4,9 @@
 //! with the same data before the daemon may connect again.
 //!
 //! DynamoDB Local answers a write before it has stored it: stopped at that moment, it
-//! loses an acknowledged write (seen once in about 2,700 acknowledged transactions). So it is stopped
-//! only a second after the cut, once whatever it acknowledged is stored, and the test
-//! can hold the daemon to "every acknowledged write is in DynamoDB".
+//! loses an acknowledged write (seen once in about 2,700 acknowledged transactions). So
+//! it is stopped only a second after the cut, once whatever it acknowledged is stored,
+//! and the test can hold the daemon to "every acknowledged write is in DynamoDB".
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
