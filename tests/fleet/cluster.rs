@@ -69,22 +69,14 @@ async fn cluster_the_fleets_slot_moved_to_another_master_while_it_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_restarted_empty_every_daemon_flushes_and_recovers() {
     let (mut fleet, clients, ns, _) = Fleet::on_cluster().await;
-    let all: Vec<usize> = (0..3).collect();
     // A reconnect flushes; so does a skipped entry number, if a client's own retries
     // carried a read across the restart.
-    let flushes = async |fleet: &Fleet<RedisCluster>| {
-        fleet.flushes(&all, "reconnected").await + fleet.flushes(&all, "gap").await
-    };
-    let before = flushes(&fleet).await;
+    let causes = ["reconnected", "gap"];
+    let before = fleet.flushes_for(&causes).await;
     fleet.redis.restart_empty().await;
-    let deadline = Instant::now() + CONVERGENCE;
-    while flushes(&fleet).await < before + 3.0 {
-        assert!(Instant::now() < deadline, "not every daemon flushed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    fleet.wait_until_fresh().await;
-    let watching: Vec<&Client> = clients.iter().collect();
-    write_around_and_watch(&fleet, &watching, &ns, "v1", "v2", 2, CONVERGENCE).await;
+    fleet
+        .recovers_from_an_empty_redis(&clients, &ns, &causes, before)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -379,6 +379,36 @@ impl<R: SharedRedis> Fleet<R> {
         }
         sum
     }
+
+    /// Flushes of the key-value table for any of `causes`, summed over every daemon.
+    async fn flushes_for(&self, causes: &[&str]) -> f64 {
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        let mut sum = 0.0;
+        for cause in causes {
+            sum += self.flushes(&all, cause).await;
+        }
+        sum
+    }
+
+    /// After its Redis lost every stream: waits until every daemon has flushed for one
+    /// of `causes` since they counted `before`, then until the fleet is fresh again and a
+    /// write around every daemon reaches them all.
+    async fn recovers_from_an_empty_redis(
+        &self,
+        clients: &[Client],
+        ns: &str,
+        causes: &[&str],
+        before: f64,
+    ) {
+        let deadline = Instant::now() + CONVERGENCE;
+        while self.flushes_for(causes).await < before + self.members.len() as f64 {
+            assert!(Instant::now() < deadline, "not every daemon flushed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.wait_until_fresh().await;
+        let watching: Vec<&Client> = clients.iter().collect();
+        write_around_and_watch(self, &watching, ns, "v1", "v2", 2, CONVERGENCE).await;
+    }
 }
 
 /// Writes `key` around every daemon to `new` (it held `old`), then reads it through every

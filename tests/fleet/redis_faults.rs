@@ -6,18 +6,13 @@ use super::*;
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_restarted_empty_every_daemon_flushes_and_recovers() {
     let (mut fleet, clients, ns) = Fleet::with_cached_key(3, "").await;
-    let all: Vec<usize> = (0..3).collect();
-    let before = fleet.flushes(&all, "reconnected").await;
+    let causes = ["reconnected"];
+    let before = fleet.flushes_for(&causes).await;
     fleet.redis.kill();
     fleet.redis.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while fleet.flushes(&all, "reconnected").await < before + 3.0 {
-        assert!(Instant::now() < deadline, "not every daemon flushed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    fleet.wait_until_fresh().await;
-    let watching: Vec<&Client> = clients.iter().collect();
-    write_around_and_watch(&fleet, &watching, &ns, "v1", "v2", 2, CONVERGENCE).await;
+    fleet
+        .recovers_from_an_empty_redis(&clients, &ns, &causes, before)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
