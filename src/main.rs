@@ -29,7 +29,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the stores on the Unix socket until SIGINT or SIGTERM.
+    /// Serve the stores on the Unix socket and DynamoDB's API, as configured, until SIGINT
+    /// or SIGTERM.
     Serve {
         /// Configuration file (TOML); defaults apply when omitted.
         #[arg(long, short)]
