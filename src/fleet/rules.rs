@@ -13,8 +13,8 @@
 //!   checkpoint past entries that never arrived here. A batch that reads on from its
 //!   relay's own previous batch of the shard says so (`Prev::Same`) instead: when every
 //!   earlier entry of its relay's epoch was heard, its number shows whether that batch
-//!   arrived; when some were not (the epoch was first heard past its first entry), it is
-//!   a gap.
+//!   arrived; when some were not (the epoch was first heard past its first entry, once
+//!   joined), it is a gap.
 //! - A reset is a gap. A watermark whose position on a shard is beyond what was seen is
 //!   a gap; otherwise it proves freshness as of its time.
 //! - A gap flushes the table, so nothing cached predates it, and the freshness already
@@ -67,6 +67,8 @@ pub struct Rules {
     shards: HashMap<String, String>,
     /// The newest watermark time accepted.
     fresh_ms: Option<u64>,
+    /// A watermark was read since joining or rejoining (see the module's note on joining).
+    joined: bool,
 }
 
 /// What a consumer knows of one relay.
@@ -95,6 +97,7 @@ impl Rules {
             read: 0,
             shards: HashMap::new(),
             fresh_ms: None,
+            joined: false,
         }
     }
 
@@ -109,6 +112,7 @@ impl Rules {
         out.push(Action::Flush(FlushCause::Reconnected));
         self.relays.clear();
         self.shards.clear();
+        self.joined = false;
     }
 
     /// The next entry of the stream.
@@ -128,8 +132,8 @@ impl Rules {
             } => {
                 self.read += 1;
                 // A new epoch is whole if it is heard from its first entry, or before
-                // this consumer has joined (see the module's note on joining).
-                let mut whole = n == 1 || self.fresh_ms.is_none();
+                // this consumer has (re)joined (see the module's note on joining).
+                let mut whole = n == 1 || !self.joined;
                 match self.relays.get(&relay) {
                     Some(heard) if epoch < heard.epoch => {
                         // A deposed relay's late entry: a fact still, but it proves nothing.
@@ -224,6 +228,7 @@ impl Rules {
                 for (shard, at) in shards {
                     self.learn(shard, at);
                 }
+                self.joined = true;
                 if self.fresh_ms.is_none_or(|f| t_ms > f) {
                     self.fresh_ms = Some(t_ms);
                     out.push(Action::Fresh(t_ms));

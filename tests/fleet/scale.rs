@@ -83,11 +83,19 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
     let (mut through, mut around) = (Vec::new(), Vec::new());
     for w in 0..writes {
         let key = CacheKey::kv(&ns, format!("k{w}").as_bytes());
-        // Every host holds the key's old state.
+        // Every host holds the key's old state. A fill is refused if the table was
+        // flushed meanwhile (a consumer that reconnected on a loaded machine): again.
         for s in &sims {
-            let t = s.cache.ticket(&key);
-            let absent = Cached::Kv(Arc::new(KeyVersions::absent()));
-            assert!(s.cache.commit_fill(key.clone(), t, |_| Some(absent)).await);
+            let deadline = Instant::now() + CONVERGENCE;
+            loop {
+                let t = s.cache.ticket(&key);
+                let absent = Cached::Kv(Arc::new(KeyVersions::absent()));
+                if s.cache.commit_fill(key.clone(), t, |_| Some(absent)).await {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "a host never kept the old state");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         let by_daemon = w % 2 == 0;
         if by_daemon {
