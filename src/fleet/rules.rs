@@ -167,16 +167,13 @@ impl Rules {
                     self.gap(FlushCause::Gap, out);
                     whole = true;
                 }
-                let at = self.read;
-                self.relays.insert(
-                    relay,
-                    Heard {
-                        epoch,
-                        last: n,
-                        at,
-                        whole,
-                    },
-                );
+                let heard = Heard {
+                    epoch,
+                    last: n,
+                    at: self.read,
+                    whole,
+                };
+                self.relays.insert(relay, heard);
                 if self.relays.len() > RELAYS_REMEMBERED {
                     // A forgotten relay's next entry starts a new sequence: one number
                     // goes unchecked, the positions still are.
