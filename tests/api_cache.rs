@@ -18,6 +18,8 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 use ddbcached::api::cache::ApiCache;
 use ddbcached::api::tables::TableId;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use crate::harness::{
     api_url, attribute, endpoint, http_get, key_part, n, name, s, sdk_client, Daemon, Proxy,
@@ -669,6 +671,77 @@ async fn a_fill_that_raced_a_write_is_never_kept() {
         assert_eq!(now[0]["color"], s(color));
         assert_eq!(read(&api).await, now, "round {round} ({operation})");
     }
+}
+
+/// A write whose client hangs up before DynamoDB's answer: DynamoDB has applied it, so
+/// the entries it changed must go all the same (the client's retry of a conditional
+/// write would be refused and drop nothing itself). The stream is polled too rarely to
+/// bring the change during the test: only the write's own path can drop the entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_whose_client_hung_up_still_drops_what_it_changed() {
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let proxy = Proxy::start(endpoint()).await;
+    let d = Daemon::start_with(|c| {
+        c.dynamodb.endpoint = proxy.endpoint.clone();
+        c.dynamodb_api.listen = "127.0.0.1:0".into();
+        c.dynamodb_api.tables = vec![t.clone()];
+        c.cache.max_staleness_ms = NO_BYPASS_MS;
+        c.streams.poll_interval_ms = NO_BYPASS_MS / 2;
+    })
+    .await;
+    d.wait_until_fresh().await;
+    let api = sdk_client(&api_url(&d)).await;
+    put(&api, &t, item("p", "1", &[("v", s("old"))])).await;
+    get(&api, &t, key("p", "1")).await;
+    let before = hits(&d);
+    assert_eq!(
+        get(&api, &t, key("p", "1")).await,
+        Some(item("p", "1", &[("v", s("old"))]))
+    );
+    assert_eq!(hits(&d), before + 1, "the old item is cached");
+
+    proxy.hold_answers_to("PutItem");
+    let body = format!(
+        r#"{{"TableName":"{t}","Item":{{"pk":{{"S":"p"}},"sk":{{"N":"1"}},"v":{{"S":"new"}}}}}}"#
+    );
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-amz-json-1.0\r\n\
+         X-Amz-Target: DynamoDB_20120810.PutItem\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut client = TcpStream::connect(d.api.unwrap()).await.unwrap();
+    client.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while proxy.held() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the write reaches DynamoDB");
+    // DynamoDB has applied the write; its client goes away before hearing so.
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.release();
+    let new = item("p", "1", &[("v", s("new"))]);
+    assert_eq!(
+        consistent_get(&direct, &t, key("p", "1")).await,
+        Some(new.clone())
+    );
+    // The daemon hears DynamoDB's answer a moment after the release; from then on no
+    // read may be answered from before the write.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while get(&api, &t, key("p", "1")).await.as_ref() != Some(&new) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the hung-up write's item is dropped, not served old until the stream's poll");
+    assert_eq!(
+        cache(&d).applied(TableId(0)).0,
+        0,
+        "the stream brought nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

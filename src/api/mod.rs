@@ -323,7 +323,7 @@ impl Activity {
 
 /// One request's answer: DynamoDB's, or the front's own error.
 async fn answer(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     request: Request<Incoming>,
     slow: Duration,
 ) -> Response<Full<Bytes>> {
@@ -362,7 +362,7 @@ fn outcome_of(e: &ApiError) -> Outcome {
 /// Checks and reads a request of a known operation, and answers it from the cache or
 /// forwards it.
 async fn take(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     op: Operation,
     target: &HeaderValue,
     request: Request<Incoming>,
@@ -382,6 +382,7 @@ async fn take(
             request.uri().path()
         )));
     }
+    let host = request.headers().get(http::header::HOST).cloned();
     let limit = shared.config.max_body_bytes;
     let too_large = |size: &dyn std::fmt::Display| {
         ApiError::Validation(format!(
@@ -432,6 +433,9 @@ async fn take(
         .map_err(|e| {
             ApiError::Serialization(format!("the request body is not a JSON object: {e}"))
         })?;
+    if op.name == "DescribeEndpoints" {
+        return Ok((describe_endpoints(host), Served::Hit));
+    }
     let call = reads::Call {
         shared,
         target,
@@ -446,16 +450,46 @@ async fn take(
         "Query" => return reads::query(&call, cache, parsed, body).await,
         _ => {}
     }
-    let touched = writes::Touched::of(cache, op.name, &parsed);
-    let result = call.forward(body).await;
-    if let Some(touched) = touched {
+    let Some(touched) = writes::Touched::of(cache, op.name, &parsed) else {
+        return Ok((call.forward(body).await?, Served::Bypass));
+    };
+    // The write runs to its end in its own task: once sent it may be applied, so its
+    // entries must go even if the client hangs up before the answer (the client's
+    // retry may then be refused, a failed condition, and apply nothing itself).
+    let (shared, cache) = (shared.clone(), cache.clone());
+    let (target, content_type) = (target.clone(), content_type);
+    let write = tokio::spawn(async move {
+        let result = shared
+            .upstream
+            .forward(&target, content_type.as_ref(), body)
+            .await;
         // Applied unless DynamoDB refused it; no answer may still mean applied.
         let refused = matches!(&result, Ok(r) if r.status().is_client_error());
         if !refused {
-            touched.apply(cache);
+            touched.apply(&cache);
         }
-    }
+        result
+    });
+    let result = write
+        .await
+        .map_err(|e| ApiError::Upstream(format!("the write's task ended abnormally: {e}")))?;
     Ok((result?, Served::Bypass))
+}
+
+/// DescribeEndpoints, answered by the front: the address the client reached it at (its
+/// `Host`). An SDK with endpoint discovery on (the Java SDK's `endpointDiscoveryEnabled`)
+/// sends every later request to the address it is given, with its configured scheme:
+/// DynamoDB's own answer, a regional endpoint, would take it around the daemon.
+fn describe_endpoints(host: Option<HeaderValue>) -> Response<Full<Bytes>> {
+    let address = host
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or("localhost");
+    let body = serde_json::json!({
+        "Endpoints": [{ "Address": address, "CachePeriodInMinutes": 1440 }]
+    });
+    reads::respond(body.to_string().into_bytes(), None)
 }
 
 /// Why a gzip body was not decoded.
