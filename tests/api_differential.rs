@@ -442,8 +442,10 @@ async fn apply(w: &mut World<'_>, op: &Op) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+// A failure returns its shrunk sequence as the test's error rather than panicking, so
+// that the sequence is the last thing the run prints.
 #[tokio::test(flavor = "multi_thread")]
-async fn random_sequences_answer_as_dynamodb_does() {
+async fn random_sequences_answer_as_dynamodb_does() -> Result<(), String> {
     let direct = sdk_client(endpoint()).await;
     let table = cached_table(&direct).await;
     let (d, api) = daemon_caching(&table, &direct, |c| c.cache.max_staleness_ms = BOUND_MS).await;
@@ -496,9 +498,7 @@ async fn random_sequences_answer_as_dynamodb_does() {
             })
         })
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
+    result.map_err(|e| e.to_string())?;
     // The sequences were answered from memory too, not only forwarded.
     let hits: u64 = d
         .api_cache
@@ -509,4 +509,5 @@ async fn random_sequences_answer_as_dynamodb_does() {
         .map(|r| r[0])
         .sum();
     assert!(hits > 0);
+    Ok(())
 }
