@@ -191,6 +191,10 @@ impl Default for CacheConfig {
 pub struct StreamsConfig {
     /// Pause between two polls of a table's shards (none while a shard has a backlog).
     pub poll_interval_ms: u64,
+    /// How long a write's record may take to become readable in the stream after
+    /// DynamoDB acknowledged the write. DynamoDB promises no bound; a poll's proof of
+    /// freshness is dated this much before the poll began.
+    pub propagation_allowance_ms: u64,
     /// How often the whole stream is re-described to find new shards, and the table's
     /// stream ARN re-read to notice a replaced stream.
     pub discovery_interval_ms: u64,
@@ -203,6 +207,7 @@ impl Default for StreamsConfig {
     fn default() -> Self {
         StreamsConfig {
             poll_interval_ms: 250,
+            propagation_allowance_ms: 500,
             discovery_interval_ms: 60_000,
             stream_readers: 1,
         }
@@ -212,6 +217,9 @@ impl Default for StreamsConfig {
 impl StreamsConfig {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
+    }
+    pub fn propagation_allowance(&self) -> Duration {
+        Duration::from_millis(self.propagation_allowance_ms)
     }
     pub fn discovery_interval(&self) -> Duration {
         Duration::from_millis(self.discovery_interval_ms)
@@ -540,6 +548,13 @@ impl Config {
                 && self.streams.poll_interval_ms < self.cache.max_staleness_ms,
             "must be at least 1 and less than cache.max_staleness_ms",
         )?;
+        let st = &self.streams;
+        check(
+            "streams.propagation_allowance_ms",
+            st.propagation_allowance_ms,
+            st.poll_interval_ms + st.propagation_allowance_ms < self.cache.max_staleness_ms,
+            "plus streams.poll_interval_ms must be less than cache.max_staleness_ms",
+        )?;
         check(
             "streams.stream_readers",
             self.streams.stream_readers,
@@ -579,8 +594,10 @@ impl Config {
             check(
                 "fleet.clock_skew_ms",
                 f.clock_skew_ms,
-                f.clock_skew_ms + self.streams.poll_interval_ms < self.cache.max_staleness_ms,
-                "plus streams.poll_interval_ms must be less than cache.max_staleness_ms",
+                f.clock_skew_ms + st.poll_interval_ms + st.propagation_allowance_ms
+                    < self.cache.max_staleness_ms,
+                "plus streams.poll_interval_ms and streams.propagation_allowance_ms must be \
+                 less than cache.max_staleness_ms",
             )?;
             check(
                 "fleet.retention_ms",

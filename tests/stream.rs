@@ -241,7 +241,11 @@ async fn a_write_around_both_daemons_reaches_both() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_bypass_the_cache_once_the_tailer_falls_behind() {
-    let d = Daemon::start_with(|c| c.cache.max_staleness_ms = 600).await;
+    let d = Daemon::start_with(|c| {
+        c.cache.max_staleness_ms = 600;
+        c.streams.propagation_allowance_ms = 100;
+    })
+    .await;
     let c = d.client().await;
     let ns = name();
     c.kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();

@@ -16,9 +16,11 @@
 //! continuity (the sink flushes the table); throttling and errors back off.
 //!
 //! Bounded staleness: a round that finds a shard caught up (fewer records than a full
-//! page) proves that every record written before the round began has been handed over.
-//! The oldest such proof among the shards being read is reported to the sink after every
-//! round as the table's freshness.
+//! page) proves that every record readable when the round began has been handed over,
+//! and so, since a record becomes readable at most `streams.propagation_allowance_ms`
+//! after its write (an assumption: DynamoDB promises no bound), every write made that
+//! long before. The oldest such proof among the shards being read is reported to the
+//! sink after every round as the table's freshness.
 
 pub mod api;
 pub mod change;
@@ -345,7 +347,8 @@ impl<A: StreamsApi, S: Sink> Tailer<A, S> {
             None => self
                 .shards
                 .caught_up_at()
-                .map(|ms| self.clock + Duration::from_millis(ms)),
+                .map(|ms| self.clock + Duration::from_millis(ms))
+                .and_then(|began| began.checked_sub(self.config.propagation_allowance())),
         };
         if let Err(e) = self
             .sink

@@ -476,3 +476,22 @@ async fn a_shard_end_the_sink_refuses_holds_back_its_children() {
     assert!(ended < child, "{log:?}");
     assert_eq!(log.iter().filter(|l| **l == a_ended).count(), 1, "{log:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_rounds_proof_is_dated_the_propagation_allowance_before_it_began() {
+    let fake = FakeStreams::new("arn1");
+    fake.add_shard("a", None);
+    let mut r = rig(fake).await;
+    let began = tokio::time::Instant::now();
+    r.tailer.round().await;
+    // A write acknowledged just before the round may not have been readable yet: the
+    // proof covers writes up to `began - allowance` only.
+    let (bound, allowance) = (
+        CacheConfig::default().max_staleness_ms,
+        StreamsConfig::default().propagation_allowance_ms,
+    );
+    let within = began + Duration::from_millis(bound - allowance - 10);
+    let past = began + Duration::from_millis(bound - allowance + 10);
+    assert!(!r.coherence.must_bypass_at(StoreTable::Kv, within));
+    assert!(r.coherence.must_bypass_at(StoreTable::Kv, past));
+}
