@@ -262,6 +262,20 @@ async fn every_operation_through_the_api_answers_as_dynamodb_does() {
     assert_eq!(sample("operation=\"PutItem\",outcome=\"failed\""), 0.0);
 }
 
+/// DescribeEndpoints is the front's to answer: with its own address, as the client
+/// reached it, so that an SDK with endpoint discovery on stays on the daemon. DynamoDB's
+/// answer (a regional endpoint) would take the client around it.
+#[tokio::test(flavor = "multi_thread")]
+async fn describe_endpoints_names_the_front_itself() {
+    let d = daemon_with_api(|_| {}).await;
+    let api = client(&url(&d)).await;
+    let out = api.describe_endpoints().send().await.unwrap();
+    let endpoints = out.endpoints();
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(endpoints[0].address(), d.api.unwrap().to_string());
+    assert_eq!(endpoints[0].cache_period_in_minutes(), 1440);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changes_to_tables_are_refused_unless_the_control_plane_is_on() {
     let direct = client(endpoint()).await;

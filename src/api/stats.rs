@@ -17,7 +17,7 @@ pub enum Outcome {
     Rejected = 2,
     /// DynamoDB could not be reached or did not answer in time.
     Failed = 3,
-    /// Answered from memory, DynamoDB not called.
+    /// Answered by the daemon (from memory, or DescribeEndpoints), DynamoDB not called.
     Cached = 4,
 }
 

@@ -2,6 +2,7 @@ package dev.ddbcached.client;
 
 import static java.nio.charset.StandardCharsets.UTF_8;
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import java.time.Duration;
@@ -12,6 +13,7 @@ import java.util.concurrent.TimeUnit;
 import java.util.function.Function;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
+import org.junit.jupiter.api.Test;
 import org.junit.jupiter.params.ParameterizedTest;
 import org.junit.jupiter.params.provider.EnumSource;
 import software.amazon.awssdk.auth.credentials.AwsBasicCredentials;
@@ -458,5 +460,41 @@ class DynamoDbApiTest {
     assertEquals(2, got.size());
     assertEquals("two", got.get(1).get("zflow_idx_value").b().asUtf8String());
     assertEquals(2, position(c, topic));
+  }
+
+  /**
+   * A client with endpoint discovery on asks DescribeEndpoints and sends what follows to the
+   * address it is given: the front gives its own, so the client never goes around it.
+   */
+  @Test
+  void aClientWithEndpointDiscoveryStaysOnTheDaemon() throws Exception {
+    String described = "ddbcached_api_requests_total{operation=\"describe\",outcome=\"cached\"}";
+    String gets = "ddbcached_api_requests_total{operation=\"GetItem\",outcome=\"cached\"}";
+    double describedBefore = daemon.sample(described);
+    GetItemRequest get =
+        GetItemRequest.builder()
+            .tableName(KV)
+            .key(Map.of("zflow_kv_key", kvKey(TestDaemon.name(), "k"), "zflow_kv_timestamp", n(1)))
+            .build();
+    try (DynamoDbClient discovering =
+        DynamoDbClient.builder()
+            .endpointOverride(daemon.api)
+            .endpointDiscoveryEnabled(true)
+            .region(Region.US_EAST_1)
+            .credentialsProvider(credentials())
+            .httpClientBuilder(UrlConnectionHttpClient.builder())
+            .build()) {
+      // The SDK refreshes its endpoints in the background while the first calls go on.
+      TestDaemon.waitFor(
+          "the client to discover its endpoint",
+          Duration.ofSeconds(60),
+          () -> {
+            discovering.getItem(get);
+            return daemon.sample(described) > describedBefore;
+          });
+      double getsBefore = daemon.sample(gets);
+      assertFalse(discovering.getItem(get).hasItem());
+      assertEquals(getsBefore + 1, daemon.sample(gets), "answered by the daemon, from memory");
+    }
   }
 }
