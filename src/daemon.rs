@@ -25,6 +25,7 @@ use crate::cache::Cache;
 use crate::coherence::Coherence;
 use crate::config::{Config, ServerConfig};
 use crate::fleet::lease::Leases;
+use crate::fleet::{FleetStats, FleetTable, Users};
 use crate::metrics::Metrics;
 use crate::probe::Probe;
 use crate::server::{self, BindError, Listener};
@@ -142,6 +143,10 @@ impl Daemon {
         let api_table_names = api_cache
             .iter()
             .flat_map(|c| c.tables().iter().map(|t| t.name.clone()));
+        let fleet_tables = match fleet_mode {
+            true => fleet_tables(config, api_cache.as_deref()),
+            false => Vec::new(),
+        };
         let coherence = Arc::new(Coherence::new(
             cache.clone(),
             config.cache.max_staleness_ms,
@@ -156,7 +161,7 @@ impl Daemon {
             cache: cache.clone(),
             tail_stats: Arc::new(stream::TailStats::new(api_table_names)),
             coherence: coherence.clone(),
-            fleet_stats: Arc::default(),
+            fleet_stats: Arc::new(FleetStats::new(&fleet_tables)),
             api_stats: Arc::default(),
             api_cache: api_cache.clone(),
             metrics,
@@ -180,7 +185,8 @@ impl Daemon {
                     // never bypasses while the relays keep up, and not every poll round.
                     watermark_every: Duration::from_millis(config.cache.max_staleness_ms / 4),
                     streams_config: config.streams.clone(),
-                    tables: tables.clone(),
+                    tables: fleet_tables,
+                    api: api_cache.clone(),
                     leases: Leases::new(dynamodb.clone(), d.lease_table.clone()),
                     streams: streams.clone(),
                     tail_stats: probe.tail_stats.clone(),
@@ -193,7 +199,8 @@ impl Daemon {
             } else if stores {
                 start_tailers(config, &tables, &streams, &probe, &tasks, &stop).await?;
             }
-            if let Some(api_cache) = &api_cache {
+            // In fleet mode the relays read the API's tables' streams too.
+            if let Some(api_cache) = api_cache.as_ref().filter(|_| !fleet_mode) {
                 for table in api_cache.tables() {
                     let tailer = Tailer::start(
                         streams.clone(),
@@ -334,21 +341,36 @@ impl Daemon {
 }
 
 /// The tables whose reads the DynamoDB API front answers from memory: none when the
-/// front is off, when no tailer runs, or in fleet mode, whose relays do not carry them
-/// yet (the front then forwards every request, and says so at start).
+/// front is off or when no tailer runs.
 fn api_cached_tables(config: &Config, tail: bool) -> &[String] {
     let a = &config.dynamodb_api;
     let front = !a.listen.is_empty() || !a.socket_path.as_os_str().is_empty();
-    if !front || !tail || a.tables.is_empty() {
-        return &[];
-    }
-    if config.fleet.enabled() {
-        tracing::warn!(
-            "dynamodb_api.tables is not cached in fleet mode: the DynamoDB API forwards every request"
-        );
+    if !front || !tail {
         return &[];
     }
     &a.tables
+}
+
+/// The tables fleet mode carries: the stores' two, then every other table the API front
+/// caches; a store's table the front caches too carries both caches' changes.
+fn fleet_tables(config: &Config, api: Option<&ApiCache>) -> Vec<FleetTable> {
+    let api_id = |name: &str| api.and_then(|c| c.table(name)).map(|t| t.id);
+    let d = &config.dynamodb;
+    let stores = FleetTable::stores([&d.kv_table, &d.log_table], api_id);
+    let others = api
+        .into_iter()
+        .flat_map(|c| c.tables())
+        .filter(|t| !stores.iter().any(|s| s.name == t.name));
+    let others: Vec<FleetTable> = others
+        .map(|t| FleetTable {
+            name: t.name.clone(),
+            users: Users {
+                store: None,
+                api: Some(t.id),
+            },
+        })
+        .collect();
+    stores.into_iter().chain(others).collect()
 }
 
 /// Starts a stream tailer per table, tracked by `tasks` and stopped by `stop`. When this

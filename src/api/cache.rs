@@ -386,37 +386,68 @@ impl ApiCache {
         judged.stale
     }
 
-    /// Applies one stream record: its item, its partition and the global index
-    /// partitions its old and new images name.
-    fn apply(&self, table: TableId, record: &Record) {
+    /// What a stream record of `table` changed, as this cache keys it; `None` if its key
+    /// cannot be read.
+    pub fn change_of(&self, table: TableId, record: &Record) -> Option<ItemChange> {
         let t = &self.tables[table.0 as usize];
-        let (Some(item), Some(partition)) = (
-            keys::of_image(&t.key, &record.keys),
-            keys::partition_of_image(&t.key, &record.keys),
-        ) else {
-            // A record whose key this daemon cannot read: whatever it changed is unknown.
+        let global = t
+            .global
+            .iter()
+            .flat_map(|(index, schema)| {
+                [&record.old_image, &record.new_image]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|image| {
+                        Some((index.clone(), keys::partition_of_image(schema, image)?))
+                    })
+            })
+            .collect();
+        Some(ItemChange {
+            key: keys::of_image(&t.key, &record.keys)?,
+            partition: keys::partition_of_image(&t.key, &record.keys)?,
+            global,
+        })
+    }
+
+    /// Applies a change read from the table's stream (here or by a fleet's relay): its
+    /// item, its partition and the global index partitions it left and entered; `None`,
+    /// a change whose key could not be read, drops the whole table.
+    pub fn apply(&self, table: TableId, change: Option<&ItemChange>) {
+        let Some(change) = change else {
             self.flush(table);
             return;
         };
-        self.changed(table, Scope::Item(&item));
+        self.changed(table, Scope::Item(&change.key));
         self.changed(
             table,
             Scope::Partition {
                 index: "",
-                key: &partition,
+                key: &change.partition,
             },
         );
-        for (index, schema) in &t.global {
-            for image in [&record.old_image, &record.new_image].into_iter().flatten() {
-                if let Some(key) = keys::partition_of_image(schema, image) {
-                    self.changed(table, Scope::Partition { index, key: &key });
-                }
-            }
+        for (index, key) in &change.global {
+            self.changed(table, Scope::Partition { index, key });
         }
         self.state[table.0 as usize]
             .invalidations
             .fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Every change of `table` made before `as_of` has been applied (`None`: not proven).
+    pub fn fresh_as_of(&self, table: TableId, as_of: Option<Instant>) {
+        self.freshness.set(table.0 as usize, as_of);
+    }
+}
+
+/// A change of one item, as the cache keys it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemChange {
+    /// The item's canonical key.
+    pub key: Vec<u8>,
+    /// Its partition key's canonical bytes.
+    pub partition: Vec<u8>,
+    /// The global index partitions it left or entered: index name, partition key.
+    pub global: Vec<(String, Vec<u8>)>,
 }
 
 /// Writes the cache's counters into a scrape: the families always, so that every daemon
@@ -509,12 +540,12 @@ impl Sink for ApiCache {
         match seen {
             Seen::Records { records, .. } => {
                 for record in records {
-                    self.apply(table, record);
+                    self.apply(table, self.change_of(table, record).as_ref());
                 }
             }
             Seen::ShardEnded { .. } => {}
             Seen::ContinuityLost(_) => self.flush(table),
-            Seen::CaughtUp(at) => self.freshness.set(table.0 as usize, at),
+            Seen::CaughtUp(at) => self.fresh_as_of(table, at),
         }
         Ok(())
     }
@@ -598,6 +629,11 @@ mod tests {
         e
     }
 
+    /// Applies a stream record of table 0 as the tailer does.
+    fn apply(c: &ApiCache, r: Record) {
+        c.apply(TableId(0), c.change_of(TableId(0), &r).as_ref());
+    }
+
     #[test]
     fn a_change_drops_its_item_and_partition_and_nothing_else() {
         let c = cache();
@@ -610,7 +646,7 @@ mod tests {
         let q = keys::partition_of_image(&c.tables[0].key, &image("q", "1", "")).unwrap();
         let (qp, qq) = (fill_query(&c, "", &p), fill_query(&c, "", &q));
         assert!(c.get(&ea).is_some() && c.get(&eb).is_some() && c.get(&qp).is_some());
-        c.apply(TableId(0), &record(None, Some(image("p", "1.0", "red"))));
+        apply(&c, record(None, Some(image("p", "1.0", "red"))));
         assert!(
             c.get(&ea).is_none(),
             "the item changed (7 and 7.0 are one key)"
@@ -664,9 +700,9 @@ mod tests {
             fill_query(&c, "byColor", &color("blue")),
             fill_query(&c, "byColor", &color("green")),
         );
-        c.apply(
-            TableId(0),
-            &record(Some(image("p", "1", "red")), Some(image("p", "1", "blue"))),
+        apply(
+            &c,
+            record(Some(image("p", "1", "red")), Some(image("p", "1", "blue"))),
         );
         assert!(c.get(&red).is_none() && c.get(&blue).is_none());
         assert!(c.get(&green).is_some());

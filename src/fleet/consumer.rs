@@ -1,11 +1,12 @@
-//! The consumer every daemon runs in fleet mode: one blocking XREAD over both tables'
-//! Redis streams, on a connection of its own; each entry goes through the table's
-//! [`Rules`] and what they say is done to the cache through [`Coherence`].
+//! The consumer every daemon runs in fleet mode: one blocking XREAD over every fleet
+//! table's Redis stream, on a connection of its own; each entry goes through the table's
+//! [`Rules`] and what they say is done to the caches of the table: the stores' through
+//! [`Coherence`], the DynamoDB API front's through its [`ApiCache`].
 //!
 //! Its position is taken before the daemon serves anything from the cache: everything
 //! published afterwards is read, and reads bypass the cache until the first watermark.
 //! When the connection is lost the consumer reconnects with backoff and reads on from
-//! the streams' ends, flushing both tables, since what was published meanwhile is
+//! the streams' ends, flushing every table, since what was published meanwhile is
 //! unknown; its freshness is not renewed meanwhile, so reads bypass once the staleness
 //! bound has passed.
 
@@ -19,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 use super::entry::{wall_ms, Codec, Entry};
 use super::rules::{Action, Rules};
 use super::transport::{Connection, Redis};
-use super::FleetStats;
+use super::{FleetStats, FleetTable};
+use crate::api::cache::ApiCache;
 use crate::coherence::Coherence;
-use crate::store::StoreTable;
+use crate::stream::change::Change;
 use crate::stream::FlushCause;
 
 /// Longest wait of one XREAD; also how long shutdown may wait for it.
@@ -37,8 +39,11 @@ pub struct Consuming {
     pub redis: Redis,
     pub codec: Codec,
     pub coherence: Arc<Coherence>,
-    /// The Redis stream of each table, in [`StoreTable`] order.
-    pub keys: [String; 2],
+    /// The DynamoDB API front's cache, when some tables are its.
+    pub api: Option<Arc<ApiCache>>,
+    /// The tables carried, and their Redis streams in the same order.
+    pub tables: Vec<FleetTable>,
+    pub keys: Vec<String>,
     pub clock_skew_ms: u64,
     pub stats: Arc<FleetStats>,
     pub fleet_lag: metrics::Histogram,
@@ -48,22 +53,22 @@ pub struct Consuming {
 /// A connection and where it reads from.
 pub struct Position {
     connection: Connection,
-    after: [String; 2],
+    after: Vec<String>,
 }
 
-/// Connects and takes both streams' ends.
+/// Connects and takes every stream's end.
 pub async fn position(ctx: &Consuming) -> redis::RedisResult<Position> {
     let mut connection = ctx.redis.connect(Some(BLOCK * 3)).await?;
-    let mut after = [String::new(), String::new()];
-    for t in StoreTable::ALL {
-        after[t as usize] = connection.last_id(&ctx.keys[t as usize]).await?;
+    let mut after = Vec::with_capacity(ctx.keys.len());
+    for key in &ctx.keys {
+        after.push(connection.last_id(key).await?);
     }
     Ok(Position { connection, after })
 }
 
 /// Reads until `shutdown`, starting from `start` (taken at start-up) if given.
 pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: CancellationToken) {
-    let mut rules = StoreTable::ALL.map(|_| Rules::new(ctx.me));
+    let mut rules: Vec<Rules> = ctx.tables.iter().map(|_| Rules::new(ctx.me)).collect();
     let mut backoff = Duration::from_millis(100);
     let mut actions = Vec::new();
     loop {
@@ -72,8 +77,8 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
             None => match position(&ctx).await {
                 Ok(p) => {
                     tracing::info!("fan-out consumer connected to Redis");
-                    for t in StoreTable::ALL {
-                        rules[t as usize].rejoin(&mut actions);
+                    for (t, rules) in rules.iter_mut().enumerate() {
+                        rules.rejoin(&mut actions);
                         perform(&ctx, t, &mut actions).await;
                     }
                     backoff = Duration::from_millis(100);
@@ -105,31 +110,28 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
                 }
             };
             for (key, entries) in streams {
-                let Some(t) = StoreTable::ALL
-                    .into_iter()
-                    .find(|t| ctx.keys[*t as usize] == key)
-                else {
+                let Some(t) = ctx.keys.iter().position(|k| *k == key) else {
                     continue;
                 };
                 for e in entries {
                     let decoded = ctx
                         .codec
                         .decode(|name| e.fields.get(name).map(Vec::as_slice));
-                    let rules = &mut rules[t as usize];
+                    let rules = &mut rules[t];
                     match decoded {
                         Ok(entry) => {
-                            ctx.stats.consumed[t as usize].fetch_add(1, Ordering::Relaxed);
+                            ctx.stats.consumed.of(t).fetch_add(1, Ordering::Relaxed);
                             record_lag(&ctx, &entry, &e.id);
                             rules.entry(entry, &mut actions);
                         }
                         Err(err) => {
                             ctx.stats.bad_entries.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(table = t.name(), error = %err, "a fan-out entry was not used");
+                            tracing::warn!(table = ctx.tables[t].label(), error = %err, "a fan-out entry was not used");
                             rules.gap(FlushCause::BadEntry, &mut actions);
                         }
                     }
                     perform(&ctx, t, &mut actions).await;
-                    position.after[t as usize] = e.id;
+                    position.after[t] = e.id;
                 }
             }
         }
@@ -149,27 +151,55 @@ fn record_lag(ctx: &Consuming, entry: &Entry, id: &str) {
     }
 }
 
-/// Does what the rules said, in order, and empties `actions`.
-async fn perform(ctx: &Consuming, table: StoreTable, actions: &mut Vec<Action>) {
+/// Does what the rules said of table `t`, in order, to whoever caches it, and empties
+/// `actions`.
+async fn perform(ctx: &Consuming, t: usize, actions: &mut Vec<Action>) {
+    let users = ctx.tables[t].users;
+    let api = ctx.api.as_deref().zip(users.api);
     for action in actions.drain(..) {
         match action {
             Action::Apply(facts) => {
                 for fact in facts {
-                    ctx.coherence.apply(table, &fact.into()).await;
+                    match Change::try_from(fact) {
+                        Ok(change) => {
+                            if let Some(store) = users.store {
+                                ctx.coherence.apply(store, &change).await;
+                            }
+                        }
+                        Err(item) => {
+                            if let (Some((cache, id)), Some(change)) = (api, item.item_change()) {
+                                cache.apply(id, change.as_ref());
+                            }
+                        }
+                    }
                 }
             }
             Action::Drop(keys) => {
-                for key in keys {
-                    ctx.coherence.drop_key(table, key).await;
+                if let Some(store) = users.store {
+                    for key in keys {
+                        ctx.coherence.drop_key(store, key).await;
+                    }
                 }
             }
-            Action::Flush(cause) => ctx.coherence.flush(table, cause).await,
+            Action::Flush(cause) => {
+                if let Some(store) = users.store {
+                    ctx.coherence.flush(store, cause).await;
+                }
+                if let Some((cache, id)) = api {
+                    cache.flush(id);
+                }
+            }
             Action::Fresh(t_ms) => {
                 // The relay's claim, made conservative by the allowed skew, on this
                 // host's monotonic clock.
                 let behind = wall_ms().saturating_sub(t_ms.saturating_sub(ctx.clock_skew_ms));
                 if let Some(at) = Instant::now().checked_sub(Duration::from_millis(behind)) {
-                    ctx.coherence.fresh_as_of(table, Some(at));
+                    if let Some(store) = users.store {
+                        ctx.coherence.fresh_as_of(store, Some(at));
+                    }
+                    if let Some((cache, id)) = api {
+                        cache.fresh_as_of(id, Some(at));
+                    }
                 }
             }
         }

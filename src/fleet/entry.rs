@@ -21,6 +21,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::api::cache::ItemChange;
 use crate::cache::{CacheKey, KeyParts};
 use crate::stream::api::StartAt;
 use crate::stream::change::{Change, Content, Digest};
@@ -140,6 +141,24 @@ pub enum Fact {
         topic: String,
         position: Option<i64>,
     },
+    /// A change of an item of a table the DynamoDB API front caches: what it touched,
+    /// as the front's cache keys it ([`crate::api::cache::Scope`]).
+    #[serde(rename = "i")]
+    Item {
+        /// The item's canonical key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// Its partition key's canonical bytes.
+        #[serde(with = "serde_bytes")]
+        partition: Vec<u8>,
+        /// The global index partitions it left or entered: index name, partition key.
+        global: Vec<(String, serde_bytes::ByteBuf)>,
+    },
+    /// A change of a cached table's item whose key this relay could not read: whatever
+    /// it touched is unknown. (Not a unit variant: that encodes as a bare string, which a
+    /// list of shared names reads as a name.)
+    #[serde(rename = "?")]
+    ItemUnknown {},
 }
 
 impl From<&Change> for Fact {
@@ -173,9 +192,53 @@ impl From<&Change> for Fact {
     }
 }
 
-impl From<Fact> for Change {
-    fn from(fact: Fact) -> Change {
-        match fact {
+/// An API item's fact: its change, or that some unreadable change happened (`None`).
+impl From<Option<ItemChange>> for Fact {
+    fn from(change: Option<ItemChange>) -> Fact {
+        match change {
+            Some(c) => Fact::Item {
+                key: c.key,
+                partition: c.partition,
+                global: c
+                    .global
+                    .into_iter()
+                    .map(|(index, key)| (index, serde_bytes::ByteBuf::from(key)))
+                    .collect(),
+            },
+            None => Fact::ItemUnknown {},
+        }
+    }
+}
+
+impl Fact {
+    /// The API item change this fact tells of: `Some(None)` for an unreadable one, `None`
+    /// for a store's fact.
+    pub fn item_change(self) -> Option<Option<ItemChange>> {
+        match self {
+            Fact::Item {
+                key,
+                partition,
+                global,
+            } => Some(Some(ItemChange {
+                key,
+                partition,
+                global: global
+                    .into_iter()
+                    .map(|(index, key)| (index, key.into_vec()))
+                    .collect(),
+            })),
+            Fact::ItemUnknown {} => Some(None),
+            _ => None,
+        }
+    }
+}
+
+/// A store's change from its fact; a DynamoDB API item's fact is given back.
+impl TryFrom<Fact> for Change {
+    type Error = Fact;
+
+    fn try_from(fact: Fact) -> Result<Change, Fact> {
+        Ok(match fact {
             Fact::KvVersion {
                 ns,
                 key,
@@ -202,7 +265,8 @@ impl From<Fact> for Change {
                 value: digest.map(Content::Digest),
             },
             Fact::LogCounter { topic, position } => Change::LogCounter { topic, position },
-        }
+            item @ (Fact::Item { .. } | Fact::ItemUnknown {}) => return Err(item),
+        })
     }
 }
 
@@ -242,38 +306,41 @@ impl From<Key> for CacheKey {
     }
 }
 
-/// What names the item a fact or key is of: its namespace or topic.
+/// What names the item a fact or key is of: its namespace or topic (`None` for a
+/// DynamoDB API item, which has neither).
 trait Named {
-    fn name(&self) -> &str;
-    fn name_mut(&mut self) -> &mut String;
+    fn name(&self) -> Option<&str>;
+    fn name_mut(&mut self) -> Option<&mut String>;
 }
 
 impl Named for Fact {
-    fn name(&self) -> &str {
+    fn name(&self) -> Option<&str> {
         match self {
-            Fact::KvVersion { ns, .. } | Fact::KvUnknown { ns, .. } => ns,
-            Fact::LogEntry { topic, .. } | Fact::LogCounter { topic, .. } => topic,
+            Fact::KvVersion { ns, .. } | Fact::KvUnknown { ns, .. } => Some(ns),
+            Fact::LogEntry { topic, .. } | Fact::LogCounter { topic, .. } => Some(topic),
+            Fact::Item { .. } | Fact::ItemUnknown {} => None,
         }
     }
-    fn name_mut(&mut self) -> &mut String {
+    fn name_mut(&mut self) -> Option<&mut String> {
         match self {
-            Fact::KvVersion { ns, .. } | Fact::KvUnknown { ns, .. } => ns,
-            Fact::LogEntry { topic, .. } | Fact::LogCounter { topic, .. } => topic,
+            Fact::KvVersion { ns, .. } | Fact::KvUnknown { ns, .. } => Some(ns),
+            Fact::LogEntry { topic, .. } | Fact::LogCounter { topic, .. } => Some(topic),
+            Fact::Item { .. } | Fact::ItemUnknown {} => None,
         }
     }
 }
 
 impl Named for Key {
-    fn name(&self) -> &str {
+    fn name(&self) -> Option<&str> {
         match self {
-            Key::Kv { ns, .. } => ns,
-            Key::Log { topic } => topic,
+            Key::Kv { ns, .. } => Some(ns),
+            Key::Log { topic } => Some(topic),
         }
     }
-    fn name_mut(&mut self) -> &mut String {
+    fn name_mut(&mut self) -> Option<&mut String> {
         match self {
-            Key::Kv { ns, .. } => ns,
-            Key::Log { topic } => topic,
+            Key::Kv { ns, .. } => Some(ns),
+            Key::Log { topic } => Some(topic),
         }
     }
 }
@@ -302,12 +369,14 @@ mod shared_names {
         let mut items = Vec::with_capacity(elements.len() + 1);
         let mut current: Option<&str> = None;
         for element in elements {
-            if current != Some(element.name()) {
-                items.push(Item::Name(element.name().to_owned()));
-                current = Some(element.name());
-            }
             let mut bare = element.clone();
-            bare.name_mut().clear();
+            if let Some(name) = element.name() {
+                if current != Some(name) {
+                    items.push(Item::Name(name.to_owned()));
+                    current = Some(name);
+                }
+                bare.name_mut().map(String::clear);
+            }
             items.push(Item::Element(bare));
         }
         items.serialize(s)
@@ -324,13 +393,15 @@ mod shared_names {
             match item {
                 Item::Name(name) => current = Some(name),
                 Item::Element(mut element) => {
-                    let name = current
-                        .as_ref()
-                        .ok_or_else(|| D::Error::custom("an element before any name"))?;
-                    if !element.name_mut().is_empty() {
-                        return Err(D::Error::custom("an element with a name of its own"));
+                    if let Some(own) = element.name_mut() {
+                        let name = current
+                            .as_ref()
+                            .ok_or_else(|| D::Error::custom("an element before any name"))?;
+                        if !own.is_empty() {
+                            return Err(D::Error::custom("an element with a name of its own"));
+                        }
+                        own.clone_from(name);
                     }
-                    element.name_mut().clone_from(name);
                     elements.push(element);
                 }
             }
@@ -457,7 +528,7 @@ mod tests {
         else {
             unreachable!()
         };
-        let change = Change::from(facts[0].clone());
+        let change = Change::try_from(facts[0].clone()).unwrap();
         let Change::KvVersion { value: Some(v), .. } = change else {
             unreachable!()
         };
@@ -511,6 +582,43 @@ mod tests {
         ];
         let hint = Entry::Hint { from: 1, keys };
         assert_eq!(decode(&codec, &codec.encode(&hint)).unwrap(), hint);
+    }
+
+    #[test]
+    fn api_item_facts_travel_among_named_ones() {
+        let change = ItemChange {
+            key: vec![1, 2],
+            partition: vec![1],
+            global: vec![("byColor".into(), vec![3])],
+        };
+        let unknown = |key: &[u8]| Fact::KvUnknown {
+            ns: "n".into(),
+            key: key.to_vec(),
+            ts: 1,
+        };
+        let facts = vec![
+            unknown(b"1"),
+            Fact::from(Some(change.clone())),
+            Fact::ItemUnknown {},
+            unknown(b"2"),
+        ];
+        let entry = Entry::Relay {
+            relay: 1,
+            epoch: 1,
+            n: 1,
+            event: Event::Batch {
+                shard: "s".into(),
+                prev: Prev::Same,
+                last: "1".into(),
+                facts: facts.clone(),
+            },
+        };
+        let codec = Codec::new("");
+        assert_eq!(decode(&codec, &codec.encode(&entry)).unwrap(), entry);
+        assert_eq!(facts[1].clone().item_change(), Some(Some(change)));
+        assert_eq!(facts[2].clone().item_change(), Some(None));
+        assert_eq!(facts[0].clone().item_change(), None);
+        assert!(Change::try_from(facts[1].clone()).is_err());
     }
 
     #[test]

@@ -29,12 +29,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::cache::ApiCache;
+use crate::api::tables::TableId;
 use crate::cache::CacheKey;
 use crate::coherence::Coherence;
 use crate::config::{FleetConfig, StreamsConfig};
 use crate::metrics::{Exposition, Kind};
 use crate::store::StoreTable;
 use crate::stream::api::SdkStreams;
+use crate::stream::sink::Tailed;
 use crate::stream::TailStats;
 use entry::{wall_ms, Codec, Entry, Key};
 use lease::Leases;
@@ -45,19 +48,82 @@ const HINT_QUEUE: usize = 8192;
 /// Keys per hint entry.
 const HINT_BATCH: usize = 256;
 
+/// A table fleet mode carries, and who caches it on every host: a store, the DynamoDB
+/// API front, or both (the front may cache a store's table too).
+#[derive(Clone, Debug)]
+pub struct FleetTable {
+    /// Its DynamoDB name.
+    pub name: String,
+    pub users: Users,
+}
+
+/// Who caches a fleet table's items.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Users {
+    pub store: Option<StoreTable>,
+    pub api: Option<TableId>,
+}
+
+impl Tailed for Users {
+    /// A relay's tailer counts under the store's slot, else the front's.
+    fn slot(self) -> usize {
+        match (self.store, self.api) {
+            (Some(store), _) => store.slot(),
+            (None, Some(api)) => api.slot(),
+            (None, None) => unreachable!("a fleet table has a user"),
+        }
+    }
+}
+
+impl FleetTable {
+    /// The stores' tables, `names` in [`StoreTable`] order, each with the id `api` gives
+    /// it if the DynamoDB API front caches it too.
+    pub fn stores(names: [&str; 2], api: impl Fn(&str) -> Option<TableId>) -> [FleetTable; 2] {
+        StoreTable::ALL.map(|t| FleetTable {
+            name: names[t as usize].to_owned(),
+            users: Users {
+                store: Some(t),
+                api: api(names[t as usize]),
+            },
+        })
+    }
+
+    /// The `table` label of its metrics: the store's name, else the table's own.
+    pub fn label(&self) -> &str {
+        match self.users.store {
+            Some(store) => store.name(),
+            None => &self.name,
+        }
+    }
+}
+
+/// A counter per fleet table, by its place in the fleet's list.
+pub struct PerTable(Vec<AtomicU64>);
+
+impl PerTable {
+    fn new(tables: usize) -> PerTable {
+        PerTable((0..tables).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    pub fn of(&self, table: usize) -> &AtomicU64 {
+        &self.0[table]
+    }
+}
+
 /// What fleet mode counts.
-#[derive(Default)]
 pub struct FleetStats {
+    /// The fleet tables' labels, in the fleet's order.
+    labels: Vec<String>,
     /// Relay leases held, per table (0: a consumer only).
-    pub leases_held: [AtomicU64; 2],
+    pub leases_held: PerTable,
     /// Per table, 1 while this daemon is the table's publisher (it holds slot 0).
-    pub publishing: [AtomicU64; 2],
+    pub publishing: PerTable,
     /// Leases taken or given up by this daemon.
     pub lease_changes: AtomicU64,
     /// Entries this daemon published as a relay, per table.
-    pub published: [AtomicU64; 2],
+    pub published: PerTable,
     /// Entries read, per table.
-    pub consumed: [AtomicU64; 2],
+    pub consumed: PerTable,
     /// Entries that did not decode or authenticate.
     pub bad_entries: AtomicU64,
     pub hints_published: AtomicU64,
@@ -68,11 +134,33 @@ pub struct FleetStats {
 }
 
 impl FleetStats {
+    /// Counters for `tables` (none outside fleet mode).
+    pub fn new(tables: &[FleetTable]) -> FleetStats {
+        let n = tables.len();
+        FleetStats {
+            labels: tables.iter().map(|t| t.label().to_owned()).collect(),
+            leases_held: PerTable::new(n),
+            publishing: PerTable::new(n),
+            lease_changes: AtomicU64::new(0),
+            published: PerTable::new(n),
+            consumed: PerTable::new(n),
+            bad_entries: AtomicU64::new(0),
+            hints_published: AtomicU64::new(0),
+            hints_dropped: AtomicU64::new(0),
+            redis_errors: AtomicU64::new(0),
+        }
+    }
+
     /// Writes the counters into a scrape.
     pub fn export(&self, out: &mut Exposition) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let per_table =
-            |a: &[AtomicU64; 2]| StoreTable::ALL.map(|t| (t.name(), load(&a[t as usize])));
+        let per_table = |a: &PerTable| {
+            self.labels
+                .iter()
+                .zip(&a.0)
+                .map(|(label, v)| (label.as_str(), load(v)))
+                .collect::<Vec<_>>()
+        };
         out.by_label(
             "ddbcached_fleet_leases_held",
             Kind::Gauge,
@@ -135,16 +223,19 @@ impl FleetStats {
 
     /// The daemon's role per table, in words.
     pub fn roles(&self) -> String {
-        StoreTable::ALL
-            .map(|t| {
-                let load = |a: &[AtomicU64; 2]| a[t as usize].load(Ordering::Relaxed);
+        self.labels
+            .iter()
+            .enumerate()
+            .map(|(i, label)| {
+                let load = |a: &PerTable| a.of(i).load(Ordering::Relaxed);
                 let role = match (load(&self.publishing), load(&self.leases_held)) {
                     (0, 0) => "consumer",
                     (0, _) => "standby",
                     _ => "relay",
                 };
-                format!("{}: {role}", t.name())
+                format!("{label}: {role}")
             })
+            .collect::<Vec<_>>()
             .join(", ")
     }
 }
@@ -176,7 +267,10 @@ pub struct Parts {
     /// The least time between two watermarks of a relay.
     pub watermark_every: std::time::Duration,
     pub streams_config: StreamsConfig,
-    pub tables: [String; 2],
+    /// The tables carried.
+    pub tables: Vec<FleetTable>,
+    /// The DynamoDB API front's cache, when some of `tables` are its.
+    pub api: Option<Arc<ApiCache>>,
     pub leases: Leases,
     pub streams: Arc<SdkStreams>,
     pub tail_stats: Arc<TailStats>,
@@ -217,15 +311,18 @@ pub async fn start(
     let redis = Redis::open(&parts.fleet.redis_url, &parts.fleet.tls_ca_file)?;
     let codec = Codec::new(&parts.fleet.auth_key);
     let stats = parts.stats;
-    let keys = parts
+    let keys: Vec<String> = parts
         .tables
-        .clone()
-        .map(|t| stream_key(parts.leases.table(), &t));
+        .iter()
+        .map(|t| stream_key(parts.leases.table(), &t.name))
+        .collect();
     let consuming = Arc::new(consumer::Consuming {
         me: incarnation,
         redis: redis.clone(),
         codec: codec.clone(),
         coherence: parts.coherence,
+        api: parts.api.clone(),
+        tables: parts.tables.clone(),
         keys: keys.clone(),
         clock_skew_ms: parts.fleet.clock_skew_ms,
         stats: stats.clone(),
@@ -253,18 +350,26 @@ pub async fn start(
             fleet: parts.fleet.clone(),
             watermark_every: parts.watermark_every,
             codec: codec.clone(),
+            api: parts.api,
             stats: stats.clone(),
         });
-        for t in StoreTable::ALL {
+        for (i, table) in parts.tables.iter().enumerate() {
             tasks.spawn(relay::run(
                 relaying.clone(),
-                t,
-                parts.tables[t as usize].clone(),
-                keys[t as usize].clone(),
+                i,
+                table.clone(),
+                keys[i].clone(),
                 stop.clone(),
             ));
         }
     }
+    // Hints name the stores' keys: the streams of the tables the stores cache.
+    let hint_keys: Vec<(StoreTable, String)> = parts
+        .tables
+        .iter()
+        .zip(&keys)
+        .filter_map(|(t, key)| Some((t.users.store?, key.clone())))
+        .collect();
     let hints = parts.fleet.write_hints.then(|| {
         let (queue, pending) = mpsc::channel(HINT_QUEUE);
         tasks.spawn(publish_hints(
@@ -272,7 +377,7 @@ pub async fn start(
             redis,
             codec,
             incarnation,
-            keys,
+            hint_keys,
             parts.fleet.retention_ms,
             stats.clone(),
             stop,
@@ -296,7 +401,7 @@ async fn publish_hints(
     redis: Redis,
     codec: Codec,
     me: u64,
-    keys: [String; 2],
+    keys: Vec<(StoreTable, String)>,
     retention_ms: u64,
     stats: Arc<FleetStats>,
     stop: CancellationToken,
@@ -327,10 +432,10 @@ async fn publish_hints(
         let Some(c) = connection.as_mut() else {
             continue;
         };
-        for t in StoreTable::ALL {
+        for (t, key) in &keys {
             let of_table: Vec<Key> = batch
                 .iter()
-                .filter(|k| k.is_kv() == (t == StoreTable::Kv))
+                .filter(|k| k.is_kv() == (*t == StoreTable::Kv))
                 .map(Key::from)
                 .collect();
             if of_table.is_empty() {
@@ -342,10 +447,7 @@ async fn publish_hints(
                 keys: of_table,
             };
             let keep_after = wall_ms().saturating_sub(retention_ms);
-            match c
-                .append(&keys[t as usize], &codec.encode(&entry), keep_after)
-                .await
-            {
+            match c.append(key, &codec.encode(&entry), keep_after).await {
                 Ok(_) => {
                     stats.hints_published.fetch_add(count, Ordering::Relaxed);
                 }

@@ -28,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 use super::entry::{wall_ms, Codec, Entry, Event, Fact, Prev};
 use super::lease::{lease_id, Lease, Leases};
 use super::transport::{Connection, Redis};
-use super::FleetStats;
+use super::{FleetStats, FleetTable, Users};
+use crate::api::cache::ApiCache;
 use crate::config::{FleetConfig, StreamsConfig};
-use crate::store::StoreTable;
-use crate::stream::api::{SdkStreams, StartAt, StreamsApi};
+use crate::stream::api::{Record, SdkStreams, StartAt, StreamsApi};
 use crate::stream::change::Change;
 use crate::stream::sink::{Seen, Sink, SinkError};
 use crate::stream::{FlushCause, TailStats, Tailer};
@@ -45,7 +45,10 @@ pub struct Publisher {
     /// This daemon's incarnation number.
     relay: u64,
     epoch: u64,
-    table: StoreTable,
+    /// The table's place in the fleet's list.
+    index: usize,
+    /// The DynamoDB API front's cache, which reads the keys of its tables' records.
+    api: Option<Arc<ApiCache>>,
     /// The next entry's number. A failed append consumes its number too: had it been
     /// written after all, reusing the number would make the next entry a "repeat".
     next: AtomicU64,
@@ -89,7 +92,10 @@ impl Publisher {
         };
         match appended {
             Ok(_) => {
-                self.stats.published[self.table as usize].fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .published
+                    .of(self.index)
+                    .fetch_add(1, Ordering::Relaxed);
                 *self.failing_since.lock().expect("clock poisoned") = None;
                 Ok(())
             }
@@ -119,10 +125,27 @@ impl Publisher {
     }
 }
 
-impl Sink for Publisher {
-    type Table = StoreTable;
+impl Publisher {
+    /// What a record tells each of the table's users: a store's change, and the API
+    /// front's item change.
+    fn facts(&self, users: Users, record: &Record) -> impl Iterator<Item = Fact> {
+        let store = users
+            .store
+            .and_then(|t| Change::of(t, record))
+            .map(|c| Fact::from(&c));
+        let api = self
+            .api
+            .as_ref()
+            .zip(users.api)
+            .map(|(cache, id)| Fact::from(cache.change_of(id, record)));
+        store.into_iter().chain(api)
+    }
+}
 
-    async fn accept(&self, table: StoreTable, seen: Seen<'_>) -> Result<(), SinkError> {
+impl Sink for Publisher {
+    type Table = Users;
+
+    async fn accept(&self, table: Users, seen: Seen<'_>) -> Result<(), SinkError> {
         match seen {
             Seen::Records {
                 shard,
@@ -132,11 +155,7 @@ impl Sink for Publisher {
                 let Some(last) = records.last() else {
                     return Ok(());
                 };
-                let facts = records
-                    .iter()
-                    .filter_map(|r| Change::of(table, r))
-                    .map(|c| Fact::from(&c))
-                    .collect();
+                let facts = records.iter().flat_map(|r| self.facts(table, r)).collect();
                 let follows_own = match after {
                     StartAt::After(seq) => {
                         self.followed.lock().expect("followed poisoned").get(shard) == Some(seq)
@@ -217,6 +236,7 @@ pub struct Relaying {
     /// The least time between two watermarks of a relay.
     pub watermark_every: Duration,
     pub codec: Codec,
+    pub api: Option<Arc<ApiCache>>,
     pub stats: Arc<FleetStats>,
 }
 
@@ -227,29 +247,36 @@ const PUBLISHER: u32 = 0;
 /// `key` while it holds slot 0, standing by to take slot 0 over while it holds another.
 pub async fn run(
     ctx: Arc<Relaying>,
-    table: StoreTable,
-    table_name: String,
+    index: usize,
+    table: FleetTable,
     key: String,
     shutdown: CancellationToken,
 ) {
+    let table_name = &table.name;
     let period = ctx.fleet.lease() / 3;
     // Per slot: the counter last seen and since when (on this host's clock).
     let mut observed: HashMap<u32, (u64, Instant)> = HashMap::new();
     loop {
-        if let Some((slot, lease)) = acquire(&ctx, &table_name, &mut observed).await {
+        if let Some((slot, lease)) = acquire(&ctx, table_name, &mut observed).await {
             ctx.stats.lease_changes.fetch_add(1, Ordering::Relaxed);
             tracing::info!(table = %table_name, lease = %lease.id, epoch = lease.epoch, "relay lease taken");
-            ctx.stats.leases_held[table as usize].fetch_add(1, Ordering::Relaxed);
+            ctx.stats
+                .leases_held
+                .of(index)
+                .fetch_add(1, Ordering::Relaxed);
             let publishing = match slot {
                 PUBLISHER => Some(lease),
-                _ => stand_by(&ctx, &table_name, lease, &mut observed, &shutdown).await,
+                _ => stand_by(&ctx, table_name, lease, &mut observed, &shutdown).await,
             };
             if let Some(lease) = publishing {
-                ctx.stats.publishing[table as usize].store(1, Ordering::Relaxed);
-                hold(&ctx, table, &table_name, &key, lease, &shutdown).await;
-                ctx.stats.publishing[table as usize].store(0, Ordering::Relaxed);
+                ctx.stats.publishing.of(index).store(1, Ordering::Relaxed);
+                hold(&ctx, index, &table, &key, lease, &shutdown).await;
+                ctx.stats.publishing.of(index).store(0, Ordering::Relaxed);
             }
-            ctx.stats.leases_held[table as usize].fetch_sub(1, Ordering::Relaxed);
+            ctx.stats
+                .leases_held
+                .of(index)
+                .fetch_sub(1, Ordering::Relaxed);
             ctx.stats.lease_changes.fetch_add(1, Ordering::Relaxed);
             observed.clear();
         }
@@ -379,12 +406,13 @@ async fn stand_by(
 /// tailer when it is lost (or on shutdown, then releases it).
 async fn hold(
     ctx: &Relaying,
-    table: StoreTable,
-    table_name: &str,
+    index: usize,
+    table: &FleetTable,
     key: &str,
     mut lease: Lease,
     shutdown: &CancellationToken,
 ) {
+    let table_name = table.name.as_str();
     let arn = match ctx.streams.latest_stream_arn(table_name).await {
         Ok(Some(arn)) => arn,
         Ok(None) | Err(_) => {
@@ -405,7 +433,8 @@ async fn hold(
         key: key.to_owned(),
         relay: ctx.incarnation,
         epoch: lease.epoch,
-        table,
+        index,
+        api: ctx.api.clone(),
         next: AtomicU64::new(1),
         // Shards without news keep their checkpoints through this holder's renewals.
         positions: Mutex::new(resume.clone().unwrap_or_default()),
@@ -420,7 +449,7 @@ async fn hold(
     let started = Tailer::resume(
         ctx.streams.clone(),
         table_name.to_owned(),
-        table,
+        table.users,
         publisher.clone(),
         ctx.tail_stats.clone(),
         ctx.streams_config.clone(),
@@ -441,7 +470,9 @@ async fn hold(
             Some(a) if *a != arn => FlushCause::StreamReplaced,
             _ => FlushCause::NoCheckpoint,
         };
-        let _ = publisher.accept(table, Seen::ContinuityLost(cause)).await;
+        let _ = publisher
+            .accept(table.users, Seen::ContinuityLost(cause))
+            .await;
     }
     let stop = shutdown.child_token();
     let reading = tokio::spawn(tailer.run(stop.clone()));

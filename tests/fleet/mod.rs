@@ -1,13 +1,14 @@
 //! Fleet mode on real parts: DynamoDB Local, a real `redis-server`, and daemon processes
 //! on tables of their own (so that their leases and streams are theirs alone).
 
+mod api;
 mod cluster;
 mod prometheus;
 mod redis_faults;
 mod relays;
 mod scale;
 mod visibility;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use ddbcached::fleet::consumer::{self, Consuming};
 use ddbcached::fleet::entry::{wall_ms, Codec, DecodeError, Entry, Event, Fact};
 use ddbcached::fleet::lease::{lease_id, Leases};
 use ddbcached::fleet::transport::{stream_key, Redis};
-use ddbcached::fleet::FleetStats;
+use ddbcached::fleet::{FleetStats, FleetTable};
 use ddbcached::store::KvStore;
 use ddbcached::store::StoreTable;
 use ddbcached::stream::FlushCause;

@@ -161,13 +161,17 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     ];
     let cache = Arc::new(Cache::new(&CacheConfig::default()));
     let coherence = Arc::new(Coherence::new(cache, 2000, metrics::Histogram::noop()));
-    let stats = Arc::new(FleetStats::default());
+    let tables =
+        FleetTable::stores([&format!("{table}_kv"), &format!("{table}_log")], |_| None).to_vec();
+    let stats = Arc::new(FleetStats::new(&tables));
     let ctx = Arc::new(Consuming {
         me: 1,
         redis: redis.clone(),
         codec: Codec::new(""),
         coherence: coherence.clone(),
-        keys: keys.clone(),
+        api: None,
+        tables,
+        keys: keys.to_vec(),
         clock_skew_ms: 250,
         stats: stats.clone(),
         fleet_lag: metrics::Histogram::noop(),
@@ -205,7 +209,12 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
             .await
             .unwrap();
         let deadline = Instant::now() + CONVERGENCE;
-        while stats.consumed[StoreTable::Kv as usize].load(Ordering::Relaxed) < entries + 1 {
+        while stats
+            .consumed
+            .of(StoreTable::Kv as usize)
+            .load(Ordering::Relaxed)
+            < entries + 1
+        {
             assert!(Instant::now() < deadline, "the consumer did not read on");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

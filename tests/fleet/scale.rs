@@ -51,6 +51,7 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
         stream_key(&d.lease_table, &d.kv_table),
         stream_key(&d.lease_table, &d.log_table),
     ];
+    let tables = FleetTable::stores([&d.kv_table, &d.log_table], |_| None).to_vec();
     let stop = CancellationToken::new();
     let mut sims = Vec::new();
     for h in 0..hosts {
@@ -68,9 +69,11 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
             redis: redis.clone(),
             codec: Codec::new(""),
             coherence: coherence.clone(),
-            keys: keys.clone(),
+            api: None,
+            tables: tables.clone(),
+            keys: keys.to_vec(),
             clock_skew_ms: 250,
-            stats: Arc::default(),
+            stats: Arc::new(FleetStats::new(&tables)),
             fleet_lag: metrics::Histogram::noop(),
             hint_lag: metrics::Histogram::noop(),
         });

@@ -1,0 +1,159 @@
+//! Fleet mode for the tables the DynamoDB API front caches: a user table's changes reach
+//! every daemon's front within the bound, whether written through another daemon's front
+//! or around them all, and only the table's publisher reads its stream.
+
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use super::*;
+use crate::api_cache::{cached_table, key, sorted};
+use crate::harness::{s, sdk_client};
+
+type Api = aws_sdk_dynamodb::Client;
+
+/// The item every read here is of.
+fn item(v: &str) -> HashMap<String, AttributeValue> {
+    let mut item = key("p", "1");
+    item.insert("v".into(), s(v));
+    item.insert("color".into(), s("red"));
+    item
+}
+
+async fn put(c: &Api, t: &str, v: &str) {
+    c.put_item()
+        .table_name(t)
+        .set_item(Some(item(v)))
+        .send()
+        .await
+        .unwrap();
+}
+
+/// The item's `v` and its partition's items, as `c` answers (eventually consistent
+/// reads: the front may answer them from memory).
+async fn read(c: &Api, t: &str) -> (Option<String>, Vec<HashMap<String, AttributeValue>>) {
+    let got = c
+        .get_item()
+        .table_name(t)
+        .set_key(Some(key("p", "1")))
+        .send()
+        .await
+        .unwrap();
+    let v = got
+        .item
+        .and_then(|i| i.get("v").and_then(|v| v.as_s().ok().cloned()));
+    let query = c
+        .query()
+        .table_name(t)
+        .key_condition_expression("pk = :p")
+        .expression_attribute_values(":p", s("p"))
+        .send()
+        .await
+        .unwrap();
+    (v, sorted(query.items.unwrap_or_default()))
+}
+
+/// Reads through `c` until both the item and its partition's query show `want`, written
+/// before this call. Fails if a read that began more than the bound after the call showed
+/// anything else, or if `want` is never seen.
+async fn seen_within_bound(c: &Api, t: &str, want: &str) {
+    let start = Instant::now();
+    loop {
+        let began = start.elapsed();
+        let (v, partition) = read(c, t).await;
+        if v.as_deref() == Some(want) && partition == [item(want)] {
+            return;
+        }
+        assert!(
+            began <= BOUND,
+            "a read that began {began:?} after the write missed it: {v:?}, {partition:?}"
+        );
+        assert!(start.elapsed() < CONVERGENCE, "never seen");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
+    let mut fleet = Fleet::start(0, "").await;
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let mut fronts = Vec::new();
+    for _ in 0..3 {
+        let port = free_port();
+        let api = format!("[dynamodb_api]\nlisten = \"127.0.0.1:{port}\"\ntables = [{t:?}]");
+        fleet.add(&api).await;
+        fronts.push(sdk_client(&format!("http://127.0.0.1:{port}")).await);
+    }
+    let fresh = format!("table=\"{t}\"");
+    let deadline = Instant::now() + CONVERGENCE;
+    for m in &fleet.members {
+        while total(
+            &scrape(m.metrics).await,
+            "ddbcached_api_cache_bypassing",
+            &[&fresh],
+        ) != 0.0
+        {
+            assert!(Instant::now() < deadline, "the user table never fresh");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // Every front caches the first value: daemon 0 reads its own write at once.
+    put(&fronts[0], &t, "v1").await;
+    let (v, _) = read(&fronts[0], &t).await;
+    assert_eq!(v.as_deref(), Some("v1"));
+    for c in &fronts {
+        seen_within_bound(c, &t, "v1").await;
+    }
+    // Through daemon 0's front: the publisher's batch reaches the others.
+    put(&fronts[0], &t, "v2").await;
+    for c in &fronts[1..] {
+        seen_within_bound(c, &t, "v2").await;
+    }
+    // Around every daemon.
+    put(&direct, &t, "v3").await;
+    for c in &fronts {
+        seen_within_bound(c, &t, "v3").await;
+    }
+
+    // Only the lease holders read the table's stream, and one publishes it.
+    let mut publishing = 0.0;
+    for m in &fleet.members {
+        let s = scrape(m.metrics).await;
+        publishing += total(&s, "ddbcached_fleet_publishing", &[&fresh]);
+        if total(&s, "ddbcached_fleet_lease_changes_total", &[]) == 0.0 {
+            let get_records = total(
+                &s,
+                "ddbcached_dynamodb_calls_total",
+                &["api=\"GetRecords\""],
+            );
+            assert_eq!(get_records, 0.0, "a daemon without a lease read a stream");
+        }
+    }
+    assert!(publishing <= 1.0, "one publisher at most: {publishing}");
+
+    // The fronts answer from memory: once fresh, a repeated read is a hit.
+    let deadline = Instant::now() + CONVERGENCE;
+    loop {
+        for c in &fronts {
+            read(c, &t).await;
+            read(c, &t).await;
+        }
+        let mut hits = 0.0;
+        for m in &fleet.members {
+            let s = scrape(m.metrics).await;
+            hits += total(
+                &s,
+                "ddbcached_api_cache_reads_total",
+                &[&fresh, "served=\"hit\""],
+            );
+        }
+        if hits >= fronts.len() as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fronts never answered from memory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
