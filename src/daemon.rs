@@ -234,7 +234,7 @@ impl Daemon {
             cache,
             coherence,
             probe.clone(),
-            hints,
+            hints.clone(),
             config,
         ));
         let api = if config.dynamodb_api.listen.is_empty()
@@ -248,6 +248,7 @@ impl Daemon {
                 &config.server,
                 upstream,
                 api_cache,
+                hints,
                 probe.api_stats.clone(),
             )
             .await?

@@ -276,6 +276,20 @@ impl ApiCache {
         self.written_through(table);
     }
 
+    /// Records a write of one item of `table` (through this front, or another host's):
+    /// its entries, its partition's queries and the global indexes' results go.
+    pub fn item_written(&self, table: TableId, key: &[u8], partition: &[u8]) {
+        self.changed(table, Scope::Item(key));
+        self.changed(
+            table,
+            Scope::Partition {
+                index: "",
+                key: partition,
+            },
+        );
+        self.written_through(table);
+    }
+
     /// Drops every entry of `table`: something changed, nobody knows what.
     pub fn flush(&self, table: TableId) {
         let now = self.tick();

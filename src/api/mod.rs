@@ -56,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DynamoApiConfig, ServerConfig};
+use crate::fleet::Hints;
 use crate::peer;
 use crate::server::{self, BindError, Listener};
 use cache::{ApiCache, Served};
@@ -89,6 +90,8 @@ struct Shared {
     upstream: Upstream,
     /// The cached tables' entries; `None` when no table is cached.
     cache: Option<Arc<ApiCache>>,
+    /// Fleet mode: the other daemons hear of the items written through this front.
+    hints: Option<Hints>,
     config: DynamoApiConfig,
     stats: Arc<ApiStats>,
 }
@@ -109,6 +112,7 @@ impl Front {
         server: &ServerConfig,
         upstream: Upstream,
         cache: Option<Arc<ApiCache>>,
+        hints: Option<Hints>,
         stats: Arc<ApiStats>,
     ) -> Result<Option<Front>, StartError> {
         let tcp = match config.listen.as_str() {
@@ -140,6 +144,7 @@ impl Front {
             shared: Arc::new(Shared {
                 upstream,
                 cache,
+                hints,
                 config: config.clone(),
                 stats,
             }),
@@ -467,6 +472,11 @@ async fn take(
         let refused = matches!(&result, Ok(r) if r.status().is_client_error());
         if !refused {
             touched.apply(&cache);
+            if let Some(hints) = &shared.hints {
+                for (table, key, partition) in touched.items() {
+                    hints.publish_item(*table, key.clone(), partition.clone());
+                }
+            }
         }
         result
     });

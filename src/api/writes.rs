@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use super::cache::{ApiCache, Scope};
+use super::cache::ApiCache;
 use super::keys;
 use super::tables::TableId;
 
@@ -92,19 +92,16 @@ impl Touched {
     /// Drops what the write may have changed.
     pub fn apply(&self, cache: &ApiCache) {
         for (table, key, partition) in &self.items {
-            cache.changed(*table, Scope::Item(key));
-            cache.changed(
-                *table,
-                Scope::Partition {
-                    index: "",
-                    key: partition,
-                },
-            );
-            cache.written_through(*table);
+            cache.item_written(*table, key, partition);
         }
         for table in &self.flush {
             cache.flush(*table);
         }
+    }
+
+    /// The items it names: table, canonical key, partition key.
+    pub fn items(&self) -> &[(TableId, Vec<u8>, Vec<u8>)] {
+        &self.items
     }
 }
 

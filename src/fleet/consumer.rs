@@ -17,11 +17,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::entry::{wall_ms, Codec, Entry};
+use super::entry::{wall_ms, Codec, Entry, Key};
 use super::rules::{Action, Rules};
 use super::transport::{Connection, Redis};
 use super::{FleetStats, FleetTable};
 use crate::api::cache::ApiCache;
+use crate::cache::CacheKey;
 use crate::coherence::Coherence;
 use crate::stream::change::Change;
 use crate::stream::FlushCause;
@@ -175,9 +176,20 @@ async fn perform(ctx: &Consuming, t: usize, actions: &mut Vec<Action>) {
                 }
             }
             Action::Drop(keys) => {
-                if let Some(store) = users.store {
-                    for key in keys {
-                        ctx.coherence.drop_key(store, key).await;
+                for key in keys {
+                    match key {
+                        Key::Item { key, partition } => {
+                            if let Some((cache, id)) = api {
+                                cache.item_written(id, &key, &partition);
+                            }
+                        }
+                        store_key => {
+                            if let (Some(store), Ok(key)) =
+                                (users.store, CacheKey::try_from(store_key))
+                            {
+                                ctx.coherence.drop_key(store, key).await;
+                            }
+                        }
                     }
                 }
             }

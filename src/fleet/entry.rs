@@ -281,6 +281,15 @@ pub enum Key {
     },
     #[serde(rename = "l")]
     Log { topic: String },
+    /// An item of a table the DynamoDB API front caches, written through a front: its
+    /// canonical key and partition key.
+    #[serde(rename = "i")]
+    Item {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        partition: Vec<u8>,
+    },
 }
 
 impl From<&CacheKey> for Key {
@@ -297,11 +306,15 @@ impl From<&CacheKey> for Key {
     }
 }
 
-impl From<Key> for CacheKey {
-    fn from(key: Key) -> CacheKey {
+/// A store's key from a hint's; a DynamoDB API item's key is given back.
+impl TryFrom<Key> for CacheKey {
+    type Error = Key;
+
+    fn try_from(key: Key) -> Result<CacheKey, Key> {
         match key {
-            Key::Kv { ns, key } => CacheKey::kv(&ns, &key),
-            Key::Log { topic } => CacheKey::log(&topic),
+            Key::Kv { ns, key } => Ok(CacheKey::kv(&ns, &key)),
+            Key::Log { topic } => Ok(CacheKey::log(&topic)),
+            item @ Key::Item { .. } => Err(item),
         }
     }
 }
@@ -335,12 +348,14 @@ impl Named for Key {
         match self {
             Key::Kv { ns, .. } => Some(ns),
             Key::Log { topic } => Some(topic),
+            Key::Item { .. } => None,
         }
     }
     fn name_mut(&mut self) -> Option<&mut String> {
         match self {
             Key::Kv { ns, .. } => Some(ns),
             Key::Log { topic } => Some(topic),
+            Key::Item { .. } => None,
         }
     }
 }
@@ -577,6 +592,10 @@ mod tests {
             Key::Kv {
                 ns: "n".into(),
                 key: b"k".to_vec(),
+            },
+            Key::Item {
+                key: b"ik".to_vec(),
+                partition: b"ip".to_vec(),
             },
             Key::Log { topic: "t".into() },
         ];

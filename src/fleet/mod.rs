@@ -243,14 +243,30 @@ impl FleetStats {
 /// Publishes write hints without ever making a write wait.
 #[derive(Clone)]
 pub struct Hints {
-    queue: mpsc::Sender<CacheKey>,
+    queue: mpsc::Sender<Written>,
     stats: Arc<FleetStats>,
+}
+
+/// What a hint names: a store's key, or an item of a table the API front caches.
+enum Written {
+    Store(CacheKey),
+    Item(TableId, Key),
 }
 
 impl Hints {
     /// Hints that `key` was written (DynamoDB acknowledged it).
     pub fn publish(&self, key: CacheKey) {
-        if self.queue.try_send(key).is_err() {
+        self.queue(Written::Store(key));
+    }
+
+    /// Hints that an item of the front's `table` was written: its canonical key and
+    /// partition key.
+    pub fn publish_item(&self, table: TableId, key: Vec<u8>, partition: Vec<u8>) {
+        self.queue(Written::Item(table, Key::Item { key, partition }));
+    }
+
+    fn queue(&self, written: Written) {
+        if self.queue.try_send(written).is_err() {
             self.stats.hints_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -363,13 +379,7 @@ pub async fn start(
             ));
         }
     }
-    // Hints name the stores' keys: the streams of the tables the stores cache.
-    let hint_keys: Vec<(StoreTable, String)> = parts
-        .tables
-        .iter()
-        .zip(&keys)
-        .filter_map(|(t, key)| Some((t.users.store?, key.clone())))
-        .collect();
+    let hint_keys: Vec<(Users, String)> = parts.tables.iter().map(|t| t.users).zip(keys).collect();
     let hints = parts.fleet.write_hints.then(|| {
         let (queue, pending) = mpsc::channel(HINT_QUEUE);
         tasks.spawn(publish_hints(
@@ -394,14 +404,15 @@ pub async fn start(
     Ok(Fleet { hints })
 }
 
-/// Appends queued hints, batched per table, until `stop`.
+/// Appends queued hints, batched per table (`keys`: each table's users and stream),
+/// until `stop`.
 #[allow(clippy::too_many_arguments)]
 async fn publish_hints(
-    mut pending: mpsc::Receiver<CacheKey>,
+    mut pending: mpsc::Receiver<Written>,
     redis: Redis,
     codec: Codec,
     me: u64,
-    keys: Vec<(StoreTable, String)>,
+    keys: Vec<(Users, String)>,
     retention_ms: u64,
     stats: Arc<FleetStats>,
     stop: CancellationToken,
@@ -432,11 +443,20 @@ async fn publish_hints(
         let Some(c) = connection.as_mut() else {
             continue;
         };
-        for (t, key) in &keys {
+        for (users, key) in &keys {
             let of_table: Vec<Key> = batch
                 .iter()
-                .filter(|k| k.is_kv() == (*t == StoreTable::Kv))
-                .map(Key::from)
+                .filter_map(|w| match w {
+                    Written::Store(k) => {
+                        let kind = if k.is_kv() {
+                            StoreTable::Kv
+                        } else {
+                            StoreTable::Log
+                        };
+                        (users.store == Some(kind)).then(|| Key::from(k))
+                    }
+                    Written::Item(table, k) => (users.api == Some(*table)).then(|| k.clone()),
+                })
                 .collect();
             if of_table.is_empty() {
                 continue;

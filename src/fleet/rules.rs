@@ -33,8 +33,7 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
-use crate::cache::CacheKey;
-use crate::fleet::entry::{Entry, Event, Fact, Prev};
+use crate::fleet::entry::{Entry, Event, Fact, Key, Prev};
 use crate::stream::FlushCause;
 
 /// Relay incarnations remembered (each restart or take-over is a new one); past this the
@@ -47,7 +46,7 @@ pub enum Action {
     /// Bring the cache in line with these changes (echoes of own writes change nothing).
     Apply(Vec<Fact>),
     /// Drop these keys (another daemon wrote them).
-    Drop(Vec<CacheKey>),
+    Drop(Vec<Key>),
     /// Forget the table's entries: something was missed.
     Flush(FlushCause),
     /// Every change made before this relay wall-clock time has been applied.
@@ -120,7 +119,7 @@ impl Rules {
         match entry {
             Entry::Hint { from, keys, .. } => {
                 if from != self.me && !keys.is_empty() {
-                    out.push(Action::Drop(keys.into_iter().map(CacheKey::from).collect()));
+                    out.push(Action::Drop(keys));
                 }
             }
             Entry::Relay {
@@ -528,7 +527,10 @@ mod tests {
             },
             &mut out,
         );
-        assert_eq!(out, vec![Action::Drop(vec![CacheKey::log("t")])]);
+        assert_eq!(
+            out,
+            vec![Action::Drop(vec![Key::Log { topic: "t".into() }])]
+        );
     }
 
     #[test]

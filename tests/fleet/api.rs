@@ -7,6 +7,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use super::*;
 use crate::api_cache::{cached_table, key, sorted};
 use crate::harness::{s, sdk_client};
+use ddbcached::fleet::entry::Key;
 
 type Api = aws_sdk_dynamodb::Client;
 
@@ -104,11 +105,16 @@ async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
     for c in &fronts {
         seen_within_bound(c, &t, "v1").await;
     }
-    // Through daemon 0's front: the publisher's batch reaches the others.
+    // Through daemon 0's front: its hint, and the publisher's batch, reach the others.
     put(&fronts[0], &t, "v2").await;
     for c in &fronts[1..] {
         seen_within_bound(c, &t, "v2").await;
     }
+    let hinted = fleet.entries(&t).await.into_iter().any(|e| {
+        matches!(e, Ok(Entry::Hint { keys, .. })
+            if keys.iter().any(|k| matches!(k, Key::Item { .. })))
+    });
+    assert!(hinted, "the front's writes are hinted");
     // Around every daemon.
     put(&direct, &t, "v3").await;
     for c in &fronts {

@@ -227,16 +227,18 @@ impl<R: SharedRedis> Fleet<R> {
     /// Every entry the key-value table's Redis stream holds, decoded as unsigned, read
     /// through the daemon's own client.
     async fn kv_entries(&self) -> Vec<Result<Entry, DecodeError>> {
+        self.entries(&self.config.dynamodb.kv_table).await
+    }
+
+    /// The same for any table the fleet carries.
+    async fn entries(&self, table: &str) -> Vec<Result<Entry, DecodeError>> {
         let d = &self.config.dynamodb;
         let mut c = Redis::open(&self.redis.url(), &self.redis.ca_file())
             .unwrap()
             .connect(None)
             .await
             .unwrap();
-        let (keys, after) = (
-            [stream_key(&d.lease_table, &d.kv_table)],
-            ["0-0".to_owned()],
-        );
+        let (keys, after) = ([stream_key(&d.lease_table, table)], ["0-0".to_owned()]);
         let streams = c.read(&keys, &after, Duration::from_millis(1), 100_000);
         let codec = Codec::new("");
         streams
