@@ -248,7 +248,11 @@ impl Daemon {
                 &config.server,
                 upstream,
                 api_cache,
-                hints,
+                hints.map(|h| {
+                    Arc::new(move |table, key: &[u8], partition: &[u8]| {
+                        h.publish_item(table, key.to_vec(), partition.to_vec())
+                    }) as api::OnItemWritten
+                }),
                 probe.api_stats.clone(),
             )
             .await?

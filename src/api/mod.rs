@@ -56,7 +56,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DynamoApiConfig, ServerConfig};
-use crate::fleet::Hints;
 use crate::peer;
 use crate::server::{self, BindError, Listener};
 use cache::{ApiCache, Served};
@@ -90,11 +89,15 @@ struct Shared {
     upstream: Upstream,
     /// The cached tables' entries; `None` when no table is cached.
     cache: Option<Arc<ApiCache>>,
-    /// Fleet mode: the other daemons hear of the items written through this front.
-    hints: Option<Hints>,
+    on_written: Option<OnItemWritten>,
     config: DynamoApiConfig,
     stats: Arc<ApiStats>,
 }
+
+/// Told of each item written through the front once DynamoDB accepted it (or may have):
+/// its table, canonical key and partition key. In fleet mode the other daemons hear of
+/// it.
+pub type OnItemWritten = Arc<dyn Fn(tables::TableId, &[u8], &[u8]) + Send + Sync>;
 
 /// The front, bound and ready to serve.
 pub struct Front {
@@ -112,7 +115,7 @@ impl Front {
         server: &ServerConfig,
         upstream: Upstream,
         cache: Option<Arc<ApiCache>>,
-        hints: Option<Hints>,
+        on_written: Option<OnItemWritten>,
         stats: Arc<ApiStats>,
     ) -> Result<Option<Front>, StartError> {
         let tcp = match config.listen.as_str() {
@@ -144,7 +147,7 @@ impl Front {
             shared: Arc::new(Shared {
                 upstream,
                 cache,
-                hints,
+                on_written,
                 config: config.clone(),
                 stats,
             }),
@@ -472,9 +475,9 @@ async fn take(
         let refused = matches!(&result, Ok(r) if r.status().is_client_error());
         if !refused {
             touched.apply(&cache);
-            if let Some(hints) = &shared.hints {
+            if let Some(on_written) = &shared.on_written {
                 for (table, key, partition) in touched.items() {
-                    hints.publish_item(*table, key.clone(), partition.clone());
+                    on_written(*table, key, partition);
                 }
             }
         }
