@@ -265,21 +265,19 @@ impl ApiCache {
     /// stores share their tables with the API): its items, its queries and the global
     /// indexes' results are dropped.
     pub fn partition_written(&self, table: TableId, partition: &[u8]) {
-        self.changed(table, Scope::Items(partition));
-        self.changed(
-            table,
-            Scope::Partition {
-                index: "",
-                key: partition,
-            },
-        );
-        self.written_through(table);
+        self.written(table, Scope::Items(partition), partition);
     }
 
     /// Records a write of one item of `table` (through this front, or another host's):
     /// its entries, its partition's queries and the global indexes' results go.
     pub fn item_written(&self, table: TableId, key: &[u8], partition: &[u8]) {
-        self.changed(table, Scope::Item(key));
+        self.written(table, Scope::Item(key), partition);
+    }
+
+    /// A write of `items` in `partition`: they, the partition's queries and the global
+    /// indexes' results go.
+    fn written(&self, table: TableId, items: Scope<'_>, partition: &[u8]) {
+        self.changed(table, items);
         self.changed(
             table,
             Scope::Partition {
