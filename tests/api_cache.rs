@@ -18,7 +18,7 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 use ddbcached::api::cache::ApiCache;
 use ddbcached::api::tables::TableId;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::{
@@ -702,26 +702,13 @@ async fn a_write_whose_client_hung_up_still_drops_what_it_changed() {
     assert_eq!(hits(&d), before + 1, "the old item is cached");
 
     proxy.hold_answers_to("PutItem");
-    let body = format!(
-        r#"{{"TableName":"{t}","Item":{{"pk":{{"S":"p"}},"sk":{{"N":"1"}},"v":{{"S":"new"}}}}}}"#
-    );
-    let request = format!(
-        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-amz-json-1.0\r\n\
-         X-Amz-Target: DynamoDB_20120810.PutItem\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut client = TcpStream::connect(d.api.unwrap()).await.unwrap();
-    client.write_all(request.as_bytes()).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while proxy.held() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the write reaches DynamoDB");
-    // DynamoDB has applied the write; its client goes away before hearing so.
+    let open = api_connections(&d).await;
+    let client = send_raw(&d, &put_request(&t, "1", "new")).await;
+    wait_for(|| proxy.held() == 1, "the write reaches DynamoDB").await;
+    // DynamoDB has applied the write; its client goes away before hearing so, and the
+    // daemon sees the connection end while the write's answer is still held.
     drop(client);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until_connections(&d, open).await;
     proxy.release();
     let new = item("p", "1", &[("v", s("new"))]);
     assert_eq!(
@@ -742,6 +729,98 @@ async fn a_write_whose_client_hung_up_still_drops_what_it_changed() {
         0,
         "the stream brought nothing"
     );
+}
+
+/// Writes that outlive their clients are bounded: with one connection allowed, a second
+/// client's write waits for the first, hung-up one to end before it is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_whose_clients_hung_up_are_bounded_by_max_connections() {
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let proxy = Proxy::start(endpoint()).await;
+    let d = Daemon::start_with(|c| {
+        c.dynamodb.endpoint = proxy.endpoint.clone();
+        c.dynamodb_api.listen = "127.0.0.1:0".into();
+        c.dynamodb_api.tables = vec![t.clone()];
+        c.dynamodb_api.max_connections = 1;
+    })
+    .await;
+    proxy.hold_answers_to("PutItem");
+    let first = send_raw(&d, &put_request(&t, "1", "first")).await;
+    wait_for(|| proxy.held() == 1, "the first write reaches DynamoDB").await;
+    drop(first);
+    wait_until_connections(&d, 0.0).await;
+
+    // The connection's slot is free, the write's is not.
+    let mut second = send_raw(&d, &put_request(&t, "2", "second")).await;
+    wait_until_connections(&d, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        proxy.held(),
+        1,
+        "the second write waits for the first's slot"
+    );
+    proxy.release();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), second.read_to_end(&mut answer))
+        .await
+        .expect("the second write is answered once the first ends")
+        .unwrap_or_default();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for (sk, v) in [("1", "first"), ("2", "second")] {
+        assert_eq!(
+            consistent_get(&direct, &t, key("p", sk)).await,
+            Some(item("p", sk, &[("v", s(v))]))
+        );
+    }
+}
+
+/// A PutItem of item `p`/`sk` with `v` set, as an SDK sends it, closing the connection
+/// after its answer.
+fn put_request(table: &str, sk: &str, v: &str) -> String {
+    let body = format!(
+        r#"{{"TableName":"{table}","Item":{{"pk":{{"S":"p"}},"sk":{{"N":"{sk}"}},"v":{{"S":"{v}"}}}}}}"#
+    );
+    format!(
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-amz-json-1.0\r\n\
+         X-Amz-Target: DynamoDB_20120810.PutItem\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A connection to the front that has sent `request`.
+async fn send_raw(d: &Daemon, request: &str) -> TcpStream {
+    let mut client = TcpStream::connect(d.api.unwrap()).await.unwrap();
+    client.write_all(request.as_bytes()).await.unwrap();
+    client
+}
+
+/// The front's open connections, as its metrics show them.
+async fn api_connections(d: &Daemon) -> f64 {
+    let metrics = http_get(d.metrics_endpoint(), "/metrics").await.1;
+    crate::ops::samples(&metrics)["ddbcached_api_connections"]
+}
+
+async fn wait_until_connections(d: &Daemon, open: f64) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while api_connections(d).await != open {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the front's open connections reach {open}"));
+}
+
+async fn wait_for(done: impl Fn() -> bool, what: &str) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -92,6 +92,9 @@ struct Shared {
     on_written: Option<OnItemWritten>,
     config: DynamoApiConfig,
     stats: Arc<ApiStats>,
+    /// Writes in flight, which may outlive their connections (a write runs to its end
+    /// when its client hangs up): as many as there may be connections.
+    writes: Arc<Semaphore>,
 }
 
 /// Told of each item written through the front once DynamoDB accepted it (or may have):
@@ -150,6 +153,7 @@ impl Front {
                 on_written,
                 config: config.clone(),
                 stats,
+                writes: Arc::new(Semaphore::new(config.max_connections)),
             }),
             server: server.clone(),
         }))
@@ -463,10 +467,17 @@ async fn take(
     };
     // The write runs to its end in its own task: once sent it may be applied, so its
     // entries must go even if the client hangs up before the answer (the client's
-    // retry may then be refused, a failed condition, and apply nothing itself).
-    let (shared, cache) = (shared.clone(), cache.clone());
-    let (target, content_type) = (target.clone(), content_type);
+    // retry may then be refused, a failed condition, and apply nothing itself). Until
+    // it is sent, a client that hangs up takes it along.
+    let permit = shared
+        .writes
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("never closed");
+    let (shared, cache, target) = (shared.clone(), cache.clone(), target.clone());
     let write = tokio::spawn(async move {
+        let _permit = permit;
         let result = shared
             .upstream
             .forward(&target, content_type.as_ref(), body)
