@@ -626,8 +626,8 @@ impl Config {
         check(
             "stores.enabled",
             self.stores.enabled,
-            self.stores.enabled || !self.fleet.enabled(),
-            "may be false only without fleet mode, which carries the stores' tables alone",
+            self.stores.enabled || !self.fleet.enabled() || !a.tables.is_empty(),
+            "may be false in fleet mode only with tables to carry (dynamodb_api.tables)",
         )?;
         check(
             "dynamodb_api.listen",
@@ -1004,7 +1004,7 @@ mod tests {
     }
 
     #[test]
-    fn the_stores_can_be_off_only_for_a_daemon_serving_the_api() {
+    fn the_stores_can_be_off_only_for_a_daemon_serving_the_api_and_its_tables() {
         let load = |pairs: &[(&str, &str)]| Config::load_with_env(None, env(pairs));
         assert!(load(&[]).unwrap().stores.enabled);
         let off = ("DDBCACHED_STORES_ENABLED", "false");
@@ -1014,7 +1014,9 @@ mod tests {
         assert!(!load(&[off, api]).unwrap().stores.enabled);
         let fleet = ("DDBCACHED_FLEET_REDIS_URL", "redis://127.0.0.1:6379");
         let e = load(&[off, api, fleet]).unwrap_err().to_string();
-        assert!(e.contains("fleet mode"), "{e}");
+        assert!(e.contains("dynamodb_api.tables"), "{e}");
+        let tables = ("DDBCACHED_DYNAMODB_API_TABLES", "orders");
+        assert!(!load(&[off, api, fleet, tables]).unwrap().stores.enabled);
     }
 
     #[test]

@@ -175,10 +175,8 @@ impl Daemon {
             let stop = CancellationToken::new();
             let tasks = TaskTracker::new();
             // With the stores off their tables are never read: they need not exist.
-            if stores {
-                tables::check_tables(&dynamodb, d, fleet_mode).await?;
-            }
-            if stores && fleet_mode {
+            tables::check_tables(&dynamodb, d, stores, fleet_mode).await?;
+            if fleet_mode {
                 let parts = fleet::Parts {
                     fleet: config.fleet.clone(),
                     // A quarter of the bound: proofs arrive often enough that a reader
@@ -356,12 +354,16 @@ fn api_cached_tables(config: &Config, tail: bool) -> &[String] {
     &a.tables
 }
 
-/// The tables fleet mode carries: the stores' two, then every other table the API front
-/// caches; a store's table the front caches too carries both caches' changes.
+/// The tables fleet mode carries: the stores' two (when the daemon serves them), then
+/// every other table the API front caches; a store's table the front caches too carries
+/// both caches' changes.
 fn fleet_tables(config: &Config, api: Option<&ApiCache>) -> Vec<FleetTable> {
     let api_id = |name: &str| api.and_then(|c| c.table(name)).map(|t| t.id);
     let d = &config.dynamodb;
-    let stores = FleetTable::stores([&d.kv_table, &d.log_table], api_id);
+    let stores = match config.stores.enabled {
+        true => FleetTable::stores([&d.kv_table, &d.log_table], api_id).to_vec(),
+        false => Vec::new(),
+    };
     let others = api
         .into_iter()
         .flat_map(|c| c.tables())

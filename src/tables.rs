@@ -65,12 +65,14 @@ const LEASE_LAYOUT: Layout = Layout {
     stream: false,
 };
 
-/// The tables and their layouts; the lease table only if `leases`.
-fn layouts(config: &DynamoConfig, leases: bool) -> Vec<(&String, &'static Layout)> {
-    let mut all = vec![
-        (&config.kv_table, &KV_LAYOUT),
-        (&config.log_table, &LOG_LAYOUT),
-    ];
+/// The tables and their layouts: the data tables only if `stores`, the lease table only
+/// if `leases`.
+fn layouts(config: &DynamoConfig, stores: bool, leases: bool) -> Vec<(&String, &'static Layout)> {
+    let mut all = Vec::new();
+    if stores {
+        all.push((&config.kv_table, &KV_LAYOUT));
+        all.push((&config.log_table, &LOG_LAYOUT));
+    }
     if leases {
         all.push((&config.lease_table, &LEASE_LAYOUT));
     }
@@ -81,7 +83,7 @@ fn layouts(config: &DynamoConfig, leases: bool) -> Vec<(&String, &'static Layout
 /// be turned on later), waits until all are ACTIVE, and checks that existing ones have
 /// the required layout. Running it again changes nothing.
 pub async fn init_tables(client: &Client, config: &DynamoConfig) -> Result<(), TableError> {
-    for (table, layout) in layouts(config, true) {
+    for (table, layout) in layouts(config, true, true) {
         match describe(client, table).await? {
             Some(desc) => check_layout(table, layout, &desc)?,
             None => create(client, table, layout).await?,
@@ -91,14 +93,16 @@ pub async fn init_tables(client: &Client, config: &DynamoConfig) -> Result<(), T
     Ok(())
 }
 
-/// Checks that the tables exist with the required layout (done by `serve` at start); the
-/// lease table only in fleet mode (`leases`).
+/// Checks that the tables exist with the required layout (done by `serve` at start): the
+/// data tables when the daemon serves the stores (`stores`), the lease table in fleet
+/// mode (`leases`).
 pub async fn check_tables(
     client: &Client,
     config: &DynamoConfig,
+    stores: bool,
     leases: bool,
 ) -> Result<(), TableError> {
-    for (table, layout) in layouts(config, leases) {
+    for (table, layout) in layouts(config, stores, leases) {
         let desc = describe(client, table)
             .await?
             .ok_or_else(|| TableError::Missing {

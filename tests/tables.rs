@@ -20,7 +20,7 @@ async fn init_tables_creates_then_changes_nothing() {
     config.dynamodb.log_table = format!("log_{}", suffix());
     let client = aws::dynamodb_client(&config.dynamodb, Default::default()).await;
     assert!(
-        tables::check_tables(&client, &config.dynamodb, true)
+        tables::check_tables(&client, &config.dynamodb, true, true)
             .await
             .is_err(),
         "missing at first"
@@ -31,7 +31,7 @@ async fn init_tables_creates_then_changes_nothing() {
     tables::init_tables(&client, &config.dynamodb)
         .await
         .unwrap();
-    tables::check_tables(&client, &config.dynamodb, true)
+    tables::check_tables(&client, &config.dynamodb, true, true)
         .await
         .unwrap();
 

@@ -298,8 +298,15 @@ pub struct Parts {
 
 /// Why fleet mode could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("fleet.redis_url is not usable: {0}")]
-pub struct StartError(#[from] redis::RedisError);
+pub enum StartError {
+    #[error("fleet.redis_url is not usable: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error(
+        "there is no table to carry: the stores are off (stores.enabled) and \
+         dynamodb_api.tables found no table with a stream"
+    )]
+    NoTables,
+}
 
 /// This daemon's id in the fleet: host, process and a random part (a restarted process
 /// is a new relay).
@@ -321,6 +328,9 @@ pub async fn start(
     tasks: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<Fleet, StartError> {
+    if parts.tables.is_empty() {
+        return Err(StartError::NoTables);
+    }
     let me = daemon_id();
     // Names this process in every entry it publishes: 8 bytes, not a host name.
     let incarnation: u64 = rand::random();

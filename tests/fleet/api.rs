@@ -1,6 +1,7 @@
 //! Fleet mode for the tables the DynamoDB API front caches: a user table's changes reach
 //! every daemon's front within the bound, whether written through another daemon's front
-//! or around them all, and only the table's publisher reads its stream.
+//! or around them all, and only the table's publisher reads its stream; a daemon that
+//! serves only the API takes part like the others.
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
@@ -78,10 +79,12 @@ async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
     let direct = sdk_client(endpoint()).await;
     let t = cached_table(&direct).await;
     let mut fronts = Vec::new();
-    for _ in 0..3 {
+    // The last daemon serves only the API: the fleet carries its table without the
+    // stores'.
+    for stores in [true, true, false] {
         let port = free_port();
         let api = format!("[dynamodb_api]\nlisten = \"127.0.0.1:{port}\"\ntables = [{t:?}]");
-        fleet.add(&api).await;
+        fleet.add_member(&api, stores).await;
         fronts.push(sdk_client(&format!("http://127.0.0.1:{port}")).await);
     }
     let fresh = format!("table=\"{t}\"");

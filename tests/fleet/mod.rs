@@ -32,8 +32,8 @@ use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{
-    dynamo_config, dynamodb_toml, endpoint, free_port, http_get, name, spawn_daemon, RedisCluster,
-    RedisServer,
+    dynamo_config, dynamodb_toml, endpoint, free_port, http_get, name, spawn_api_daemon,
+    spawn_daemon, RedisCluster, RedisServer,
 };
 use crate::ops::{collect_exprs, samples};
 
@@ -171,6 +171,12 @@ impl<R: SharedRedis> Fleet<R> {
 
     /// Starts one more daemon.
     async fn add(&mut self, extra: &str) {
+        self.add_member(extra, true).await;
+    }
+
+    /// Starts one more daemon, serving the stores or (`stores` false) only the DynamoDB
+    /// API, which `extra` must then configure.
+    async fn add_member(&mut self, extra: &str, stores: bool) {
         let i = self.members.len();
         let dir = self.dir.path().join(format!("d{i}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -187,7 +193,14 @@ impl<R: SharedRedis> Fleet<R> {
             self.redis.url(),
             self.redis.ca_file(),
         );
-        let (process, socket) = spawn_daemon(&dir, &toml).await;
+        let (process, socket) = match stores {
+            true => spawn_daemon(&dir, &toml).await,
+            false => {
+                let toml = format!("{toml}[stores]\nenabled = false\n");
+                let process = spawn_api_daemon(&dir, &toml, metrics).await;
+                (process, dir.join("no-stores.sock"))
+            }
+        };
         self.members.push(Member {
             process,
             answering: true,

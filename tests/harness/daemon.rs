@@ -33,6 +33,42 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String
 /// read from /proc), on DynamoDB Local with a socket in `dir` and `config` as its
 /// configuration file; returns once it is ready, with its socket.
 pub async fn spawn_daemon(dir: &Path, config: &str) -> (tokio::process::Child, PathBuf) {
+    let (child, socket) = launch(dir, config);
+    wait_until_ready(|| async {
+        match Client::connect(&socket).await {
+            Ok(c) => c.health().await.is_ok_and(|(ready, _)| ready),
+            Err(_) => false,
+        }
+    })
+    .await;
+    (child, socket)
+}
+
+/// The same for a daemon without the stores' socket (`stores.enabled = false`): ready
+/// once its `/ready`, at `metrics`, says so.
+pub async fn spawn_api_daemon(
+    dir: &Path,
+    config: &str,
+    metrics: std::net::SocketAddr,
+) -> tokio::process::Child {
+    let (child, _) = launch(dir, config);
+    wait_until_ready(|| async {
+        tokio::net::TcpStream::connect(metrics).await.is_ok()
+            && http_get(metrics, "/ready").await.0.contains(" 200 ")
+    })
+    .await;
+    child
+}
+
+async fn wait_until_ready<F: std::future::Future<Output = bool>>(ready: impl Fn() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ready().await {
+        assert!(Instant::now() < deadline, "the daemon did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn launch(dir: &Path, config: &str) -> (tokio::process::Child, PathBuf) {
     let socket = dir.join("ddbcached.sock");
     let file = dir.join("ddbcached.toml");
     std::fs::write(&file, config).unwrap();
@@ -63,16 +99,6 @@ pub async fn spawn_daemon(dir: &Path, config: &str) -> (tokio::process::Child, P
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(c) = Client::connect(&socket).await {
-            if c.health().await.is_ok_and(|(ready, _)| ready) {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "the daemon did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     (child, socket)
 }
 
