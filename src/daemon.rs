@@ -9,10 +9,12 @@
 //! later write is sure to reach it. The metrics endpoint is bound first, so that a bad
 //! address fails the start rather than a scrape.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,14 +27,14 @@ use crate::cache::Cache;
 use crate::coherence::Coherence;
 use crate::config::{Config, ServerConfig};
 use crate::fleet::lease::Leases;
-use crate::fleet::{FleetStats, FleetTable, Users};
+use crate::fleet::{FleetStats, FleetTable, Hints, Users};
 use crate::metrics::Metrics;
 use crate::probe::Probe;
 use crate::server::{self, BindError, Listener};
 use crate::service::Service;
 use crate::store::{KvStore, LogStore, StoreTable};
 use crate::stream::api::SdkStreams;
-use crate::stream::Tailer;
+use crate::stream::{FlushCause, Tailer};
 use crate::tables::{self, TableError};
 use crate::{fleet, http, stream};
 
@@ -219,6 +221,7 @@ impl Daemon {
             None
         };
 
+        let on_written = FrontWrites::of(config, api_cache.as_deref(), &coherence, hints.clone());
         let kv = KvStore::new(dynamodb.clone(), d.kv_table.clone(), d.batch_max_attempts);
         let log = LogStore::new(
             dynamodb,
@@ -246,11 +249,7 @@ impl Daemon {
                 &config.server,
                 upstream,
                 api_cache,
-                hints.map(|h| {
-                    Arc::new(move |table, key: &[u8], partition: &[u8]| {
-                        h.publish_item(table, key.to_vec(), partition.to_vec())
-                    }) as api::OnItemWritten
-                }),
+                on_written,
                 probe.api_stats.clone(),
             )
             .await?
@@ -352,6 +351,72 @@ fn api_cached_tables(config: &Config, tail: bool) -> &[String] {
         return &[];
     }
     &a.tables
+}
+
+/// What a write through the DynamoDB API front means for the rest of the daemon: on a
+/// store's table the front caches too, the store's key of the item's partition is
+/// dropped (read-your-writes across the two fronts); in fleet mode, the other daemons
+/// are hinted.
+struct FrontWrites {
+    coherence: Arc<Coherence>,
+    /// The store each of the front's tables holds, if any, by [`api::tables::TableId`].
+    stores: HashMap<api::tables::TableId, StoreTable>,
+    hints: Option<Hints>,
+}
+
+impl FrontWrites {
+    /// `None` when a write through the front concerns nobody else.
+    fn of(
+        config: &Config,
+        api: Option<&ApiCache>,
+        coherence: &Arc<Coherence>,
+        hints: Option<Hints>,
+    ) -> Option<Arc<dyn api::OnWritten>> {
+        let d = &config.dynamodb;
+        let stores: HashMap<_, _> = StoreTable::ALL
+            .into_iter()
+            .zip([&d.kv_table, &d.log_table])
+            .filter(|_| config.stores.enabled)
+            .filter_map(|(store, name)| Some((api?.table(name)?.id, store)))
+            .collect();
+        if stores.is_empty() && hints.is_none() {
+            return None;
+        }
+        Some(Arc::new(FrontWrites {
+            coherence: coherence.clone(),
+            stores,
+            hints,
+        }))
+    }
+}
+
+impl api::OnWritten for FrontWrites {
+    fn item<'a>(
+        &'a self,
+        table: api::tables::TableId,
+        key: &'a [u8],
+        partition: &'a [u8],
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            // A partition no store key has holds nothing the store caches.
+            if let Some(store) = self.stores.get(&table) {
+                if let Some(key) = api::keys::store_key_of_partition(*store, partition) {
+                    self.coherence.drop_key(*store, key).await;
+                }
+            }
+            if let Some(hints) = &self.hints {
+                hints.publish_item(table, key.to_vec(), partition.to_vec());
+            }
+        })
+    }
+
+    fn unknown(&self, table: api::tables::TableId) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(store) = self.stores.get(&table) {
+                self.coherence.flush(*store, FlushCause::UnreadWrite).await;
+            }
+        })
+    }
 }
 
 /// The tables fleet mode carries: the stores' two (when the daemon serves them), then

@@ -28,7 +28,6 @@ use bytes::Bytes;
 use ddbcached_protocol::{Items, Op, Reply, Request, RequestRef, Versioned};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
-use crate::api::keys;
 use crate::api::tables::TableId;
 use crate::cache::KeyParts;
 use crate::cache::{
@@ -38,7 +37,6 @@ use crate::coherence::{Coherence, ItemKey};
 use crate::config::Config;
 use crate::fleet::Hints;
 use crate::probe::Probe;
-use crate::store::keys::kv_partition_key;
 use crate::store::{KvStore, LogStore, StoreError, StoreTable};
 
 /// MessagePack framing of one item (type tag and length) plus slack, so that summing
@@ -562,26 +560,14 @@ impl Service {
         }
     }
 
-    /// Tells the DynamoDB API front's cache of a write to a table it caches too: every
-    /// item of the key's (or topic's) partition may have changed.
+    /// Tells the DynamoDB API front's cache of a write to a table it caches too.
     fn written_for_the_api(&self, key: &CacheKey) {
-        let Some(api) = &self.probe.api_cache else {
-            return;
+        let store = match key.parts() {
+            KeyParts::Kv { .. } => StoreTable::Kv,
+            KeyParts::Log { .. } => StoreTable::Log,
         };
-        let (table, partition) = match key.parts() {
-            KeyParts::Kv { ns, key } => (
-                self.api_tables[StoreTable::Kv as usize],
-                kv_partition_key(ns, key)
-                    .ok()
-                    .map(|pk| keys::partition_of_bytes(&pk)),
-            ),
-            KeyParts::Log { topic } => (
-                self.api_tables[StoreTable::Log as usize],
-                Some(keys::partition_of_str(topic)),
-            ),
-        };
-        if let (Some(table), Some(partition)) = (table, partition) {
-            api.partition_written(table, &partition);
+        if let (Some(api), Some(table)) = (&self.probe.api_cache, self.api_tables[store as usize]) {
+            api.store_key_written(table, key);
         }
     }
 

@@ -8,6 +8,7 @@
 mod api;
 mod api_cache;
 mod api_differential;
+mod api_stores;
 mod cache;
 mod check;
 mod cli;

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::keys;
 use super::tables::{ApiTable, TableId};
+use crate::cache::CacheKey;
 use crate::freshness::Freshness;
 use crate::metrics::{Exposition, Kind};
 use crate::stream::api::Record;
@@ -266,6 +267,15 @@ impl ApiCache {
     /// indexes' results are dropped.
     pub fn partition_written(&self, table: TableId, partition: &[u8]) {
         self.written(table, Scope::Items(partition), partition);
+    }
+
+    /// Records a write through the socket protocol (this daemon's, or another host's
+    /// hinted) of `key` to `table`, a store's table the front caches too: every item of
+    /// the key's (or topic's) partition may have changed.
+    pub fn store_key_written(&self, table: TableId, key: &CacheKey) {
+        if let Some(partition) = keys::partition_of_store_key(key) {
+            self.partition_written(table, &partition);
+        }
     }
 
     /// Records a write of one item of `table` (through this front, or another host's):

@@ -7,6 +7,9 @@ use std::borrow::Cow;
 
 use serde_json::{Map, Value};
 
+use crate::cache::{CacheKey, KeyParts};
+use crate::store::keys::{kv_partition_key, split_kv_partition_key};
+use crate::store::StoreTable;
 use crate::stream::api::{Attr, Image};
 
 /// Which attributes make a key: a partition key and, for a composite key, a sort key.
@@ -98,14 +101,36 @@ pub fn partition_of_image(schema: &KeySchema, image: &Image) -> Option<Vec<u8>> 
     encode([image.get(&schema.partition).and_then(scalar_of_attr)])
 }
 
-/// The canonical bytes of a binary partition key.
-pub fn partition_of_bytes(value: &[u8]) -> Vec<u8> {
-    encode([Some(Scalar::B(Cow::Borrowed(value)))]).expect("one part, present")
+/// The canonical partition of a stores' key, in the table the store keeps it in (a
+/// key-value key's `zflow_kv_key`, a topic's `zflow_idx_topic`); `None` for a key the
+/// store would refuse.
+pub fn partition_of_store_key(key: &CacheKey) -> Option<Vec<u8>> {
+    match key.parts() {
+        KeyParts::Kv { ns, key } => {
+            let pk = kv_partition_key(ns, key).ok()?;
+            encode([Some(Scalar::B(Cow::Owned(pk)))])
+        }
+        KeyParts::Log { topic } => encode([Some(Scalar::S(topic))]),
+    }
 }
 
-/// The canonical bytes of a string partition key.
-pub fn partition_of_str(value: &str) -> Vec<u8> {
-    encode([Some(Scalar::S(value))]).expect("one part, present")
+/// The stores' key whose items a canonical partition of `store`'s table holds: the
+/// inverse of [`partition_of_store_key`]. `None` for a partition no store key has (an
+/// item written through the front that the store could not have written).
+pub fn store_key_of_partition(store: StoreTable, partition: &[u8]) -> Option<CacheKey> {
+    let (&tag, rest) = partition.split_first()?;
+    let (len, value) = rest.split_at_checked(4)?;
+    if value.len() != u32::from_be_bytes(len.try_into().ok()?) as usize {
+        return None;
+    }
+    match (store, tag) {
+        (StoreTable::Kv, b'B') => {
+            let (ns, key) = split_kv_partition_key(value)?;
+            Some(CacheKey::kv(std::str::from_utf8(ns).ok()?, key))
+        }
+        (StoreTable::Log, b'S') => Some(CacheKey::log(std::str::from_utf8(value).ok()?)),
+        _ => None,
+    }
 }
 
 /// A number in one spelling per value: significant digits without leading or trailing
@@ -150,6 +175,25 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use serde_json::json;
+
+    #[test]
+    fn a_stores_key_and_its_partition_name_each_other() {
+        for (store, key) in [
+            (StoreTable::Kv, CacheKey::kv("ns", b"k\x00\xff")),
+            (StoreTable::Kv, CacheKey::kv("", b"k")),
+            (StoreTable::Log, CacheKey::log("topic")),
+        ] {
+            let partition = partition_of_store_key(&key).unwrap();
+            assert!(store_key_of_partition(store, &partition) == Some(key));
+        }
+        // What the front may be sent and no store writes: another type, a key without
+        // the namespace's length, a truncated encoding.
+        let topic = partition_of_store_key(&CacheKey::log("t")).unwrap();
+        assert!(store_key_of_partition(StoreTable::Kv, &topic).is_none());
+        let short = encode([Some(Scalar::B(Cow::Borrowed(b"\x00")))]).unwrap();
+        assert!(store_key_of_partition(StoreTable::Kv, &short).is_none());
+        assert!(store_key_of_partition(StoreTable::Log, &topic[..topic.len() - 1]).is_none());
+    }
 
     #[test]
     fn numbers_that_dynamodb_holds_equal_have_one_spelling() {

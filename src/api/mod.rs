@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -62,6 +63,7 @@ use cache::{ApiCache, Served};
 use error::ApiError;
 use operation::{Kind, Operation, UNKNOWN_LABEL};
 use stats::{ApiStats, Outcome};
+use tables::TableId;
 use upstream::Upstream;
 
 /// The most a request head (request line and headers) may take.
@@ -89,7 +91,7 @@ struct Shared {
     upstream: Upstream,
     /// The cached tables' entries; `None` when no table is cached.
     cache: Option<Arc<ApiCache>>,
-    on_written: Option<OnItemWritten>,
+    on_written: Option<Arc<dyn OnWritten>>,
     config: DynamoApiConfig,
     stats: Arc<ApiStats>,
     /// Writes in flight, which may outlive their connections (a write runs to its end
@@ -97,10 +99,15 @@ struct Shared {
     writes: Arc<Semaphore>,
 }
 
-/// Told of each item written through the front once DynamoDB accepted it (or may have):
-/// its table, canonical key and partition key. In fleet mode the other daemons hear of
-/// it.
-pub type OnItemWritten = Arc<dyn Fn(tables::TableId, &[u8], &[u8]) + Send + Sync>;
+/// Told of what a write through the front changed once DynamoDB accepted it (or may
+/// have), before its client is answered: the stores' cache, for a table the front
+/// shares with them, and in fleet mode the other daemons.
+pub trait OnWritten: Send + Sync {
+    /// An item of `table`, by its canonical key and partition key.
+    fn item<'a>(&'a self, table: TableId, key: &'a [u8], partition: &'a [u8]) -> BoxFuture<'a, ()>;
+    /// Items of `table` the front could not make out (PartiQL, a key it cannot read).
+    fn unknown(&self, table: TableId) -> BoxFuture<'_, ()>;
+}
 
 /// The front, bound and ready to serve.
 pub struct Front {
@@ -118,7 +125,7 @@ impl Front {
         server: &ServerConfig,
         upstream: Upstream,
         cache: Option<Arc<ApiCache>>,
-        on_written: Option<OnItemWritten>,
+        on_written: Option<Arc<dyn OnWritten>>,
         stats: Arc<ApiStats>,
     ) -> Result<Option<Front>, StartError> {
         let tcp = match config.listen.as_str() {
@@ -488,7 +495,10 @@ async fn take(
             touched.apply(&cache);
             if let Some(on_written) = &shared.on_written {
                 for (table, key, partition) in touched.items() {
-                    on_written(*table, key, partition);
+                    on_written.item(*table, key, partition).await;
+                }
+                for table in touched.flushed() {
+                    on_written.unknown(*table).await;
                 }
             }
         }

@@ -103,6 +103,11 @@ impl Touched {
     pub fn items(&self) -> &[(TableId, Vec<u8>, Vec<u8>)] {
         &self.items
     }
+
+    /// The tables it may have written items of that it does not name.
+    pub fn flushed(&self) -> &[TableId] {
+        &self.flush
+    }
 }
 
 fn object<'r>(request: &'r Object, field: &str) -> Option<&'r Object> {

@@ -22,6 +22,7 @@ use super::rules::{Action, Rules};
 use super::transport::{Connection, Redis};
 use super::{FleetStats, FleetTable};
 use crate::api::cache::ApiCache;
+use crate::api::keys::store_key_of_partition;
 use crate::cache::CacheKey;
 use crate::coherence::Coherence;
 use crate::stream::change::Change;
@@ -182,11 +183,23 @@ async fn perform(ctx: &Consuming, t: usize, actions: &mut Vec<Action>) {
                             if let Some((cache, id)) = api {
                                 cache.item_written(id, &key, &partition);
                             }
+                            // Written through a front to a store's table.
+                            let store_key = users.store.and_then(|store| {
+                                Some((store, store_key_of_partition(store, &partition)?))
+                            });
+                            if let Some((store, key)) = store_key {
+                                ctx.coherence.drop_key(store, key).await;
+                            }
                         }
                         store_key => {
-                            if let (Some(store), Ok(key)) =
-                                (users.store, CacheKey::try_from(store_key))
-                            {
+                            let Ok(key) = CacheKey::try_from(store_key) else {
+                                continue;
+                            };
+                            // A store's table the front caches too: the key's partition.
+                            if let Some((cache, id)) = api {
+                                cache.store_key_written(id, &key);
+                            }
+                            if let Some(store) = users.store {
                                 ctx.coherence.drop_key(store, key).await;
                             }
                         }

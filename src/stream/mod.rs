@@ -71,10 +71,13 @@ pub enum FlushCause {
     Reconnected = 5,
     /// Fleet mode: an entry did not decode or failed authentication.
     BadEntry = 6,
+    /// A write through the DynamoDB API to a store's table whose items the front could
+    /// not make out (PartiQL): not a stream's fault, but as unknown.
+    UnreadWrite = 7,
 }
 
 impl FlushCause {
-    pub const ALL: [FlushCause; 7] = [
+    pub const ALL: [FlushCause; 8] = [
         FlushCause::Trimmed,
         FlushCause::StreamReplaced,
         FlushCause::IteratorLost,
@@ -82,6 +85,7 @@ impl FlushCause {
         FlushCause::Gap,
         FlushCause::Reconnected,
         FlushCause::BadEntry,
+        FlushCause::UnreadWrite,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +97,7 @@ impl FlushCause {
             FlushCause::Gap => "gap",
             FlushCause::Reconnected => "reconnected",
             FlushCause::BadEntry => "bad_entry",
+            FlushCause::UnreadWrite => "unread_write",
         }
     }
 
