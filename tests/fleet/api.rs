@@ -3,7 +3,9 @@
 //! or around them all, and only the table's publisher reads its stream; a daemon that
 //! serves only the API takes part like the others.
 
+use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
+use ddbcached::store::keys::{kv_partition_key, KV_KEY, KV_NAMESPACE, KV_TIMESTAMP, KV_VALUE};
 
 use super::*;
 use crate::api_cache::{cached_table, key, sorted};
@@ -73,6 +75,23 @@ async fn seen_within_bound(c: &Api, t: &str, want: &str) {
     }
 }
 
+/// Waits until every daemon's front has a proof of `table`'s freshness.
+async fn wait_until_fronts_fresh(fleet: &Fleet, table: &str) {
+    let fresh = format!("table=\"{table}\"");
+    let deadline = Instant::now() + CONVERGENCE;
+    for m in &fleet.members {
+        while total(
+            &scrape(m.metrics).await,
+            "ddbcached_api_cache_bypassing",
+            &[&fresh],
+        ) != 0.0
+        {
+            assert!(Instant::now() < deadline, "{table} never fresh");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
     let mut fleet = Fleet::start(0, "").await;
@@ -88,18 +107,7 @@ async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
         fronts.push(sdk_client(&format!("http://127.0.0.1:{port}")).await);
     }
     let fresh = format!("table=\"{t}\"");
-    let deadline = Instant::now() + CONVERGENCE;
-    for m in &fleet.members {
-        while total(
-            &scrape(m.metrics).await,
-            "ddbcached_api_cache_bypassing",
-            &[&fresh],
-        ) != 0.0
-        {
-            assert!(Instant::now() < deadline, "the user table never fresh");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    wait_until_fronts_fresh(&fleet, &t).await;
 
     // Every front caches the first value: daemon 0 reads its own write at once.
     put(&fronts[0], &t, "v1").await;
@@ -164,5 +172,99 @@ async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
             "the fronts never answered from memory"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The values of a key-value key's versions, oldest first, as a front answers the query
+/// of its partition (an eventually consistent read: from memory where it can).
+async fn versions(c: &Api, table: &str, pk: &[u8]) -> Vec<String> {
+    let got = c
+        .query()
+        .table_name(table)
+        .key_condition_expression("#k = :k")
+        .expression_attribute_names("#k", KV_KEY)
+        .expression_attribute_values(":k", AttributeValue::B(Blob::new(pk)))
+        .send()
+        .await
+        .unwrap();
+    got.items
+        .unwrap_or_default()
+        .iter()
+        .map(|i| match i.get(KV_VALUE) {
+            Some(AttributeValue::B(v)) => String::from_utf8_lossy(v.as_ref()).into_owned(),
+            other => panic!("not a version: {other:?}"),
+        })
+        .collect()
+}
+
+/// Queries through `c` until the partition's versions are `want`, written before this
+/// call; fails if a read that began more than the bound after the call showed anything
+/// else.
+async fn versions_within_bound(c: &Api, table: &str, pk: &[u8], want: &[&str]) {
+    let start = Instant::now();
+    loop {
+        let began = start.elapsed();
+        let got = versions(c, table, pk).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            began <= BOUND,
+            "a query that began {began:?} after the write missed it: {got:?}"
+        );
+        assert!(start.elapsed() < CONVERGENCE, "never seen");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A store's table that the fronts cache too: its relay publishes both kinds of fact,
+/// and either front's hints drop both caches, so a write through one daemon's socket is
+/// seen through the other's front, one through a front through the other's socket, and
+/// one around both through both, each within the bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stores_table_the_fronts_cache_too_shows_every_write_through_both_fronts() {
+    let mut fleet = Fleet::start(0, "").await;
+    let kv = fleet.config.dynamodb.kv_table.clone();
+    let mut fronts = Vec::new();
+    for _ in 0..2 {
+        let port = free_port();
+        let api = format!("[dynamodb_api]\nlisten = \"127.0.0.1:{port}\"\ntables = [{kv:?}]");
+        fleet.add(&api).await;
+        fronts.push(sdk_client(&format!("http://127.0.0.1:{port}")).await);
+    }
+    fleet.wait_until_fresh().await;
+    wait_until_fronts_fresh(&fleet, &kv).await;
+    let sockets = fleet.clients().await;
+    let ns = name();
+    let pk = kv_partition_key(&ns, b"k").unwrap();
+
+    // Through daemon 0's socket; daemon 1 then holds the key in both caches.
+    sockets[0].kv_put(&ns, b("k"), b("v1"), 1).await.unwrap();
+    versions_within_bound(&fronts[1], &kv, &pk, &["v1"]).await;
+    super::seen_within_bound(&sockets[1], &ns, "k", "v1").await;
+    sockets[0].kv_put(&ns, b("k"), b("v2"), 2).await.unwrap();
+    versions_within_bound(&fronts[1], &kv, &pk, &["v1", "v2"]).await;
+    super::seen_within_bound(&sockets[1], &ns, "k", "v2").await;
+
+    // Through daemon 0's front, as zio-flow's own backend writes a version.
+    let version = |ts: &str, v: &str| {
+        HashMap::from([
+            (KV_KEY.to_owned(), AttributeValue::B(Blob::new(pk.clone()))),
+            (KV_TIMESTAMP.to_owned(), AttributeValue::N(ts.into())),
+            (KV_VALUE.to_owned(), AttributeValue::B(Blob::new(v))),
+            (KV_NAMESPACE.to_owned(), s(&ns)),
+        ])
+    };
+    let put = |c: &Api, item| c.put_item().table_name(&kv).set_item(Some(item)).send();
+    put(&fronts[0], version("3", "v3")).await.unwrap();
+    super::seen_within_bound(&sockets[1], &ns, "k", "v3").await;
+    versions_within_bound(&fronts[1], &kv, &pk, &["v1", "v2", "v3"]).await;
+
+    // Around both.
+    let direct = sdk_client(endpoint()).await;
+    put(&direct, version("4", "v4")).await.unwrap();
+    for i in 0..2 {
+        super::seen_within_bound(&sockets[i], &ns, "k", "v4").await;
+        versions_within_bound(&fronts[i], &kv, &pk, &["v1", "v2", "v3", "v4"]).await;
     }
 }
