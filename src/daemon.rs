@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::cache::ApiCache;
+use crate::api::cache::{ApiCache, MAX_TABLES};
+use crate::api::discovery::Discovery;
 use crate::api::upstream::Upstream;
 use crate::api::{self, Front};
 use crate::aws::{self, ApiCalls};
@@ -144,7 +145,7 @@ impl Daemon {
         };
         let api_table_names = api_cache
             .iter()
-            .flat_map(|c| c.tables().iter().map(|t| t.name.clone()));
+            .flat_map(|c| c.tables().map(|t| t.name.clone()));
         let fleet_tables = match fleet_mode {
             true => fleet_tables(config, api_cache.as_deref()),
             false => Vec::new(),
@@ -161,7 +162,7 @@ impl Daemon {
             server_stats: Arc::default(),
             api_calls: api_calls.clone(),
             cache: cache.clone(),
-            tail_stats: Arc::new(stream::TailStats::new(api_table_names)),
+            tail_stats: Arc::new(stream::TailStats::new(api_table_names, MAX_TABLES)),
             coherence: coherence.clone(),
             fleet_stats: Arc::new(FleetStats::new(&fleet_tables)),
             api_stats: Arc::default(),
@@ -222,6 +223,23 @@ impl Daemon {
         };
 
         let on_written = FrontWrites::of(config, api_cache.as_deref(), &coherence, hints.clone());
+        // In fleet mode the relays read the streams, and a fleet's tables are fixed.
+        let discovery = match (&tailers, &api_cache) {
+            (Some(t), Some(cache))
+                if !fleet_mode && config.dynamodb_api.tables == [api::tables::EVERY_TABLE] =>
+            {
+                Some(Arc::new(Discovery::new(
+                    dynamodb.clone(),
+                    cache.clone(),
+                    streams.clone(),
+                    probe.tail_stats.clone(),
+                    config.streams.clone(),
+                    t.tasks.clone(),
+                    t.stop.clone(),
+                )))
+            }
+            _ => None,
+        };
         let kv = KvStore::new(dynamodb.clone(), d.kv_table.clone(), d.batch_max_attempts);
         let log = LogStore::new(
             dynamodb,
@@ -250,6 +268,7 @@ impl Daemon {
                 upstream,
                 api_cache,
                 on_written,
+                discovery,
                 probe.api_stats.clone(),
             )
             .await?

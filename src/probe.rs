@@ -99,7 +99,6 @@ impl Probe {
                 .iter()
                 .flat_map(|c| {
                     c.tables()
-                        .iter()
                         .filter(|t| !ready || c.must_bypass(t.id))
                         .map(|t| t.name.clone())
                 })

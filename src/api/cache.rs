@@ -20,8 +20,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -167,11 +167,19 @@ struct TableState {
     flushes: AtomicU64,
 }
 
+/// The most tables one daemon caches: under `["*"]`, tables found after start are added
+/// up to it (every table has its counters and labels, which must not grow without
+/// bound), and a table past it passes through.
+pub const MAX_TABLES: usize = 256;
+
 /// The front's cache of the tables in `dynamodb_api.tables`.
 pub struct ApiCache {
-    tables: Vec<ApiTable>,
-    by_name: HashMap<String, TableId>,
-    state: Vec<TableState>,
+    /// By [`TableId`]; the first `count` are set, and never change once set.
+    tables: Box<[OnceLock<ApiTable>]>,
+    count: AtomicUsize,
+    by_name: RwLock<HashMap<String, TableId>>,
+    /// By [`TableId`], as many as `tables`.
+    state: Box<[TableState]>,
     clock: AtomicU64,
     stamps: Box<[AtomicU64]>,
     hasher: RandomState,
@@ -181,12 +189,15 @@ pub struct ApiCache {
 }
 
 impl ApiCache {
+    /// A cache of `tables` (their ids their places in it), with room for more up to
+    /// [`MAX_TABLES`].
     pub fn new(tables: Vec<ApiTable>, max_staleness_ms: u64, max_bytes: u64) -> ApiCache {
-        let tables_len = tables.len();
-        ApiCache {
-            by_name: tables.iter().map(|t| (t.name.clone(), t.id)).collect(),
-            state: tables
-                .iter()
+        let capacity = MAX_TABLES.max(tables.len());
+        let cache = ApiCache {
+            tables: (0..capacity).map(|_| OnceLock::new()).collect(),
+            count: AtomicUsize::new(0),
+            by_name: RwLock::default(),
+            state: (0..capacity)
                 .map(|_| TableState {
                     flushed: AtomicU64::new(0),
                     written_through: AtomicU64::new(0),
@@ -196,7 +207,6 @@ impl ApiCache {
                     flushes: AtomicU64::new(0),
                 })
                 .collect(),
-            tables,
             clock: AtomicU64::new(1),
             stamps: (0..STAMP_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             hasher: RandomState::new(),
@@ -208,17 +218,54 @@ impl ApiCache {
                         .unwrap_or(u32::MAX)
                 })
                 .build(),
-            freshness: Freshness::new(tables_len, max_staleness_ms),
+            freshness: Freshness::new(capacity, max_staleness_ms),
+        };
+        for table in tables {
+            debug_assert_eq!(table.id.0 as usize, cache.count.load(Ordering::Relaxed));
+            cache.add(table);
         }
+        cache
+    }
+
+    /// Adds a table found after start, as the next id (whatever `table.id` says); its
+    /// reads bypass the cache until its tailer proves it fresh. The id it has if it is
+    /// cached already; `None` when [`MAX_TABLES`] are.
+    pub fn add(&self, mut table: ApiTable) -> Option<TableId> {
+        let mut by_name = self.by_name.write().expect("tables lock poisoned");
+        if let Some(id) = by_name.get(&table.name) {
+            return Some(*id);
+        }
+        let next = self.count.load(Ordering::Relaxed);
+        let slot = self.tables.get(next)?;
+        let id = TableId(next as u16);
+        table.id = id;
+        by_name.insert(table.name.clone(), id);
+        slot.set(table).expect("a new slot");
+        self.count.store(next + 1, Ordering::Release);
+        Some(id)
     }
 
     /// A cached table, by name.
     pub fn table(&self, name: &str) -> Option<&ApiTable> {
-        self.by_name.get(name).map(|id| &self.tables[id.0 as usize])
+        let id = *self
+            .by_name
+            .read()
+            .expect("tables lock poisoned")
+            .get(name)?;
+        Some(self.of(id))
     }
 
-    pub fn tables(&self) -> &[ApiTable] {
-        &self.tables
+    /// The cached tables, by id.
+    pub fn tables(&self) -> impl Iterator<Item = &ApiTable> {
+        let count = self.count.load(Ordering::Acquire);
+        self.tables[..count].iter().filter_map(OnceLock::get)
+    }
+
+    /// A cached table, by id (one this cache gave out).
+    fn of(&self, id: TableId) -> &ApiTable {
+        self.tables[id.0 as usize]
+            .get()
+            .expect("an id this cache gave out")
     }
 
     fn tick(&self) -> u64 {
@@ -398,7 +445,7 @@ impl ApiCache {
     pub fn must_bypass(&self, table: TableId) -> bool {
         let judged = self.freshness.judge(table.0 as usize, Instant::now());
         if judged.switched {
-            let name = &self.tables[table.0 as usize].name;
+            let name = &self.of(table).name;
             if judged.stale {
                 tracing::warn!(table = %name, "stream tailer is behind: DynamoDB API reads bypass the cache");
             } else {
@@ -411,7 +458,7 @@ impl ApiCache {
     /// What a stream record of `table` changed, as this cache keys it; `None` if its key
     /// cannot be read.
     pub fn change_of(&self, table: TableId, record: &Record) -> Option<ItemChange> {
-        let t = &self.tables[table.0 as usize];
+        let t = self.of(table);
         let global = t
             .global
             .iter()
@@ -478,7 +525,7 @@ pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
     let tables = || {
         cache
             .into_iter()
-            .flat_map(|c| c.tables.iter().zip(&c.state))
+            .flat_map(|c| c.tables().map(|t| (t, &c.state[t.id.0 as usize])))
     };
     let name = "ddbcached_api_cache_reads_total";
     out.family(
@@ -527,8 +574,7 @@ pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
         "1 while the DynamoDB API's reads of a table bypass the cache (its freshness not proven within the bound).",
         "table",
         cache.into_iter().flat_map(|c| {
-            c.tables
-                .iter()
+            c.tables()
                 .map(move |t| (t.name.as_str(), u8::from(c.must_bypass(t.id))))
         }),
     );
@@ -538,8 +584,7 @@ pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
         "Seconds since every change of a table was last proven applied to the DynamoDB API's cache (NaN: never).",
         "table",
         cache.into_iter().flat_map(|c| {
-            c.tables
-                .iter()
+            c.tables()
                 .map(move |t| {
                     let since = c.freshness.seconds_since(t.id.0 as usize);
                     (t.name.as_str(), since.unwrap_or(f64::NAN))
@@ -657,6 +702,27 @@ mod tests {
     }
 
     #[test]
+    fn tables_found_later_take_the_next_ids_up_to_the_bound() {
+        let c = cache();
+        let named = |name: &str| ApiTable {
+            name: name.into(),
+            ..c.of(TableId(0)).clone()
+        };
+        assert_eq!(c.add(named("t")), Some(TableId(0)), "cached already");
+        assert_eq!(c.add(named("u")), Some(TableId(1)));
+        assert_eq!(c.table("u").map(|t| t.id), Some(TableId(1)));
+        assert!(c.must_bypass(TableId(1)), "not proven fresh yet");
+        for i in 2..MAX_TABLES {
+            assert_eq!(c.add(named(&format!("t{i}"))), Some(TableId(i as u16)));
+        }
+        assert_eq!(c.add(named("one-too-many")), None);
+        assert!(c.table("one-too-many").is_none());
+        let names: Vec<&str> = c.tables().take(3).map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["t", "u", "t2"]);
+        assert_eq!(c.tables().count(), MAX_TABLES);
+    }
+
+    #[test]
     fn a_change_drops_its_item_and_partition_and_nothing_else() {
         let c = cache();
         let (a, b) = (key("p", "1"), key("p", "2"));
@@ -664,8 +730,8 @@ mod tests {
             fill_item(&c, &a, c.ticket(TableId(0))),
             fill_item(&c, &b, c.ticket(TableId(0))),
         );
-        let p = keys::partition_of_image(&c.tables[0].key, &image("p", "1", "")).unwrap();
-        let q = keys::partition_of_image(&c.tables[0].key, &image("q", "1", "")).unwrap();
+        let p = keys::partition_of_image(&c.of(TableId(0)).key, &image("p", "1", "")).unwrap();
+        let q = keys::partition_of_image(&c.of(TableId(0)).key, &image("q", "1", "")).unwrap();
         let (qp, qq) = (fill_query(&c, "", &p), fill_query(&c, "", &q));
         assert!(c.get(&ea).is_some() && c.get(&eb).is_some() && c.get(&qp).is_some());
         apply(&c, record(None, Some(image("p", "1.0", "red"))));
@@ -715,7 +781,7 @@ mod tests {
     #[test]
     fn an_index_move_drops_the_partitions_it_left_and_entered() {
         let c = cache();
-        let schema = &c.tables[0].global["byColor"];
+        let schema = &c.of(TableId(0)).global["byColor"];
         let color = |name| keys::partition_of_image(schema, &image("p", "1", name)).unwrap();
         let (red, blue, green) = (
             fill_query(&c, "byColor", &color("red")),

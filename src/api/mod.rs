@@ -24,6 +24,7 @@
 //! progress finish within `server.shutdown_grace_ms`.
 
 pub mod cache;
+pub mod discovery;
 pub mod error;
 pub mod keys;
 pub mod operation;
@@ -60,6 +61,7 @@ use crate::config::{DynamoApiConfig, ServerConfig};
 use crate::peer;
 use crate::server::{self, BindError, Listener};
 use cache::{ApiCache, Served};
+use discovery::Discovery;
 use error::ApiError;
 use operation::{Kind, Operation, UNKNOWN_LABEL};
 use stats::{ApiStats, Outcome};
@@ -92,6 +94,8 @@ struct Shared {
     /// The cached tables' entries; `None` when no table is cached.
     cache: Option<Arc<ApiCache>>,
     on_written: Option<Arc<dyn OnWritten>>,
+    /// Under `["*"]` (but for fleet mode), what finds tables created after start.
+    discovery: Option<Arc<Discovery>>,
     config: DynamoApiConfig,
     stats: Arc<ApiStats>,
     /// Writes in flight, which may outlive their connections (a write runs to its end
@@ -126,6 +130,7 @@ impl Front {
         upstream: Upstream,
         cache: Option<Arc<ApiCache>>,
         on_written: Option<Arc<dyn OnWritten>>,
+        discovery: Option<Arc<Discovery>>,
         stats: Arc<ApiStats>,
     ) -> Result<Option<Front>, StartError> {
         let tcp = match config.listen.as_str() {
@@ -158,6 +163,7 @@ impl Front {
                 upstream,
                 cache,
                 on_written,
+                discovery,
                 config: config.clone(),
                 stats,
                 writes: Arc::new(Semaphore::new(config.max_connections)),
@@ -454,6 +460,9 @@ async fn take(
         })?;
     if op.name == "DescribeEndpoints" {
         return Ok((describe_endpoints(host), Served::Hit));
+    }
+    if let Some(discovery) = &shared.discovery {
+        discovery.consider(&parsed);
     }
     let call = reads::Call {
         shared,

@@ -65,61 +65,90 @@ pub async fn describe(
     };
     let mut tables = Vec::with_capacity(names.len());
     for name in &names {
-        let fail = |reason: String| TableError::Describe {
-            table: name.clone(),
-            reason,
-        };
-        let out = match client.describe_table().table_name(name).send().await {
-            Ok(out) => out,
-            // Listed a moment ago, gone since.
-            Err(e)
-                if every
-                    && e.as_service_error()
-                        .is_some_and(|e| e.is_resource_not_found_exception()) =>
-            {
-                continue
+        match describe_one(client, name).await? {
+            Described::Cached(mut table) => {
+                table.id = TableId(tables.len() as u16);
+                tables.push(table);
             }
-            Err(e) => {
-                return Err(fail(
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string(),
-                ))
+            // Listed a moment ago, gone since; or its changes made elsewhere could not
+            // be seen: it passes through.
+            Described::Missing | Described::NoStream if every => {}
+            Described::Missing => {
+                return Err(TableError::Describe {
+                    table: name.clone(),
+                    reason: "no such table".into(),
+                })
             }
-        };
-        let t = out.table.ok_or_else(|| fail("no description".into()))?;
-        let stream = match t.stream_specification().filter(|s| s.stream_enabled()) {
-            Some(stream) => stream,
-            // Its changes made elsewhere could not be seen: it passes through.
-            None if every => continue,
-            None => return Err(TableError::NoStream(name.clone())),
-        };
-        let key = schema(t.key_schema()).ok_or_else(|| fail("no partition key".into()))?;
-        let mut global = HashMap::new();
-        for g in t.global_secondary_indexes() {
-            if let (Some(index), Some(key)) = (g.index_name(), schema(g.key_schema())) {
-                global.insert(index.to_owned(), key);
-            }
+            Described::NoStream => return Err(TableError::NoStream(name.clone())),
         }
-        let images = stream.stream_view_type() == Some(&StreamViewType::NewAndOldImages);
-        if !images && !global.is_empty() {
-            tracing::warn!(
-                table = %name,
-                "the table's stream does not carry old and new images: queries of its global indexes are not cached"
-            );
-        }
-        tables.push(ApiTable {
-            id: TableId(tables.len() as u16),
-            name: name.clone(),
-            key,
-            local: t
-                .local_secondary_indexes()
-                .iter()
-                .filter_map(|l| l.index_name().map(str::to_owned))
-                .collect(),
-            global,
-            images,
-        });
     }
     Ok(tables)
+}
+
+/// What DynamoDB says of one table.
+#[derive(Debug)]
+pub enum Described {
+    /// It can be cached (its id is 0: the cache gives it one).
+    Cached(ApiTable),
+    /// It has no stream.
+    NoStream,
+    /// There is no such table.
+    Missing,
+}
+
+/// Describes one table.
+pub async fn describe_one(
+    client: &aws_sdk_dynamodb::Client,
+    name: &str,
+) -> Result<Described, TableError> {
+    let fail = |reason: String| TableError::Describe {
+        table: name.to_owned(),
+        reason,
+    };
+    let out = match client.describe_table().table_name(name).send().await {
+        Ok(out) => out,
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            return Ok(Described::Missing)
+        }
+        Err(e) => {
+            return Err(fail(
+                aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string(),
+            ))
+        }
+    };
+    let t = out.table.ok_or_else(|| fail("no description".into()))?;
+    let Some(stream) = t.stream_specification().filter(|s| s.stream_enabled()) else {
+        return Ok(Described::NoStream);
+    };
+    let key = schema(t.key_schema()).ok_or_else(|| fail("no partition key".into()))?;
+    let mut global = HashMap::new();
+    for g in t.global_secondary_indexes() {
+        if let (Some(index), Some(key)) = (g.index_name(), schema(g.key_schema())) {
+            global.insert(index.to_owned(), key);
+        }
+    }
+    let images = stream.stream_view_type() == Some(&StreamViewType::NewAndOldImages);
+    if !images && !global.is_empty() {
+        tracing::warn!(
+            table = %name,
+            "the table's stream does not carry old and new images: queries of its global indexes are not cached"
+        );
+    }
+    Ok(Described::Cached(ApiTable {
+        id: TableId(0),
+        name: name.to_owned(),
+        key,
+        local: t
+            .local_secondary_indexes()
+            .iter()
+            .filter_map(|l| l.index_name().map(str::to_owned))
+            .collect(),
+        global,
+        images,
+    }))
 }
 
 /// Every table's name, page by page.

@@ -57,7 +57,7 @@ impl Touched {
                 if statements(request).any(|s| !is_select(s)) {
                     // Which table a statement writes is PartiQL's to say: every cached
                     // table may have changed.
-                    t.flush.extend(cache.tables().iter().map(|t| t.id));
+                    t.flush.extend(cache.tables().map(|t| t.id));
                 }
             }
             _ => return None,

@@ -33,7 +33,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -111,12 +111,13 @@ impl FlushCause {
 /// table's slot is [`Tailed::slot`]: the stores' two tables first, then the DynamoDB API
 /// front's, in the order of `dynamodb_api.tables`.
 pub struct TailStats {
-    tables: Vec<TableCounters>,
+    /// By slot; exported once named.
+    tables: Box<[TableCounters]>,
 }
 
 struct TableCounters {
     /// The `table` label.
-    name: String,
+    name: OnceLock<String>,
     records: [AtomicU64; 3],
     errors: AtomicU64,
     shards: AtomicU64,
@@ -136,21 +137,25 @@ pub struct TailSnapshot {
 impl Default for TailStats {
     /// The stores' two tables only.
     fn default() -> TailStats {
-        TailStats::new(std::iter::empty())
+        TailStats::new(std::iter::empty(), 0)
     }
 }
 
 impl TailStats {
-    /// Counters for the stores' tables and then for `api_tables`.
-    pub fn new(api_tables: impl IntoIterator<Item = String>) -> TailStats {
-        let names = StoreTable::ALL
+    /// Counters for the stores' tables and then for `api_tables`, with room for the
+    /// DynamoDB API's tables up to `api_slots` in all (named when found: [`Self::name`]).
+    pub fn new(api_tables: impl IntoIterator<Item = String>, api_slots: usize) -> TailStats {
+        let names: Vec<String> = StoreTable::ALL
             .iter()
             .map(|t| t.name().to_owned())
-            .chain(api_tables);
+            .chain(api_tables)
+            .collect();
+        let slots = names.len().max(StoreTable::ALL.len() + api_slots);
+        let mut names = names.into_iter();
         TailStats {
-            tables: names
-                .map(|name| TableCounters {
-                    name,
+            tables: (0..slots)
+                .map(|_| TableCounters {
+                    name: names.next().map(OnceLock::from).unwrap_or_default(),
                     records: Default::default(),
                     errors: AtomicU64::new(0),
                     shards: AtomicU64::new(0),
@@ -159,8 +164,22 @@ impl TailStats {
         }
     }
 
+    /// Names a table found after start, so that its counters are exported.
+    pub fn name(&self, table: impl Tailed, name: &str) {
+        if let Some(t) = self.tables.get(table.slot()) {
+            t.name.get_or_init(|| name.to_owned());
+        }
+    }
+
     fn of(&self, table: impl Tailed) -> &TableCounters {
         &self.tables[table.slot()]
+    }
+
+    /// The named tables' counters.
+    fn named(&self) -> impl Iterator<Item = (&str, &TableCounters)> {
+        self.tables
+            .iter()
+            .filter_map(|t| Some((t.name.get()?.as_str(), t)))
     }
 
     /// Writes the counters into a scrape.
@@ -171,16 +190,15 @@ impl TailStats {
             Kind::Counter,
             "Stream records read and applied, by table and event.",
         );
-        for t in &self.tables {
+        for (table, t) in self.named() {
             for (e, event) in ["insert", "modify", "remove"].into_iter().enumerate() {
-                let labels = [("table", t.name.as_str()), ("event", event)];
+                let labels = [("table", table), ("event", event)];
                 out.sample(name, &labels, t.records[e].load(Ordering::Relaxed));
             }
         }
         let per_table = |value: fn(&TableCounters) -> &AtomicU64| {
-            self.tables
-                .iter()
-                .map(move |t| (t.name.as_str(), value(t).load(Ordering::Relaxed)))
+            self.named()
+                .map(move |(table, t)| (table, value(t).load(Ordering::Relaxed)))
         };
         out.by_label(
             "ddbcached_stream_errors_total",
@@ -203,12 +221,11 @@ impl TailStats {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         TailSnapshot {
             records: self
-                .tables
-                .iter()
-                .map(|t| t.records.each_ref().map(load))
+                .named()
+                .map(|(_, t)| t.records.each_ref().map(load))
                 .collect(),
-            errors: self.tables.iter().map(|t| load(&t.errors)).collect(),
-            shards: self.tables.iter().map(|t| load(&t.shards)).collect(),
+            errors: self.named().map(|(_, t)| load(&t.errors)).collect(),
+            shards: self.named().map(|(_, t)| load(&t.shards)).collect(),
         }
     }
 }
