@@ -9,7 +9,6 @@
 //! later write is sure to reach it. The metrics endpoint is bound first, so that a bad
 //! address fails the start rather than a scrape.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,17 +24,19 @@ use crate::api::upstream::Upstream;
 use crate::api::{self, Front};
 use crate::aws::{self, ApiCalls};
 use crate::cache::Cache;
+use crate::changes::Changes;
 use crate::coherence::Coherence;
 use crate::config::{Config, ServerConfig};
 use crate::fleet::lease::Leases;
-use crate::fleet::{FleetStats, FleetTable, Hints, Users};
+use crate::fleet::{FleetStats, Hints};
 use crate::metrics::Metrics;
 use crate::probe::Probe;
+use crate::registry::{self, Table};
 use crate::server::{self, BindError, Listener};
 use crate::service::Service;
-use crate::store::{KvStore, LogStore, StoreTable};
+use crate::store::{KvStore, LogStore};
 use crate::stream::api::SdkStreams;
-use crate::stream::{FlushCause, Tailer};
+use crate::stream::Tailer;
 use crate::tables::{self, TableError};
 use crate::{fleet, http, stream};
 
@@ -143,18 +144,21 @@ impl Daemon {
                 )))
             }
         };
-        let api_table_names = api_cache
-            .iter()
-            .flat_map(|c| c.tables().map(|t| t.name.clone()));
-        let fleet_tables = match fleet_mode {
-            true => fleet_tables(config, api_cache.as_deref()),
-            false => Vec::new(),
-        };
+        let registry = registry::tables(config, api_cache.as_deref());
         let coherence = Arc::new(Coherence::new(
             cache.clone(),
             config.cache.max_staleness_ms,
             metrics.stream_lag(),
         ));
+        let changes = Arc::new(Changes::new(
+            &registry,
+            coherence.clone(),
+            api_cache.clone(),
+        ));
+        let tail_stats = stream::TailStats::new(MAX_TABLES);
+        for t in &registry {
+            tail_stats.name(t.users, t.label());
+        }
         let probe = Arc::new(Probe {
             ready: Default::default(),
             stores,
@@ -162,14 +166,16 @@ impl Daemon {
             server_stats: Arc::default(),
             api_calls: api_calls.clone(),
             cache: cache.clone(),
-            tail_stats: Arc::new(stream::TailStats::new(api_table_names, MAX_TABLES)),
-            coherence: coherence.clone(),
-            fleet_stats: Arc::new(FleetStats::new(&fleet_tables)),
+            tail_stats: Arc::new(tail_stats),
+            coherence,
+            fleet_stats: Arc::new(FleetStats::new(match fleet_mode {
+                true => &registry,
+                false => &[],
+            })),
             api_stats: Arc::default(),
             api_cache: api_cache.clone(),
             metrics,
         });
-        let tables = [d.kv_table.clone(), d.log_table.clone()];
 
         // Positions first: once the tailers (or the fleet's consumer) hold them, every
         // later write is sure to reach the cache, and only then may reads use it.
@@ -186,34 +192,19 @@ impl Daemon {
                     // never bypasses while the relays keep up, and not every poll round.
                     watermark_every: Duration::from_millis(config.cache.max_staleness_ms / 4),
                     streams_config: config.streams.clone(),
-                    tables: fleet_tables,
+                    tables: registry,
                     api: api_cache.clone(),
                     leases: Leases::new(dynamodb.clone(), d.lease_table.clone()),
                     streams: streams.clone(),
                     tail_stats: probe.tail_stats.clone(),
-                    coherence: coherence.clone(),
+                    changes: changes.clone(),
                     fleet_lag: probe.metrics.fleet_lag(),
                     hint_lag: probe.metrics.hint_lag(),
                     stats: probe.fleet_stats.clone(),
                 };
                 hints = fleet::start(parts, &tasks, stop.clone()).await?.hints;
-            } else if stores {
-                start_tailers(config, &tables, &streams, &probe, &tasks, &stop).await?;
-            }
-            // In fleet mode the relays read the API's tables' streams too.
-            if let Some(api_cache) = api_cache.as_ref().filter(|_| !fleet_mode) {
-                for table in api_cache.tables() {
-                    let tailer = Tailer::start(
-                        streams.clone(),
-                        table.name.clone(),
-                        table.id,
-                        api_cache.clone(),
-                        probe.tail_stats.clone(),
-                        config.streams.clone(),
-                    )
-                    .await?;
-                    tasks.spawn(tailer.run(stop.clone()));
-                }
+            } else {
+                start_tailers(config, &registry, &streams, &changes, &probe, &tasks, &stop).await?;
             }
             tasks.close();
             probe.set_ready();
@@ -222,24 +213,30 @@ impl Daemon {
             None
         };
 
-        let on_written = FrontWrites::of(config, api_cache.as_deref(), &coherence, hints.clone());
-        // In fleet mode the relays read the streams, and a fleet's tables are fixed.
-        let discovery = match (&tailers, &api_cache) {
-            (Some(t), Some(cache))
-                if !fleet_mode && config.dynamodb_api.tables == [api::tables::EVERY_TABLE] =>
-            {
-                Some(Arc::new(Discovery::new(
-                    dynamodb.clone(),
-                    cache.clone(),
-                    streams.clone(),
-                    probe.tail_stats.clone(),
-                    config.streams.clone(),
-                    t.tasks.clone(),
-                    t.stop.clone(),
-                )))
-            }
-            _ => None,
-        };
+        let caching = api_cache.map(|cache| api::Caching {
+            // In fleet mode the relays read the streams, and a fleet's tables are fixed.
+            discovery: match &tailers {
+                Some(t)
+                    if !fleet_mode && config.dynamodb_api.tables == [api::tables::EVERY_TABLE] =>
+                {
+                    Some(Arc::new(Discovery::new(
+                        dynamodb.clone(),
+                        cache.clone(),
+                        streams.clone(),
+                        probe.tail_stats.clone(),
+                        config.streams.clone(),
+                        t.tasks.clone(),
+                        t.stop.clone(),
+                    )))
+                }
+                _ => None,
+            },
+            cache,
+            on_written: Arc::new(FrontWrites {
+                changes: changes.clone(),
+                hints: hints.clone(),
+            }),
+        });
         let kv = KvStore::new(dynamodb.clone(), d.kv_table.clone(), d.batch_max_attempts);
         let log = LogStore::new(
             dynamodb,
@@ -251,7 +248,7 @@ impl Daemon {
             kv,
             log,
             cache,
-            coherence,
+            changes,
             probe.clone(),
             hints.clone(),
             config,
@@ -266,9 +263,7 @@ impl Daemon {
                 &config.dynamodb_api,
                 &config.server,
                 upstream,
-                api_cache,
-                on_written,
-                discovery,
+                caching,
                 probe.api_stats.clone(),
             )
             .await?
@@ -372,41 +367,11 @@ fn api_cached_tables(config: &Config, tail: bool) -> &[String] {
     &a.tables
 }
 
-/// What a write through the DynamoDB API front means for the rest of the daemon: on a
-/// store's table the front caches too, the store's key of the item's partition is
-/// dropped (read-your-writes across the two fronts); in fleet mode, the other daemons
-/// are hinted.
+/// Where a write through the DynamoDB API front goes once DynamoDB has answered: every
+/// cache of its table, and in fleet mode the other daemons (as a hint).
 struct FrontWrites {
-    coherence: Arc<Coherence>,
-    /// The store each of the front's tables holds, if any, by [`api::tables::TableId`].
-    stores: HashMap<api::tables::TableId, StoreTable>,
+    changes: Arc<Changes>,
     hints: Option<Hints>,
-}
-
-impl FrontWrites {
-    /// `None` when a write through the front concerns nobody else.
-    fn of(
-        config: &Config,
-        api: Option<&ApiCache>,
-        coherence: &Arc<Coherence>,
-        hints: Option<Hints>,
-    ) -> Option<Arc<dyn api::OnWritten>> {
-        let d = &config.dynamodb;
-        let stores: HashMap<_, _> = StoreTable::ALL
-            .into_iter()
-            .zip([&d.kv_table, &d.log_table])
-            .filter(|_| config.stores.enabled)
-            .filter_map(|(store, name)| Some((api?.table(name)?.id, store)))
-            .collect();
-        if stores.is_empty() && hints.is_none() {
-            return None;
-        }
-        Some(Arc::new(FrontWrites {
-            coherence: coherence.clone(),
-            stores,
-            hints,
-        }))
-    }
 }
 
 impl api::OnWritten for FrontWrites {
@@ -417,12 +382,7 @@ impl api::OnWritten for FrontWrites {
         partition: &'a [u8],
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            // A partition no store key has holds nothing the store caches.
-            if let Some(store) = self.stores.get(&table) {
-                if let Some(key) = api::keys::store_key_of_partition(*store, partition) {
-                    self.coherence.drop_key(*store, key).await;
-                }
-            }
+            self.changes.item_written(table, key, partition).await;
             if let Some(hints) = &self.hints {
                 hints.publish_item(table, key.to_vec(), partition.to_vec());
             }
@@ -430,46 +390,18 @@ impl api::OnWritten for FrontWrites {
     }
 
     fn unknown(&self, table: api::tables::TableId) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let Some(store) = self.stores.get(&table) {
-                self.coherence.flush(*store, FlushCause::UnreadWrite).await;
-            }
-        })
+        Box::pin(self.changes.unknown_written(table))
     }
 }
 
-/// The tables fleet mode carries: the stores' two (when the daemon serves them), then
-/// every other table the API front caches; a store's table the front caches too carries
-/// both caches' changes.
-fn fleet_tables(config: &Config, api: Option<&ApiCache>) -> Vec<FleetTable> {
-    let api_id = |name: &str| api.and_then(|c| c.table(name)).map(|t| t.id);
-    let d = &config.dynamodb;
-    let stores = match config.stores.enabled {
-        true => FleetTable::stores([&d.kv_table, &d.log_table], api_id).to_vec(),
-        false => Vec::new(),
-    };
-    let others = api
-        .into_iter()
-        .flat_map(|c| c.tables())
-        .filter(|t| !stores.iter().any(|s| s.name == t.name));
-    let others: Vec<FleetTable> = others
-        .map(|t| FleetTable {
-            name: t.name.clone(),
-            users: Users {
-                store: None,
-                api: Some(t.id),
-            },
-        })
-        .collect();
-    stores.into_iter().chain(others).collect()
-}
-
-/// Starts a stream tailer per table, tracked by `tasks` and stopped by `stop`. When this
-/// returns, both have taken their positions.
+/// Starts a stream tailer per table, each handing what it reads to every cache of its
+/// table, tracked by `tasks` and stopped by `stop`. When this returns, all have taken
+/// their positions.
 async fn start_tailers(
     config: &Config,
-    tables: &[String; 2],
+    tables: &[Table],
     streams: &Arc<SdkStreams>,
+    changes: &Arc<Changes>,
     probe: &Probe,
     tasks: &TaskTracker,
     stop: &CancellationToken,
@@ -482,12 +414,12 @@ async fn start_tailers(
              table, run fleet mode ([fleet] in the configuration)"
         );
     }
-    for table in StoreTable::ALL {
+    for table in tables {
         let tailer = Tailer::start(
             streams.clone(),
-            tables[table as usize].clone(),
-            table,
-            probe.coherence.clone(),
+            table.name.clone(),
+            table.users,
+            changes.clone(),
             probe.tail_stats.clone(),
             config.streams.clone(),
         )

@@ -13,6 +13,9 @@
 //! - [`service`]: one request in, its replies out: the read path and the write path.
 //! - [`coherence`]: what a change in the tables means for the cache (own writes' echoes,
 //!   reconcile or drop, flush on lost continuity, freshness).
+//! - [`registry`]: the tables cached and who caches each (the stores, the DynamoDB API
+//!   front); [`changes`]: the one path by which every change reaches every cache of its
+//!   table.
 //! - [`stream`]: the DynamoDB Streams tailers, which hand what they read to a
 //!   [`stream::sink::Sink`].
 //! - [`fleet`]: fleet mode: relay leases, publishing to Redis, consuming from it.
@@ -27,6 +30,7 @@
 pub mod api;
 pub mod aws;
 pub mod cache;
+pub mod changes;
 pub mod coherence;
 pub mod config;
 pub mod connection;
@@ -38,6 +42,7 @@ pub mod locks;
 pub mod metrics;
 pub mod peer;
 pub mod probe;
+pub mod registry;
 pub mod server;
 pub mod server_stats;
 pub mod service;

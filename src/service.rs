@@ -28,11 +28,10 @@ use bytes::Bytes;
 use ddbcached_protocol::{Items, Op, Reply, Request, RequestRef, Versioned};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
-use crate::api::tables::TableId;
-use crate::cache::KeyParts;
 use crate::cache::{
     Cache, CacheKey, Cached, KeyBuf, KeyVersions, Known, Lookup, Queued, ReadOp, Served, TopicTail,
 };
+use crate::changes::Changes;
 use crate::coherence::{Coherence, ItemKey};
 use crate::config::Config;
 use crate::fleet::Hints;
@@ -83,19 +82,19 @@ pub struct Service {
     lock_wait: Duration,
     /// Payload budget of one streamed piece: half a frame leaves room for the envelope.
     piece_bytes: usize,
-    /// The stores' tables the DynamoDB API front caches too (by [`StoreTable`]): writes
-    /// through the socket drop what the front holds of them before they are answered.
-    api_tables: [Option<TableId>; 2],
+    /// Where writes through the socket tell the DynamoDB API front's cache, when it
+    /// holds a store's table too, before they are answered.
+    changes: Arc<Changes>,
 }
 
 impl Service {
-    /// A service over the stores, with `cache` in front of them kept coherent by
-    /// `coherence` (the daemon builds these; see [`crate::daemon`]).
+    /// A service over the stores, with `cache` in front of them kept coherent by the
+    /// coherence of `changes` (the daemon builds these; see [`crate::daemon`]).
     pub fn new(
         kv: KvStore,
         log: LogStore,
         cache: Arc<Cache>,
-        coherence: Arc<Coherence>,
+        changes: Arc<Changes>,
         probe: Arc<Probe>,
         hints: Option<Hints>,
         config: &Config,
@@ -104,15 +103,12 @@ impl Service {
             kv,
             log,
             cache,
-            coherence,
+            coherence: changes.coherence().clone(),
             hints,
             fill_max_versions: config.cache.fill_max_versions,
             lock_wait: config.dynamodb.operation_timeout(),
             piece_bytes: config.server.max_frame_bytes / 2,
-            api_tables: [&config.dynamodb.kv_table, &config.dynamodb.log_table].map(|name| {
-                let cache = probe.api_cache.as_ref()?;
-                cache.table(name).map(|t| t.id)
-            }),
+            changes,
             probe,
         }
     }
@@ -547,7 +543,7 @@ impl Service {
             }
         }
         if !refused {
-            self.written_for_the_api(&key);
+            self.changes.store_written(&key);
         }
         match result {
             Ok(done) => {
@@ -557,17 +553,6 @@ impl Service {
             }
             Err(_) if refused => {}
             Err(_) => self.cache.invalidate(key).await,
-        }
-    }
-
-    /// Tells the DynamoDB API front's cache of a write to a table it caches too.
-    fn written_for_the_api(&self, key: &CacheKey) {
-        let store = match key.parts() {
-            KeyParts::Kv { .. } => StoreTable::Kv,
-            KeyParts::Log { .. } => StoreTable::Log,
-        };
-        if let (Some(api), Some(table)) = (&self.probe.api_cache, self.api_tables[store as usize]) {
-            api.store_key_written(table, key);
         }
     }
 

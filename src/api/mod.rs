@@ -91,11 +91,8 @@ pub enum StartError {
 /// What every request of the front shares.
 struct Shared {
     upstream: Upstream,
-    /// The cached tables' entries; `None` when no table is cached.
-    cache: Option<Arc<ApiCache>>,
-    on_written: Option<Arc<dyn OnWritten>>,
-    /// Under `["*"]` (but for fleet mode), what finds tables created after start.
-    discovery: Option<Arc<Discovery>>,
+    /// `None` when no table is cached.
+    caching: Option<Caching>,
     config: DynamoApiConfig,
     stats: Arc<ApiStats>,
     /// Writes in flight, which may outlive their connections (a write runs to its end
@@ -103,9 +100,19 @@ struct Shared {
     writes: Arc<Semaphore>,
 }
 
+/// What the front needs to cache tables.
+pub struct Caching {
+    /// The cached tables' entries.
+    pub cache: Arc<ApiCache>,
+    /// Where its writes go once DynamoDB has answered.
+    pub on_written: Arc<dyn OnWritten>,
+    /// Under `["*"]` (but for fleet mode), what finds tables created after start.
+    pub discovery: Option<Arc<Discovery>>,
+}
+
 /// Told of what a write through the front changed once DynamoDB accepted it (or may
-/// have), before its client is answered: the stores' cache, for a table the front
-/// shares with them, and in fleet mode the other daemons.
+/// have), before its client is answered: the front's own cache, the stores' for a
+/// table the front shares with them, and in fleet mode the other daemons.
 pub trait OnWritten: Send + Sync {
     /// An item of `table`, by its canonical key and partition key.
     fn item<'a>(&'a self, table: TableId, key: &'a [u8], partition: &'a [u8]) -> BoxFuture<'a, ()>;
@@ -128,9 +135,7 @@ impl Front {
         config: &DynamoApiConfig,
         server: &ServerConfig,
         upstream: Upstream,
-        cache: Option<Arc<ApiCache>>,
-        on_written: Option<Arc<dyn OnWritten>>,
-        discovery: Option<Arc<Discovery>>,
+        caching: Option<Caching>,
         stats: Arc<ApiStats>,
     ) -> Result<Option<Front>, StartError> {
         let tcp = match config.listen.as_str() {
@@ -161,9 +166,7 @@ impl Front {
             unix,
             shared: Arc::new(Shared {
                 upstream,
-                cache,
-                on_written,
-                discovery,
+                caching,
                 config: config.clone(),
                 stats,
                 writes: Arc::new(Semaphore::new(config.max_connections)),
@@ -461,17 +464,18 @@ async fn take(
     if op.name == "DescribeEndpoints" {
         return Ok((describe_endpoints(host), Served::Hit));
     }
-    if let Some(discovery) = &shared.discovery {
-        discovery.consider(&parsed);
-    }
     let call = reads::Call {
         shared,
         target,
         content_type: content_type.as_ref(),
     };
-    let Some(cache) = &shared.cache else {
+    let Some(caching) = &shared.caching else {
         return Ok((call.forward(body).await?, Served::Bypass));
     };
+    if let Some(discovery) = &caching.discovery {
+        discovery.consider(&parsed);
+    }
+    let cache = &caching.cache;
     match op.name {
         "GetItem" => return reads::get_item(&call, cache, parsed, body).await,
         "BatchGetItem" => return reads::batch_get_item(&call, cache, parsed, body).await,
@@ -491,7 +495,8 @@ async fn take(
         .acquire_owned()
         .await
         .expect("never closed");
-    let (shared, cache, target) = (shared.clone(), cache.clone(), target.clone());
+    let (shared, target) = (shared.clone(), target.clone());
+    let on_written = caching.on_written.clone();
     let write = tokio::spawn(async move {
         let _permit = permit;
         let result = shared
@@ -501,14 +506,11 @@ async fn take(
         // Applied unless DynamoDB refused it; no answer may still mean applied.
         let refused = matches!(&result, Ok(r) if r.status().is_client_error());
         if !refused {
-            touched.apply(&cache);
-            if let Some(on_written) = &shared.on_written {
-                for (table, key, partition) in touched.items() {
-                    on_written.item(*table, key, partition).await;
-                }
-                for table in touched.flushed() {
-                    on_written.unknown(*table).await;
-                }
+            for (table, key, partition) in touched.items() {
+                on_written.item(*table, key, partition).await;
+            }
+            for table in touched.flushed() {
+                on_written.unknown(*table).await;
             }
         }
         result

@@ -89,16 +89,6 @@ impl Touched {
         }
     }
 
-    /// Drops what the write may have changed.
-    pub fn apply(&self, cache: &ApiCache) {
-        for (table, key, partition) in &self.items {
-            cache.item_written(*table, key, partition);
-        }
-        for table in &self.flush {
-            cache.flush(*table);
-        }
-    }
-
     /// The items it names: table, canonical key, partition key.
     pub fn items(&self) -> &[(TableId, Vec<u8>, Vec<u8>)] {
         &self.items

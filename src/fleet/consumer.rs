@@ -20,11 +20,10 @@ use tokio_util::sync::CancellationToken;
 use super::entry::{wall_ms, Codec, Entry, Key};
 use super::rules::{Action, Rules};
 use super::transport::{Connection, Redis};
-use super::{FleetStats, FleetTable};
-use crate::api::cache::ApiCache;
-use crate::api::keys::store_key_of_partition;
+use super::FleetStats;
 use crate::cache::CacheKey;
-use crate::coherence::Coherence;
+use crate::changes::Changes;
+use crate::registry::Table;
 use crate::stream::change::Change;
 use crate::stream::FlushCause;
 
@@ -40,11 +39,10 @@ pub struct Consuming {
     pub me: u64,
     pub redis: Redis,
     pub codec: Codec,
-    pub coherence: Arc<Coherence>,
-    /// The DynamoDB API front's cache, when some tables are its.
-    pub api: Option<Arc<ApiCache>>,
+    /// Where what the entries say is applied.
+    pub changes: Arc<Changes>,
     /// The tables carried, and their Redis streams in the same order.
-    pub tables: Vec<FleetTable>,
+    pub tables: Vec<Table>,
     pub keys: Vec<String>,
     pub clock_skew_ms: u64,
     pub stats: Arc<FleetStats>,
@@ -157,20 +155,16 @@ fn record_lag(ctx: &Consuming, entry: &Entry, id: &str) {
 /// `actions`.
 async fn perform(ctx: &Consuming, t: usize, actions: &mut Vec<Action>) {
     let users = ctx.tables[t].users;
-    let api = ctx.api.as_deref().zip(users.api);
+    let changes = &ctx.changes;
     for action in actions.drain(..) {
         match action {
             Action::Apply(facts) => {
                 for fact in facts {
                     match Change::try_from(fact) {
-                        Ok(change) => {
-                            if let Some(store) = users.store {
-                                ctx.coherence.apply(store, &change).await;
-                            }
-                        }
+                        Ok(change) => changes.apply_store(users, &change).await,
                         Err(item) => {
-                            if let (Some((cache, id)), Some(change)) = (api, item.item_change()) {
-                                cache.apply(id, change.as_ref());
+                            if let Some(change) = item.item_change() {
+                                changes.apply_item(users, change.as_ref());
                             }
                         }
                     }
@@ -180,51 +174,23 @@ async fn perform(ctx: &Consuming, t: usize, actions: &mut Vec<Action>) {
                 for key in keys {
                     match key {
                         Key::Item { key, partition } => {
-                            if let Some((cache, id)) = api {
-                                cache.item_written(id, &key, &partition);
-                            }
-                            // Written through a front to a store's table.
-                            let store_key = users.store.and_then(|store| {
-                                Some((store, store_key_of_partition(store, &partition)?))
-                            });
-                            if let Some((store, key)) = store_key {
-                                ctx.coherence.drop_key(store, key).await;
-                            }
+                            changes.item_hinted(users, &key, &partition).await
                         }
                         store_key => {
-                            let Ok(key) = CacheKey::try_from(store_key) else {
-                                continue;
-                            };
-                            // A store's table the front caches too: the key's partition.
-                            if let Some((cache, id)) = api {
-                                cache.store_key_written(id, &key);
-                            }
-                            if let Some(store) = users.store {
-                                ctx.coherence.drop_key(store, key).await;
+                            if let Ok(key) = CacheKey::try_from(store_key) {
+                                changes.store_key_hinted(users, key).await;
                             }
                         }
                     }
                 }
             }
-            Action::Flush(cause) => {
-                if let Some(store) = users.store {
-                    ctx.coherence.flush(store, cause).await;
-                }
-                if let Some((cache, id)) = api {
-                    cache.flush(id);
-                }
-            }
+            Action::Flush(cause) => changes.flush(users, cause).await,
             Action::Fresh(t_ms) => {
                 // The relay's claim, made conservative by the allowed skew, on this
                 // host's monotonic clock.
                 let behind = wall_ms().saturating_sub(t_ms.saturating_sub(ctx.clock_skew_ms));
                 if let Some(at) = Instant::now().checked_sub(Duration::from_millis(behind)) {
-                    if let Some(store) = users.store {
-                        ctx.coherence.fresh_as_of(store, Some(at));
-                    }
-                    if let Some((cache, id)) = api {
-                        cache.fresh_as_of(id, Some(at));
-                    }
+                    changes.fresh_as_of(users, Some(at));
                 }
             }
         }

@@ -32,12 +32,12 @@ use tokio_util::task::TaskTracker;
 use crate::api::cache::ApiCache;
 use crate::api::tables::TableId;
 use crate::cache::CacheKey;
-use crate::coherence::Coherence;
+use crate::changes::Changes;
 use crate::config::{FleetConfig, StreamsConfig};
 use crate::metrics::{Exposition, Kind};
+use crate::registry::{Table, Users};
 use crate::store::StoreTable;
 use crate::stream::api::SdkStreams;
-use crate::stream::sink::Tailed;
 use crate::stream::TailStats;
 use entry::{wall_ms, Codec, Entry, Key};
 use lease::Leases;
@@ -47,55 +47,6 @@ use transport::{stream_key, Redis};
 const HINT_QUEUE: usize = 8192;
 /// Keys per hint entry.
 const HINT_BATCH: usize = 256;
-
-/// A table fleet mode carries, and who caches it on every host: a store, the DynamoDB
-/// API front, or both (the front may cache a store's table too).
-#[derive(Clone, Debug)]
-pub struct FleetTable {
-    /// Its DynamoDB name.
-    pub name: String,
-    pub users: Users,
-}
-
-/// Who caches a fleet table's items.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Users {
-    pub store: Option<StoreTable>,
-    pub api: Option<TableId>,
-}
-
-impl Tailed for Users {
-    /// A relay's tailer counts under the store's slot, else the front's.
-    fn slot(self) -> usize {
-        match (self.store, self.api) {
-            (Some(store), _) => store.slot(),
-            (None, Some(api)) => api.slot(),
-            (None, None) => unreachable!("a fleet table has a user"),
-        }
-    }
-}
-
-impl FleetTable {
-    /// The stores' tables, `names` in [`StoreTable`] order, each with the id `api` gives
-    /// it if the DynamoDB API front caches it too.
-    pub fn stores(names: [&str; 2], api: impl Fn(&str) -> Option<TableId>) -> [FleetTable; 2] {
-        StoreTable::ALL.map(|t| FleetTable {
-            name: names[t as usize].to_owned(),
-            users: Users {
-                store: Some(t),
-                api: api(names[t as usize]),
-            },
-        })
-    }
-
-    /// The `table` label of its metrics: the store's name, else the table's own.
-    pub fn label(&self) -> &str {
-        match self.users.store {
-            Some(store) => store.name(),
-            None => &self.name,
-        }
-    }
-}
 
 /// A counter per fleet table, by its place in the fleet's list.
 pub struct PerTable(Vec<AtomicU64>);
@@ -135,7 +86,7 @@ pub struct FleetStats {
 
 impl FleetStats {
     /// Counters for `tables` (none outside fleet mode).
-    pub fn new(tables: &[FleetTable]) -> FleetStats {
+    pub fn new(tables: &[Table]) -> FleetStats {
         let n = tables.len();
         FleetStats {
             labels: tables.iter().map(|t| t.label().to_owned()).collect(),
@@ -284,13 +235,15 @@ pub struct Parts {
     pub watermark_every: std::time::Duration,
     pub streams_config: StreamsConfig,
     /// The tables carried.
-    pub tables: Vec<FleetTable>,
-    /// The DynamoDB API front's cache, when some of `tables` are its.
+    pub tables: Vec<Table>,
+    /// The DynamoDB API front's cache, when some of `tables` are its: a relay reads
+    /// what a change touched the way it keys items.
     pub api: Option<Arc<ApiCache>>,
     pub leases: Leases,
     pub streams: Arc<SdkStreams>,
     pub tail_stats: Arc<TailStats>,
-    pub coherence: Arc<Coherence>,
+    /// Where the consumer applies what it reads.
+    pub changes: Arc<Changes>,
     pub fleet_lag: metrics::Histogram,
     pub hint_lag: metrics::Histogram,
     pub stats: Arc<FleetStats>,
@@ -346,8 +299,7 @@ pub async fn start(
         me: incarnation,
         redis: redis.clone(),
         codec: codec.clone(),
-        coherence: parts.coherence,
-        api: parts.api.clone(),
+        changes: parts.changes,
         tables: parts.tables.clone(),
         keys: keys.clone(),
         clock_skew_ms: parts.fleet.clock_skew_ms,

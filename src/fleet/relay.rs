@@ -28,9 +28,10 @@ use tokio_util::sync::CancellationToken;
 use super::entry::{wall_ms, Codec, Entry, Event, Fact, Prev};
 use super::lease::{lease_id, Lease, Leases};
 use super::transport::{Connection, Redis};
-use super::{FleetStats, FleetTable, Users};
+use super::FleetStats;
 use crate::api::cache::ApiCache;
 use crate::config::{FleetConfig, StreamsConfig};
+use crate::registry::{Table, Users};
 use crate::stream::api::{Record, SdkStreams, StartAt, StreamsApi};
 use crate::stream::change::Change;
 use crate::stream::sink::{Seen, Sink, SinkError};
@@ -248,7 +249,7 @@ const PUBLISHER: u32 = 0;
 pub async fn run(
     ctx: Arc<Relaying>,
     index: usize,
-    table: FleetTable,
+    table: Table,
     key: String,
     shutdown: CancellationToken,
 ) {
@@ -407,7 +408,7 @@ async fn stand_by(
 async fn hold(
     ctx: &Relaying,
     index: usize,
-    table: &FleetTable,
+    table: &Table,
     key: &str,
     mut lease: Lease,
     shutdown: &CancellationToken,

@@ -137,23 +137,17 @@ pub struct TailSnapshot {
 impl Default for TailStats {
     /// The stores' two tables only.
     fn default() -> TailStats {
-        TailStats::new(std::iter::empty(), 0)
+        TailStats::new(0)
     }
 }
 
 impl TailStats {
-    /// Counters for the stores' tables and then for `api_tables`, with room for the
-    /// DynamoDB API's tables up to `api_slots` in all (named when found: [`Self::name`]).
-    pub fn new(api_tables: impl IntoIterator<Item = String>, api_slots: usize) -> TailStats {
-        let names: Vec<String> = StoreTable::ALL
-            .iter()
-            .map(|t| t.name().to_owned())
-            .chain(api_tables)
-            .collect();
-        let slots = names.len().max(StoreTable::ALL.len() + api_slots);
-        let mut names = names.into_iter();
+    /// Counters for the stores' tables, and room for `api_slots` of the DynamoDB API's
+    /// (exported once named: [`Self::name`]).
+    pub fn new(api_slots: usize) -> TailStats {
+        let mut names = StoreTable::ALL.iter().map(|t| t.name().to_owned());
         TailStats {
-            tables: (0..slots)
+            tables: (0..StoreTable::ALL.len() + api_slots)
                 .map(|_| TableCounters {
                     name: names.next().map(OnceLock::from).unwrap_or_default(),
                     records: Default::default(),
@@ -164,7 +158,7 @@ impl TailStats {
         }
     }
 
-    /// Names a table found after start, so that its counters are exported.
+    /// Names a table's counters (once), so that they are exported.
     pub fn name(&self, table: impl Tailed, name: &str) {
         if let Some(t) = self.tables.get(table.slot()) {
             t.name.get_or_init(|| name.to_owned());

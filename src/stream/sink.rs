@@ -11,7 +11,7 @@ use crate::stream::api::{Record, StartAt};
 use crate::stream::FlushCause;
 
 /// What a reader of changes saw, in the order it saw it, for one table.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub enum Seen<'a> {
     /// Records of one shard, in shard order, read from just after `after`.
     Records {

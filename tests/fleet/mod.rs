@@ -16,13 +16,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ddbcached::cache::Cache;
+use ddbcached::changes::Changes;
 use ddbcached::coherence::Coherence;
 use ddbcached::config::{CacheConfig, Config};
 use ddbcached::fleet::consumer::{self, Consuming};
 use ddbcached::fleet::entry::{wall_ms, Codec, DecodeError, Entry, Event, Fact};
 use ddbcached::fleet::lease::{lease_id, Leases};
 use ddbcached::fleet::transport::{stream_key, Redis};
-use ddbcached::fleet::{FleetStats, FleetTable};
+use ddbcached::fleet::FleetStats;
+use ddbcached::registry::Table;
 use ddbcached::store::KvStore;
 use ddbcached::store::StoreTable;
 use ddbcached::stream::FlushCause;

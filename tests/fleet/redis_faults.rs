@@ -162,14 +162,13 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     let cache = Arc::new(Cache::new(&CacheConfig::default()));
     let coherence = Arc::new(Coherence::new(cache, 2000, metrics::Histogram::noop()));
     let tables =
-        FleetTable::stores([&format!("{table}_kv"), &format!("{table}_log")], |_| None).to_vec();
+        Table::stores([&format!("{table}_kv"), &format!("{table}_log")], |_| None).to_vec();
     let stats = Arc::new(FleetStats::new(&tables));
     let ctx = Arc::new(Consuming {
         me: 1,
         redis: redis.clone(),
         codec: Codec::new(""),
-        coherence: coherence.clone(),
-        api: None,
+        changes: Arc::new(Changes::new(&tables, coherence.clone(), None)),
         tables,
         keys: keys.to_vec(),
         clock_skew_ms: 250,

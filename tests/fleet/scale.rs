@@ -51,7 +51,7 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
         stream_key(&d.lease_table, &d.kv_table),
         stream_key(&d.lease_table, &d.log_table),
     ];
-    let tables = FleetTable::stores([&d.kv_table, &d.log_table], |_| None).to_vec();
+    let tables = Table::stores([&d.kv_table, &d.log_table], |_| None).to_vec();
     let stop = CancellationToken::new();
     let mut sims = Vec::new();
     for h in 0..hosts {
@@ -68,8 +68,7 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
             me: h as u64 + 1,
             redis: redis.clone(),
             codec: Codec::new(""),
-            coherence: coherence.clone(),
-            api: None,
+            changes: Arc::new(Changes::new(&tables, coherence.clone(), None)),
             tables: tables.clone(),
             keys: keys.to_vec(),
             clock_skew_ms: 250,
