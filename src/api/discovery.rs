@@ -3,7 +3,9 @@
 //! itself is forwarded meanwhile); one that has a stream is added to the cache and its
 //! tailer started, and its reads bypass the cache until that tailer proves it fresh,
 //! exactly as for a table found at start. So a table created after the daemon started is
-//! cached from its first use on, without a restart.
+//! cached from its first use on, without a restart. The front is such a table's only
+//! user (the stores' tables are known at start), so its tailer hands what it reads to
+//! the front's cache directly.
 //!
 //! Nothing here grows with what clients send: a name is described at most once a
 //! minute (names found uncacheable are remembered, up to a bound), at most a few at
