@@ -189,7 +189,7 @@ pub struct ApiCache {
 }
 
 impl ApiCache {
-    /// A cache of `tables` (their ids their places in it), with room for more up to
+    /// A cache of `tables`, in order (each takes the next id), with room for more up to
     /// [`MAX_TABLES`].
     pub fn new(tables: Vec<ApiTable>, max_staleness_ms: u64, max_bytes: u64) -> ApiCache {
         let capacity = MAX_TABLES.max(tables.len());
@@ -221,7 +221,6 @@ impl ApiCache {
             freshness: Freshness::new(capacity, max_staleness_ms),
         };
         for table in tables {
-            debug_assert_eq!(table.id.0 as usize, cache.count.load(Ordering::Relaxed));
             cache.add(table);
         }
         cache

@@ -5,8 +5,10 @@
 //!
 //! Reads of the tables in `dynamodb_api.tables` (GetItem, BatchGetItem, Query) are
 //! answered from memory where the cache holds them ([`reads`], [`cache`]); writes to
-//! those tables drop what they touched once DynamoDB has answered ([`writes`]), and each
-//! table's stream brings in what was written around the daemon. Every other request is
+//! those tables drop what they touched once DynamoDB has answered ([`writes`], told to
+//! an [`OnWritten`] that reaches every cache of the table), and each table's stream
+//! brings in what was written around the daemon. Under `["*"]`, tables created after
+//! start are found at their first use ([`discovery`]). Every other request is
 //! forwarded to the configured DynamoDB, re-signed with the daemon's own credentials
 //! ([`upstream`]), and DynamoDB's answer is relayed as it came. What the front refuses,
 //! with a DynamoDB-shaped error ([`error`]) and without sending anything: an operation it
