@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 
-use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodbstreams::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodbstreams::types::{
     AttributeValue, OperationType, ShardFilter, ShardFilterType, ShardIteratorType,
 };
@@ -230,14 +230,25 @@ impl StreamsApi for SdkStreams {
     }
 
     async fn records(&self, iterator: &str) -> Result<RecordsPage, StreamError> {
-        let out = self
+        let sent = self
             .streams
             .get_records()
             .shard_iterator(iterator)
             .limit(RECORDS_PER_CALL)
             .send()
-            .await
-            .map_err(classify)?;
+            .await;
+        let out = match sent {
+            Ok(out) => out,
+            // A page the SDK cannot read would hold the tailer at it for good.
+            Err(err) => {
+                let page = err
+                    .raw_response()
+                    .filter(|r| r.status().is_success())
+                    .and_then(|r| r.body().bytes())
+                    .and_then(lenient_page);
+                return page.ok_or_else(|| classify(err));
+            }
+        };
         Ok(RecordsPage {
             records: out
                 .records
@@ -283,6 +294,81 @@ fn convert_image(image: HashMap<String, AttributeValue>) -> Image {
         .collect()
 }
 
+/// A GetRecords answer read without the SDK, for one it refused: DynamoDB Local writes
+/// an empty map in a record's image as `{}`, a value of no type, and the SDK then
+/// refuses the whole page. A value it cannot type is [`Attr::Other`], as any the tables'
+/// keys do not use; `None` if the body is not a GetRecords answer at all.
+fn lenient_page(body: &[u8]) -> Option<RecordsPage> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Page {
+        #[serde(default)]
+        records: Vec<Raw>,
+        next_shard_iterator: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        #[serde(rename = "eventName")]
+        event_name: Option<String>,
+        dynamodb: Option<Data>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Data {
+        sequence_number: Option<String>,
+        keys: Option<HashMap<String, serde_json::Value>>,
+        new_image: Option<HashMap<String, serde_json::Value>>,
+        old_image: Option<HashMap<String, serde_json::Value>>,
+    }
+    fn image(raw: HashMap<String, serde_json::Value>) -> Image {
+        raw.into_iter()
+            .map(|(name, v)| {
+                let typed = v
+                    .as_object()
+                    .filter(|o| o.len() == 1)
+                    .and_then(|o| o.iter().next());
+                let attr = match typed {
+                    Some((t, serde_json::Value::String(s))) if t == "S" => Attr::S(s.clone()),
+                    Some((t, serde_json::Value::String(n))) if t == "N" => Attr::N(n.clone()),
+                    Some((t, serde_json::Value::String(b))) if t == "B" => {
+                        match aws_smithy_types::base64::decode(b) {
+                            Ok(bytes) => Attr::B(Bytes::from(bytes)),
+                            Err(_) => Attr::Other,
+                        }
+                    }
+                    _ => Attr::Other,
+                };
+                (name, attr)
+            })
+            .collect()
+    }
+    let page: Page = serde_json::from_slice(body).ok()?;
+    let records = page
+        .records
+        .into_iter()
+        .filter_map(|r| {
+            let event = match r.event_name?.as_str() {
+                "INSERT" => Event::Insert,
+                "MODIFY" => Event::Modify,
+                "REMOVE" => Event::Remove,
+                _ => return None,
+            };
+            let data = r.dynamodb?;
+            Some(Record {
+                sequence_number: data.sequence_number?,
+                event,
+                keys: image(data.keys?),
+                new_image: data.new_image.map(image),
+                old_image: data.old_image.map(image),
+            })
+        })
+        .collect();
+    Some(RecordsPage {
+        records,
+        next_iterator: page.next_shard_iterator,
+    })
+}
+
 /// Sorts an SDK error into what the tailer does about it (streams.md's table).
 fn classify<E, R>(err: SdkError<E, R>) -> StreamError
 where
@@ -294,7 +380,15 @@ where
         .as_service_error()
         .and_then(|e| e.message())
         .map(str::to_owned)
-        .unwrap_or_else(|| err.to_string());
+        // The SDK's own text of an error without a message says only "service error";
+        // its full context holds the whole response, so only its start is kept.
+        .unwrap_or_else(|| {
+            DisplayErrorContext(&err)
+                .to_string()
+                .chars()
+                .take(300)
+                .collect()
+        });
     match code {
         "ExpiredIteratorException" => StreamError::ExpiredIterator,
         "TrimmedDataAccessException" => StreamError::Trimmed(message),
@@ -311,5 +405,40 @@ where
         | "ThrottlingException"
         | "ProvisionedThroughputExceededException" => StreamError::Throttled(message),
         _ => StreamError::Transient(format!("{code} {message}").trim().to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_the_sdk_refuses_is_read_with_its_untyped_values_unknown() {
+        let body = br#"{"Records":[{"eventName":"INSERT","dynamodb":{
+            "Keys":{"pk":{"S":"p"},"sk":{"N":"1"}},
+            "NewImage":{"pk":{"S":"p"},"sk":{"N":"1"},"b":{"B":"/w=="},"v":{}},
+            "SequenceNumber":"15"}},
+            {"eventName":"REMOVE","dynamodb":{"Keys":{"pk":{"S":"q"}},"SequenceNumber":"16"}}],
+            "NextShardIterator":"next"}"#;
+        let page = lenient_page(body).unwrap();
+        assert_eq!(page.next_iterator.as_deref(), Some("next"));
+        let [put, removed] = &page.records[..] else {
+            panic!("two records: {:?}", page.records)
+        };
+        assert_eq!(
+            (put.event, put.sequence_number.as_str()),
+            (Event::Insert, "15")
+        );
+        let new = put.new_image.as_ref().unwrap();
+        assert_eq!(new["sk"], Attr::N("1".into()));
+        assert_eq!(new["b"], Attr::B(Bytes::from_static(b"\xff")));
+        assert_eq!(new["v"], Attr::Other);
+        assert_eq!(removed.keys["pk"], Attr::S("q".into()));
+        // A closed shard read to its end has no next iterator.
+        assert!(lenient_page(br#"{"Records":[]}"#)
+            .unwrap()
+            .next_iterator
+            .is_none());
+        assert!(lenient_page(b"<html>").is_none());
     }
 }
