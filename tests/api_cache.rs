@@ -623,9 +623,7 @@ async fn writes_around_the_daemon_are_seen_within_the_bound() {
 /// the front: the answer it brings may predate the write, so it must not be kept.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fill_that_raced_a_write_is_never_kept() {
-    let direct = sdk_client(endpoint()).await;
-    let t = cached_table(&direct).await;
-    let proxy = Proxy::start(endpoint()).await;
+    let (direct, t, proxy) = proxied_table().await;
     let (d, api) = daemon_caching(&t, &direct, |c| {
         c.dynamodb.endpoint = proxy.endpoint.clone()
     })
@@ -679,13 +677,8 @@ async fn a_fill_that_raced_a_write_is_never_kept() {
 /// bring the change during the test: only the write's own path can drop the entry.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_whose_client_hung_up_still_drops_what_it_changed() {
-    let direct = sdk_client(endpoint()).await;
-    let t = cached_table(&direct).await;
-    let proxy = Proxy::start(endpoint()).await;
-    let d = Daemon::start_with(|c| {
-        c.dynamodb.endpoint = proxy.endpoint.clone();
-        c.dynamodb_api.listen = "127.0.0.1:0".into();
-        c.dynamodb_api.tables = vec![t.clone()];
+    let (direct, t, proxy) = proxied_table().await;
+    let d = daemon_behind(&proxy, &t, |c| {
         c.cache.max_staleness_ms = NO_BYPASS_MS;
         c.streams.poll_interval_ms = NO_BYPASS_MS / 2;
     })
@@ -735,16 +728,8 @@ async fn a_write_whose_client_hung_up_still_drops_what_it_changed() {
 /// client's write waits for the first, hung-up one to end before it is sent.
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_whose_clients_hung_up_are_bounded_by_max_connections() {
-    let direct = sdk_client(endpoint()).await;
-    let t = cached_table(&direct).await;
-    let proxy = Proxy::start(endpoint()).await;
-    let d = Daemon::start_with(|c| {
-        c.dynamodb.endpoint = proxy.endpoint.clone();
-        c.dynamodb_api.listen = "127.0.0.1:0".into();
-        c.dynamodb_api.tables = vec![t.clone()];
-        c.dynamodb_api.max_connections = 1;
-    })
-    .await;
+    let (direct, t, proxy) = proxied_table().await;
+    let d = daemon_behind(&proxy, &t, |c| c.dynamodb_api.max_connections = 1).await;
     proxy.hold_answers_to("PutItem");
     let first = send_raw(&d, &put_request(&t, "1", "first")).await;
     wait_for(|| proxy.held() == 1, "the first write reaches DynamoDB").await;
@@ -774,6 +759,28 @@ async fn writes_whose_clients_hung_up_are_bounded_by_max_connections() {
             Some(item("p", sk, &[("v", s(v))]))
         );
     }
+}
+
+/// A direct client, a cached table of its own, and a proxy in front of DynamoDB Local.
+async fn proxied_table() -> (Client, String, Proxy) {
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    (direct, t, Proxy::start(endpoint()).await)
+}
+
+/// A daemon that reaches DynamoDB through `proxy` and caches `table` through its front.
+async fn daemon_behind(
+    proxy: &Proxy,
+    table: &str,
+    edit: impl FnOnce(&mut ddbcached::config::Config),
+) -> Daemon {
+    Daemon::start_with(|c| {
+        c.dynamodb.endpoint = proxy.endpoint.clone();
+        c.dynamodb_api.listen = "127.0.0.1:0".into();
+        c.dynamodb_api.tables = vec![table.to_owned()];
+        edit(c);
+    })
+    .await
 }
 
 /// A PutItem of item `p`/`sk` with `v` set, as an SDK sends it, closing the connection
