@@ -390,7 +390,12 @@ impl api::OnWritten for FrontWrites {
     }
 
     fn unknown(&self, table: api::tables::TableId) -> BoxFuture<'_, ()> {
-        Box::pin(self.changes.unknown_written(table))
+        Box::pin(async move {
+            self.changes.unknown_written(table).await;
+            if let Some(hints) = &self.hints {
+                hints.publish_unread(table);
+            }
+        })
     }
 }
 

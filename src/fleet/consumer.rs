@@ -176,6 +176,7 @@ async fn perform(ctx: &Consuming, t: usize, actions: &mut Vec<Action>) {
                         Key::Item { key, partition } => {
                             changes.item_hinted(users, &key, &partition).await
                         }
+                        Key::Unread {} => changes.flush(users, FlushCause::UnreadWrite).await,
                         store_key => {
                             if let Ok(key) = CacheKey::try_from(store_key) {
                                 changes.store_key_hinted(users, key).await;

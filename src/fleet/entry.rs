@@ -290,6 +290,11 @@ pub enum Key {
         #[serde(with = "serde_bytes")]
         partition: Vec<u8>,
     },
+    /// A write through a front whose items it could not make out (PartiQL): anything of
+    /// the table may have changed. Not a unit variant, which would encode as a bare
+    /// string and be read as a shared name.
+    #[serde(rename = "u")]
+    Unread {},
 }
 
 impl From<&CacheKey> for Key {
@@ -314,7 +319,7 @@ impl TryFrom<Key> for CacheKey {
         match key {
             Key::Kv { ns, key } => Ok(CacheKey::kv(&ns, &key)),
             Key::Log { topic } => Ok(CacheKey::log(&topic)),
-            item @ Key::Item { .. } => Err(item),
+            other @ (Key::Item { .. } | Key::Unread {}) => Err(other),
         }
     }
 }
@@ -348,14 +353,14 @@ impl Named for Key {
         match self {
             Key::Kv { ns, .. } => Some(ns),
             Key::Log { topic } => Some(topic),
-            Key::Item { .. } => None,
+            Key::Item { .. } | Key::Unread {} => None,
         }
     }
     fn name_mut(&mut self) -> Option<&mut String> {
         match self {
             Key::Kv { ns, .. } => Some(ns),
             Key::Log { topic } => Some(topic),
-            Key::Item { .. } => None,
+            Key::Item { .. } | Key::Unread {} => None,
         }
     }
 }
@@ -597,6 +602,7 @@ mod tests {
                 key: b"ik".to_vec(),
                 partition: b"ip".to_vec(),
             },
+            Key::Unread {},
             Key::Log { topic: "t".into() },
         ];
         let hint = Entry::Hint { from: 1, keys };

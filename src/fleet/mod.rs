@@ -198,7 +198,8 @@ pub struct Hints {
     stats: Arc<FleetStats>,
 }
 
-/// What a hint names: a store's key, or an item of a table the API front caches.
+/// What a hint names: a store's key, or an item (or items it could not make out) of a
+/// table the API front caches.
 enum Written {
     Store(CacheKey),
     Item(TableId, Key),
@@ -214,6 +215,12 @@ impl Hints {
     /// partition key.
     pub fn publish_item(&self, table: TableId, key: Vec<u8>, partition: Vec<u8>) {
         self.queue(Written::Item(table, Key::Item { key, partition }));
+    }
+
+    /// Hints that items of the front's `table` it could not make out were written
+    /// (PartiQL): the other daemons drop everything of the table.
+    pub fn publish_unread(&self, table: TableId) {
+        self.queue(Written::Item(table, Key::Unread {}));
     }
 
     fn queue(&self, written: Written) {

@@ -9,7 +9,7 @@ use ddbcached::store::keys::{kv_partition_key, KV_KEY, KV_NAMESPACE, KV_TIMESTAM
 
 use super::*;
 use crate::api_cache::{cached_table, key, sorted};
-use crate::harness::{s, sdk_client};
+use crate::harness::{n, s, sdk_client};
 use ddbcached::fleet::entry::Key;
 
 type Api = aws_sdk_dynamodb::Client;
@@ -131,6 +131,24 @@ async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
     for c in &fronts {
         seen_within_bound(c, &t, "v3").await;
     }
+    // A PartiQL write through daemon 0's front: its hint drops the table elsewhere.
+    fronts[0]
+        .execute_statement()
+        .statement(format!("UPDATE \"{t}\" SET v = ? WHERE pk = ? AND sk = ?"))
+        .parameters(s("v4"))
+        .parameters(s("p"))
+        .parameters(n("1"))
+        .send()
+        .await
+        .unwrap();
+    for c in &fronts[1..] {
+        seen_within_bound(c, &t, "v4").await;
+    }
+    let unread = fleet.entries(&t).await.into_iter().any(|e| {
+        matches!(e, Ok(Entry::Hint { keys, .. })
+            if keys.iter().any(|k| matches!(k, Key::Unread {})))
+    });
+    assert!(unread, "a PartiQL write is hinted as one of unread items");
 
     // Only the lease holders read the table's stream, and one publishes it.
     let mut publishing = 0.0;
