@@ -3,7 +3,7 @@
 //! [`crate::coherence`]), the DynamoDB API front's writes, a table's stream tailer and,
 //! in fleet mode, the consumer of what the relays and the other daemons publish. Each
 //! change goes to every user of its table ([`crate::registry`]): the stores' cache
-//! ([`Coherence`]) and the front's ([`ApiCache`]), so a table both cache (zio-flow's
+//! ([`Coherence`]) and the front's ([`ApiCache`]), so a table both hold (zio-flow's
 //! own DynamoDB backend beside executors on the socket) is read from one stream and
 //! stays coherent in both, each front reading the other's writes at once.
 
