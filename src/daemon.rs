@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::cache::{ApiCache, MAX_TABLES};
-use crate::api::discovery::Discovery;
+use crate::api::discovery::{self, Discovery, Follow};
 use crate::api::upstream::Upstream;
 use crate::api::{self, Front};
 use crate::aws::{self, ApiCalls};
@@ -180,6 +180,9 @@ impl Daemon {
         // Positions first: once the tailers (or the fleet's consumer) hold them, every
         // later write is sure to reach the cache, and only then may reads use it.
         let mut hints = None;
+        let every_table = config.dynamodb_api.tables == [api::tables::EVERY_TABLE];
+        // Under `["*"]` in fleet mode, where the tables found after start join.
+        let mut joining = None;
         let tailers = if tail {
             let stop = CancellationToken::new();
             let tasks = TaskTracker::new();
@@ -201,8 +204,11 @@ impl Daemon {
                     fleet_lag: probe.metrics.fleet_lag(),
                     hint_lag: probe.metrics.hint_lag(),
                     stats: probe.fleet_stats.clone(),
+                    grows: every_table,
                 };
-                hints = fleet::start(parts, &tasks, stop.clone()).await?.hints;
+                let fleet = fleet::start(parts, &tasks, stop.clone()).await?;
+                hints = fleet.hints;
+                joining = Some(fleet.joining);
             } else {
                 start_tailers(config, &registry, &streams, &changes, &probe, &tasks, &stop).await?;
             }
@@ -214,19 +220,26 @@ impl Daemon {
         };
 
         let caching = api_cache.map(|cache| api::Caching {
-            // In fleet mode the relays read the streams, and a fleet's tables are fixed.
             discovery: match &tailers {
-                Some(t)
-                    if !fleet_mode && config.dynamodb_api.tables == [api::tables::EVERY_TABLE] =>
-                {
+                Some(t) if every_table => {
+                    // In fleet mode the fleet carries what is found; else it is tailed here.
+                    let follow: Box<dyn Follow> = match joining {
+                        Some(joining) => Box::new(joining),
+                        None => Box::new(discovery::Tail {
+                            cache: cache.clone(),
+                            streams: streams.clone(),
+                            tail_stats: probe.tail_stats.clone(),
+                            streams_config: config.streams.clone(),
+                            tasks: t.tasks.clone(),
+                            stop: t.stop.clone(),
+                        }),
+                    };
                     Some(Arc::new(Discovery::new(
                         dynamodb.clone(),
                         cache.clone(),
-                        streams.clone(),
                         probe.tail_stats.clone(),
-                        config.streams.clone(),
+                        follow,
                         t.tasks.clone(),
-                        t.stop.clone(),
                     )))
                 }
                 _ => None,

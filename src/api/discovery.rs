@@ -1,11 +1,13 @@
 //! Tables found at first use, under `dynamodb_api.tables = ["*"]`: a request that names
 //! a table the cache does not hold has it described in the background (the request
 //! itself is forwarded meanwhile); one that has a stream is added to the cache and its
-//! tailer started, and its reads bypass the cache until that tailer proves it fresh,
-//! exactly as for a table found at start. So a table created after the daemon started is
-//! cached from its first use on, without a restart. The front is such a table's only
-//! user (the stores' tables are known at start), so its tailer hands what it reads to
-//! the front's cache directly.
+//! stream followed ([`Follow`]): by a tailer of this daemon's own, or in fleet mode by
+//! the fleet, which carries it from then on as it carries the tables found at start. Its
+//! reads bypass the cache until what follows its stream proves it fresh, exactly as for
+//! a table found at start. So a table created after the daemon started is cached from
+//! its first use on, without a restart. The front is such a table's only user (the
+//! stores' tables are known at start), so its tailer hands what it reads to the front's
+//! cache directly.
 //!
 //! Nothing here grows with what clients send: a name is described at most once a
 //! minute (names found uncacheable are remembered, up to a bound), at most a few at
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::cache::{ApiCache, MAX_TABLES};
-use super::tables::{describe_one, Described};
+use super::tables::{describe_one, ApiTable, Described, TableId};
 use crate::config::StreamsConfig;
 use crate::stream::api::SdkStreams;
 use crate::stream::{TailStats, Tailer};
@@ -35,16 +37,54 @@ const REMEMBERED: u64 = 4096;
 /// Descriptions in flight at once; a name that finds none free is tried at its next use.
 const AT_ONCE: usize = 4;
 
+/// Who reads the stream of a table found at first use.
+pub trait Follow: Send + Sync {
+    /// Starts following the stream of `name`, the front's table `id`, in the background.
+    fn follow(&self, name: &str, id: TableId);
+}
+
+/// A tailer of the daemon's own per table, handing what it reads to the front's cache.
+pub struct Tail {
+    pub cache: Arc<ApiCache>,
+    pub streams: Arc<SdkStreams>,
+    pub tail_stats: Arc<TailStats>,
+    pub streams_config: StreamsConfig,
+    /// The daemon's tailers: a new one joins them, and stops with them.
+    pub tasks: TaskTracker,
+    pub stop: CancellationToken,
+}
+
+impl Follow for Tail {
+    fn follow(&self, name: &str, id: TableId) {
+        let start = Tailer::start(
+            self.streams.clone(),
+            name.to_owned(),
+            id,
+            self.cache.clone(),
+            self.tail_stats.clone(),
+            self.streams_config.clone(),
+        );
+        let (name, stop) = (name.to_owned(), self.stop.clone());
+        self.tasks.spawn(async move {
+            match start.await {
+                Ok(tailer) => tailer.run(stop).await,
+                // Never proven fresh, its reads bypass the cache.
+                Err(e) => {
+                    tracing::warn!(table = %name, error = %e, "the stream of a table found at first use cannot be read: its reads bypass the cache")
+                }
+            }
+        });
+    }
+}
+
 /// Finds the tables of `["*"]` created after start.
 pub struct Discovery {
     client: aws_sdk_dynamodb::Client,
     cache: Arc<ApiCache>,
-    streams: Arc<SdkStreams>,
     tail_stats: Arc<TailStats>,
-    streams_config: StreamsConfig,
-    /// The daemon's tailers: a new one joins them, and stops with them.
+    follow: Box<dyn Follow>,
+    /// Where the descriptions run, stopped with the daemon's tailers.
     tasks: TaskTracker,
-    stop: CancellationToken,
     /// Names described lately (or being described) that the cache does not hold.
     asked: moka::sync::Cache<String, ()>,
     describing: Arc<Semaphore>,
@@ -53,24 +93,19 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: aws_sdk_dynamodb::Client,
         cache: Arc<ApiCache>,
-        streams: Arc<SdkStreams>,
         tail_stats: Arc<TailStats>,
-        streams_config: StreamsConfig,
+        follow: Box<dyn Follow>,
         tasks: TaskTracker,
-        stop: CancellationToken,
     ) -> Discovery {
         Discovery {
             client,
             cache,
-            streams,
             tail_stats,
-            streams_config,
+            follow,
             tasks,
-            stop,
             asked: moka::sync::Cache::builder()
                 .max_capacity(REMEMBERED)
                 .time_to_live(RECHECK)
@@ -95,20 +130,24 @@ impl Discovery {
         let Ok(permit) = self.describing.clone().try_acquire_owned() else {
             return;
         };
-        self.asked.insert(name.to_owned(), ());
+        // Claimed atomically: two requests naming it at once have it described, and its
+        // stream followed, once.
+        if !self.asked.entry_by_ref(name).or_insert(()).is_fresh() {
+            return;
+        }
         let (this, name) = (self.clone(), name.to_owned());
         self.tasks.spawn(async move {
             let _permit = permit;
             match describe_one(&this.client, &name).await {
-                Ok(Described::Cached(table)) => this.add(table).await,
+                Ok(Described::Cached(table)) => this.add(table),
                 Ok(Described::NoStream | Described::Missing) => {}
                 Err(e) => tracing::warn!(table = %name, error = %e, "a table named by a request could not be described; it passes through"),
             }
         });
     }
 
-    /// Caches `table` and starts its tailer.
-    async fn add(&self, table: super::tables::ApiTable) {
+    /// Caches `table` and has its stream followed.
+    fn add(&self, table: ApiTable) {
         let name = table.name.clone();
         let Some(id) = self.cache.add(table) else {
             if !self.full.swap(true, Ordering::Relaxed) {
@@ -117,25 +156,8 @@ impl Discovery {
             return;
         };
         self.tail_stats.name(id, &name);
-        let tailer = Tailer::start(
-            self.streams.clone(),
-            name.clone(),
-            id,
-            self.cache.clone(),
-            self.tail_stats.clone(),
-            self.streams_config.clone(),
-        )
-        .await;
-        match tailer {
-            Ok(tailer) => {
-                tracing::info!(table = %name, "a table with a stream, found at first use, is cached from now on");
-                self.tasks.spawn(tailer.run(self.stop.clone()));
-            }
-            // Never proven fresh, its reads bypass the cache.
-            Err(e) => {
-                tracing::warn!(table = %name, error = %e, "the stream of a table found at first use cannot be read: its reads bypass the cache")
-            }
-        }
+        self.follow.follow(&name, id);
+        tracing::info!(table = %name, "a table with a stream, found at first use, is cached from now on");
     }
 }
 

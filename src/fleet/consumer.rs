@@ -9,11 +9,16 @@
 //! the streams' ends, flushing every table, since what was published meanwhile is
 //! unknown; its freshness is not renewed meanwhile, so reads bypass once the staleness
 //! bound has passed.
+//!
+//! A table found after start (under `["*"]`) joins between two reads, at its stream's
+//! end, the way every table joined at start: its reads bypass the cache until a
+//! watermark read from there on proves it fresh.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +28,7 @@ use super::transport::{Connection, Redis};
 use super::FleetStats;
 use crate::cache::CacheKey;
 use crate::changes::Changes;
-use crate::registry::Table;
+use crate::registry::{Table, Users};
 use crate::stream::change::Change;
 use crate::stream::FlushCause;
 
@@ -41,13 +46,35 @@ pub struct Consuming {
     pub codec: Codec,
     /// Where what the entries say is applied.
     pub changes: Arc<Changes>,
-    /// The tables carried, and their Redis streams in the same order.
-    pub tables: Vec<Table>,
-    pub keys: Vec<String>,
     pub clock_skew_ms: u64,
     pub stats: Arc<FleetStats>,
     pub fleet_lag: metrics::Histogram,
     pub hint_lag: metrics::Histogram,
+}
+
+/// The tables carried, in the fleet's order, with their Redis streams and rules.
+pub struct Carried {
+    tables: Vec<Table>,
+    keys: Vec<String>,
+    rules: Vec<Rules>,
+}
+
+impl Carried {
+    /// `tables`, whose Redis streams are `keys`, read by the consumer `me`.
+    pub fn new(me: u64, tables: Vec<Table>, keys: Vec<String>) -> Carried {
+        let rules = tables.iter().map(|_| Rules::new(me)).collect();
+        Carried {
+            tables,
+            keys,
+            rules,
+        }
+    }
+
+    fn join(&mut self, me: u64, table: Table, key: String) {
+        self.tables.push(table);
+        self.keys.push(key);
+        self.rules.push(Rules::new(me));
+    }
 }
 
 /// A connection and where it reads from.
@@ -56,30 +83,36 @@ pub struct Position {
     after: Vec<String>,
 }
 
-/// Connects and takes every stream's end.
-pub async fn position(ctx: &Consuming) -> redis::RedisResult<Position> {
+/// Connects and takes the end of every stream of `keys`.
+pub async fn position(ctx: &Consuming, keys: &[String]) -> redis::RedisResult<Position> {
     let mut connection = ctx.redis.connect(Some(BLOCK * 3)).await?;
-    let mut after = Vec::with_capacity(ctx.keys.len());
-    for key in &ctx.keys {
+    let mut after = Vec::with_capacity(keys.len());
+    for key in keys {
         after.push(connection.last_id(key).await?);
     }
     Ok(Position { connection, after })
 }
 
-/// Reads until `shutdown`, starting from `start` (taken at start-up) if given.
-pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: CancellationToken) {
-    let mut rules: Vec<Rules> = ctx.tables.iter().map(|_| Rules::new(ctx.me)).collect();
+/// Reads until `shutdown`, starting from `start` (taken at start-up) if given; the
+/// tables of `joining` join as they come.
+pub async fn run(
+    ctx: Arc<Consuming>,
+    mut carried: Carried,
+    mut joining: mpsc::UnboundedReceiver<(Table, String)>,
+    mut start: Option<Position>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut actions = Vec::new();
     loop {
         let mut position = match start.take() {
             Some(p) => p,
-            None => match position(&ctx).await {
+            None => match position(&ctx, &carried.keys).await {
                 Ok(p) => {
                     tracing::info!("fan-out consumer connected to Redis");
-                    for (t, rules) in rules.iter_mut().enumerate() {
-                        rules.rejoin(&mut actions);
-                        perform(&ctx, t, &mut actions).await;
+                    for t in 0..carried.rules.len() {
+                        carried.rules[t].rejoin(&mut actions);
+                        perform(&ctx, carried.tables[t].users, &mut actions).await;
                     }
                     backoff = Duration::from_millis(100);
                     p
@@ -97,9 +130,18 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
             },
         };
         loop {
+            if !join(&ctx, &mut carried, &mut joining, &mut position).await {
+                break;
+            }
+            if carried.keys.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(BLOCK) => continue,
+                }
+            }
             let read = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = position.connection.read(&ctx.keys, &position.after, BLOCK, COUNT) => r,
+                r = position.connection.read(&carried.keys, &position.after, BLOCK, COUNT) => r,
             };
             let streams = match read {
                 Ok(s) => s,
@@ -110,14 +152,15 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
                 }
             };
             for (key, entries) in streams {
-                let Some(t) = ctx.keys.iter().position(|k| *k == key) else {
+                let Some(t) = carried.keys.iter().position(|k| *k == key) else {
                     continue;
                 };
+                let users = carried.tables[t].users;
                 for e in entries {
                     let decoded = ctx
                         .codec
                         .decode(|name| e.fields.get(name).map(Vec::as_slice));
-                    let rules = &mut rules[t];
+                    let rules = &mut carried.rules[t];
                     match decoded {
                         Ok(entry) => {
                             ctx.stats.consumed.of(t).fetch_add(1, Ordering::Relaxed);
@@ -126,16 +169,39 @@ pub async fn run(ctx: Arc<Consuming>, mut start: Option<Position>, shutdown: Can
                         }
                         Err(err) => {
                             ctx.stats.bad_entries.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(table = ctx.tables[t].label(), error = %err, "a fan-out entry was not used");
+                            tracing::warn!(table = carried.tables[t].label(), error = %err, "a fan-out entry was not used");
                             rules.gap(FlushCause::BadEntry, &mut actions);
                         }
                     }
-                    perform(&ctx, t, &mut actions).await;
+                    perform(&ctx, users, &mut actions).await;
                     position.after[t] = e.id;
                 }
             }
         }
     }
+}
+
+/// Has the tables found since the last read join, each at its stream's end; `false` if
+/// Redis failed meanwhile (the joined tables' ends are taken again at the reconnection).
+async fn join(
+    ctx: &Consuming,
+    carried: &mut Carried,
+    joining: &mut mpsc::UnboundedReceiver<(Table, String)>,
+    position: &mut Position,
+) -> bool {
+    while let Ok((table, key)) = joining.try_recv() {
+        let end = position.connection.last_id(&key).await;
+        carried.join(ctx.me, table, key);
+        match end {
+            Ok(id) => position.after.push(id),
+            Err(e) => {
+                ctx.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "fan-out read failed; reconnecting");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// How long ago the entry was appended: its stream id begins with Redis's clock then
@@ -151,10 +217,8 @@ fn record_lag(ctx: &Consuming, entry: &Entry, id: &str) {
     }
 }
 
-/// Does what the rules said of table `t`, in order, to whoever caches it, and empties
-/// `actions`.
-async fn perform(ctx: &Consuming, t: usize, actions: &mut Vec<Action>) {
-    let users = ctx.tables[t].users;
+/// Does what the rules said of a table, in order, to its `users`, and empties `actions`.
+async fn perform(ctx: &Consuming, users: Users, actions: &mut Vec<Action>) {
     let changes = &ctx.changes;
     for action in actions.drain(..) {
         match action {

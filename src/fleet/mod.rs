@@ -14,6 +14,9 @@
 //! Write hints: once DynamoDB has acknowledged a write, the daemon appends the key to the
 //! table's stream ([`Hints`]); the others drop it at once. Hints only ever invalidate,
 //! never count toward freshness, and a lost one costs only time.
+//!
+//! Under `dynamodb_api.tables = ["*"]` a table the front finds after start joins the
+//! fleet ([`Joining`]): consumed, competed for, hinted, like the tables of the start.
 
 pub mod consumer;
 pub mod entry;
@@ -23,13 +26,14 @@ pub mod rules;
 pub mod transport;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::cache::ApiCache;
+use crate::api::cache::{ApiCache, MAX_TABLES};
+use crate::api::discovery::Follow;
 use crate::api::tables::TableId;
 use crate::cache::CacheKey;
 use crate::changes::Changes;
@@ -47,13 +51,15 @@ use transport::{stream_key, Redis};
 const HINT_QUEUE: usize = 8192;
 /// Keys per hint entry.
 const HINT_BATCH: usize = 256;
+/// The most tables a fleet daemon carries: the stores' and as many as the front caches.
+const MAX_CARRIED: usize = StoreTable::ALL.len() + MAX_TABLES;
 
 /// A counter per fleet table, by its place in the fleet's list.
-pub struct PerTable(Vec<AtomicU64>);
+pub struct PerTable(Box<[AtomicU64]>);
 
 impl PerTable {
-    fn new(tables: usize) -> PerTable {
-        PerTable((0..tables).map(|_| AtomicU64::new(0)).collect())
+    fn new() -> PerTable {
+        PerTable((0..MAX_CARRIED).map(|_| AtomicU64::new(0)).collect())
     }
 
     pub fn of(&self, table: usize) -> &AtomicU64 {
@@ -64,7 +70,7 @@ impl PerTable {
 /// What fleet mode counts.
 pub struct FleetStats {
     /// The fleet tables' labels, in the fleet's order.
-    labels: Vec<String>,
+    labels: RwLock<Vec<String>>,
     /// Relay leases held, per table (0: a consumer only).
     pub leases_held: PerTable,
     /// Per table, 1 while this daemon is the table's publisher (it holds slot 0).
@@ -85,16 +91,15 @@ pub struct FleetStats {
 }
 
 impl FleetStats {
-    /// Counters for `tables` (none outside fleet mode).
+    /// Counters for `tables` (none outside fleet mode), with room for more.
     pub fn new(tables: &[Table]) -> FleetStats {
-        let n = tables.len();
         FleetStats {
-            labels: tables.iter().map(|t| t.label().to_owned()).collect(),
-            leases_held: PerTable::new(n),
-            publishing: PerTable::new(n),
+            labels: RwLock::new(tables.iter().map(|t| t.label().to_owned()).collect()),
+            leases_held: PerTable::new(),
+            publishing: PerTable::new(),
             lease_changes: AtomicU64::new(0),
-            published: PerTable::new(n),
-            consumed: PerTable::new(n),
+            published: PerTable::new(),
+            consumed: PerTable::new(),
             bad_entries: AtomicU64::new(0),
             hints_published: AtomicU64::new(0),
             hints_dropped: AtomicU64::new(0),
@@ -102,11 +107,23 @@ impl FleetStats {
         }
     }
 
+    /// Counts the table labelled `label` too, as the next in the fleet's order: its
+    /// place, or `None` if there is no room.
+    fn add(&self, label: &str) -> Option<usize> {
+        let mut labels = self.labels.write().expect("labels lock poisoned");
+        let place = labels.len();
+        (place < MAX_CARRIED).then(|| {
+            labels.push(label.to_owned());
+            place
+        })
+    }
+
     /// Writes the counters into a scrape.
     pub fn export(&self, out: &mut Exposition) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let labels = self.labels.read().expect("labels lock poisoned");
         let per_table = |a: &PerTable| {
-            self.labels
+            labels
                 .iter()
                 .zip(&a.0)
                 .map(|(label, v)| (label.as_str(), load(v)))
@@ -175,6 +192,8 @@ impl FleetStats {
     /// The daemon's role per table, in words.
     pub fn roles(&self) -> String {
         self.labels
+            .read()
+            .expect("labels lock poisoned")
             .iter()
             .enumerate()
             .map(|(i, label)| {
@@ -233,6 +252,59 @@ impl Hints {
 /// Fleet mode as the rest of the daemon sees it.
 pub struct Fleet {
     pub hints: Option<Hints>,
+    /// Where a table found after start joins.
+    pub joining: Joining,
+}
+
+/// Has a table the front found after start carried by the fleet from then on: this
+/// daemon's consumer reads its Redis stream, its relay (if eligible) competes for its
+/// lease, and its writes are hinted.
+pub struct Joining {
+    leases_table: String,
+    /// To the consumer and the hint publisher: a table and its Redis stream (no more
+    /// than the counters have room for).
+    consumer: mpsc::UnboundedSender<(Table, String)>,
+    hints: mpsc::UnboundedSender<(Users, String)>,
+    relaying: Option<Arc<relay::Relaying>>,
+    stats: Arc<FleetStats>,
+    /// Places in the counters are taken in the order the consumer is told of tables.
+    order: Mutex<()>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Follow for Joining {
+    fn follow(&self, name: &str, id: TableId) {
+        let table = Table {
+            name: name.to_owned(),
+            users: Users {
+                store: None,
+                api: Some(id),
+            },
+        };
+        let key = stream_key(&self.leases_table, name);
+        let place = {
+            let _order = self.order.lock().expect("order lock poisoned");
+            let Some(place) = self.stats.add(table.label()) else {
+                tracing::warn!(table = %name, "the fleet carries as many tables as it may: this one's reads bypass the cache");
+                return;
+            };
+            // Both receivers live as long as the fleet's tasks; once stopped, nothing
+            // is served from the table.
+            let _ = self.consumer.send((table.clone(), key.clone()));
+            place
+        };
+        let _ = self.hints.send((table.users, key.clone()));
+        if let Some(relaying) = &self.relaying {
+            self.tasks.spawn(relay::run(
+                relaying.clone(),
+                place,
+                table,
+                key,
+                self.stop.clone(),
+            ));
+        }
+    }
 }
 
 /// What fleet mode is built from.
@@ -254,6 +326,8 @@ pub struct Parts {
     pub fleet_lag: metrics::Histogram,
     pub hint_lag: metrics::Histogram,
     pub stats: Arc<FleetStats>,
+    /// Whether tables join after start (`["*"]`): then the fleet may start with none.
+    pub grows: bool,
 }
 
 /// Why fleet mode could not start.
@@ -288,7 +362,7 @@ pub async fn start(
     tasks: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<Fleet, StartError> {
-    if parts.tables.is_empty() {
+    if parts.tables.is_empty() && !parts.grows {
         return Err(StartError::NoTables);
     }
     let me = daemon_id();
@@ -307,14 +381,12 @@ pub async fn start(
         redis: redis.clone(),
         codec: codec.clone(),
         changes: parts.changes,
-        tables: parts.tables.clone(),
-        keys: keys.clone(),
         clock_skew_ms: parts.fleet.clock_skew_ms,
         stats: stats.clone(),
         fleet_lag: parts.fleet_lag,
         hint_lag: parts.hint_lag,
     });
-    let start = match consumer::position(&consuming).await {
+    let start = match consumer::position(&consuming, &keys).await {
         Ok(p) => Some(p),
         Err(e) => {
             stats.redis_errors.fetch_add(1, Ordering::Relaxed);
@@ -322,9 +394,18 @@ pub async fn start(
             None
         }
     };
-    tasks.spawn(consumer::run(consuming, start, stop.clone()));
-    if parts.fleet.relay_eligible {
-        let relaying = Arc::new(relay::Relaying {
+    let (to_consumer, joining) = mpsc::unbounded_channel();
+    let carried = consumer::Carried::new(incarnation, parts.tables.clone(), keys.clone());
+    tasks.spawn(consumer::run(
+        consuming,
+        carried,
+        joining,
+        start,
+        stop.clone(),
+    ));
+    let leases_table = parts.leases.table().to_owned();
+    let relaying = parts.fleet.relay_eligible.then(|| {
+        Arc::new(relay::Relaying {
             me,
             incarnation,
             redis: redis.clone(),
@@ -337,7 +418,9 @@ pub async fn start(
             codec: codec.clone(),
             api: parts.api,
             stats: stats.clone(),
-        });
+        })
+    });
+    if let Some(relaying) = &relaying {
         for (i, table) in parts.tables.iter().enumerate() {
             tasks.spawn(relay::run(
                 relaying.clone(),
@@ -349,6 +432,7 @@ pub async fn start(
         }
     }
     let hint_keys: Vec<(Users, String)> = parts.tables.iter().map(|t| t.users).zip(keys).collect();
+    let (hint_keys_joining, joined_hint_keys) = mpsc::unbounded_channel();
     let hints = parts.fleet.write_hints.then(|| {
         let (queue, pending) = mpsc::channel(HINT_QUEUE);
         tasks.spawn(publish_hints(
@@ -357,9 +441,10 @@ pub async fn start(
             codec,
             incarnation,
             hint_keys,
+            joined_hint_keys,
             parts.fleet.retention_ms,
             stats.clone(),
-            stop,
+            stop.clone(),
         ));
         Hints {
             queue,
@@ -370,18 +455,29 @@ pub async fn start(
         relay_eligible = parts.fleet.relay_eligible,
         "fleet mode started"
     );
-    Ok(Fleet { hints })
+    let joining = Joining {
+        leases_table,
+        consumer: to_consumer,
+        hints: hint_keys_joining,
+        relaying,
+        stats,
+        order: Mutex::new(()),
+        tasks: tasks.clone(),
+        stop,
+    };
+    Ok(Fleet { hints, joining })
 }
 
-/// Appends queued hints, batched per table (`keys`: each table's users and stream),
-/// until `stop`.
+/// Appends queued hints, batched per table (`keys`: each table's users and stream, and
+/// those of tables that join later), until `stop`.
 #[allow(clippy::too_many_arguments)]
 async fn publish_hints(
     mut pending: mpsc::Receiver<Written>,
     redis: Redis,
     codec: Codec,
     me: u64,
-    keys: Vec<(Users, String)>,
+    mut keys: Vec<(Users, String)>,
+    mut joined: mpsc::UnboundedReceiver<(Users, String)>,
     retention_ms: u64,
     stats: Arc<FleetStats>,
     stop: CancellationToken,
@@ -395,6 +491,9 @@ async fn publish_hints(
         };
         if received == 0 {
             return;
+        }
+        while let Ok(table) = joined.try_recv() {
+            keys.push(table);
         }
         if connection.is_none() {
             match redis.connect(None).await {

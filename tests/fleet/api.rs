@@ -9,7 +9,7 @@ use ddbcached::store::keys::{kv_partition_key, KV_KEY, KV_NAMESPACE, KV_TIMESTAM
 
 use super::*;
 use crate::api_cache::{cached_table, key, sorted};
-use crate::harness::{n, s, sdk_client};
+use crate::harness::{n, s, sdk_client, OwnLocal};
 use ddbcached::fleet::entry::Key;
 
 type Api = aws_sdk_dynamodb::Client;
@@ -106,31 +106,9 @@ async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
         fleet.add_member(&api, stores).await;
         fronts.push(sdk_client(&format!("http://127.0.0.1:{port}")).await);
     }
-    let fresh = format!("table=\"{t}\"");
     wait_until_fronts_fresh(&fleet, &t).await;
+    writes_reach_every_front(&fleet, &fronts, &direct, &t).await;
 
-    // Every front caches the first value: daemon 0 reads its own write at once.
-    put(&fronts[0], &t, "v1").await;
-    let (v, _) = read(&fronts[0], &t).await;
-    assert_eq!(v.as_deref(), Some("v1"));
-    for c in &fronts {
-        seen_within_bound(c, &t, "v1").await;
-    }
-    // Through daemon 0's front: its hint, and the publisher's batch, reach the others.
-    put(&fronts[0], &t, "v2").await;
-    for c in &fronts[1..] {
-        seen_within_bound(c, &t, "v2").await;
-    }
-    let hinted = fleet.entries(&t).await.into_iter().any(|e| {
-        matches!(e, Ok(Entry::Hint { keys, .. })
-            if keys.iter().any(|k| matches!(k, Key::Item { .. })))
-    });
-    assert!(hinted, "the front's writes are hinted");
-    // Around every daemon.
-    put(&direct, &t, "v3").await;
-    for c in &fronts {
-        seen_within_bound(c, &t, "v3").await;
-    }
     // A PartiQL write through daemon 0's front: its hint drops the table elsewhere.
     fronts[0]
         .execute_statement()
@@ -150,7 +128,40 @@ async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
     });
     assert!(unread, "a PartiQL write is hinted as one of unread items");
 
-    // Only the lease holders read the table's stream, and one publishes it.
+    one_publisher_reads_the_stream(&fleet, &t).await;
+    answered_from_memory(&fleet, &fronts, &t).await;
+}
+
+/// Writes through daemon 0's front and around every daemon reach every front within
+/// the bound, and the front's writes are hinted.
+async fn writes_reach_every_front(fleet: &Fleet, fronts: &[Api], direct: &Api, t: &str) {
+    // Every front caches the first value: daemon 0 reads its own write at once.
+    put(&fronts[0], t, "v1").await;
+    let (v, _) = read(&fronts[0], t).await;
+    assert_eq!(v.as_deref(), Some("v1"));
+    for c in fronts {
+        seen_within_bound(c, t, "v1").await;
+    }
+    // Through daemon 0's front: its hint, and the publisher's batch, reach the others.
+    put(&fronts[0], t, "v2").await;
+    for c in &fronts[1..] {
+        seen_within_bound(c, t, "v2").await;
+    }
+    let hinted = fleet.entries(t).await.into_iter().any(|e| {
+        matches!(e, Ok(Entry::Hint { keys, .. })
+            if keys.iter().any(|k| matches!(k, Key::Item { .. })))
+    });
+    assert!(hinted, "the front's writes are hinted");
+    // Around every daemon.
+    put(direct, t, "v3").await;
+    for c in fronts {
+        seen_within_bound(c, t, "v3").await;
+    }
+}
+
+/// Only the lease holders read the table `t`'s stream, and one publishes it.
+async fn one_publisher_reads_the_stream(fleet: &Fleet, t: &str) {
+    let fresh = format!("table=\"{t}\"");
     let mut publishing = 0.0;
     for m in &fleet.members {
         let s = scrape(m.metrics).await;
@@ -165,13 +176,16 @@ async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
         }
     }
     assert!(publishing <= 1.0, "one publisher at most: {publishing}");
+}
 
-    // The fronts answer from memory: once fresh, a repeated read is a hit.
+/// The fronts answer from memory: once fresh, a repeated read of `t` is a hit.
+async fn answered_from_memory(fleet: &Fleet, fronts: &[Api], t: &str) {
+    let fresh = format!("table=\"{t}\"");
     let deadline = Instant::now() + CONVERGENCE;
     loop {
-        for c in &fronts {
-            read(c, &t).await;
-            read(c, &t).await;
+        for c in fronts {
+            read(c, t).await;
+            read(c, t).await;
         }
         let mut hits = 0.0;
         for m in &fleet.members {
@@ -191,6 +205,40 @@ async fn a_user_tables_changes_reach_every_daemons_front_within_the_bound() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Under `["*"]` a fleet carries a table created after it started from the table's first
+/// use on each daemon: consumed, relayed by one lease holder, hinted, and answered from
+/// memory, like a table found at start.
+#[tokio::test(flavor = "multi_thread")]
+async fn under_a_star_a_table_created_after_the_fleet_started_is_carried_from_its_first_use() {
+    // A DynamoDB of its own: `*` takes in every table with a stream.
+    let local = OwnLocal::start_in_memory().await;
+    let mut fleet = Fleet::start_at(&local.endpoint).await;
+    let direct = sdk_client(&local.endpoint).await;
+    let mut fronts = Vec::new();
+    for _ in 0..2 {
+        let port = free_port();
+        let api = format!("[dynamodb_api]\nlisten = \"127.0.0.1:{port}\"\ntables = [\"*\"]");
+        fleet.add_member(&api, false).await;
+        fronts.push(sdk_client(&format!("http://127.0.0.1:{port}")).await);
+    }
+    let t = cached_table(&direct).await;
+
+    // Its first reads pass through and have each daemon find it.
+    let label = format!("table=\"{t}\"");
+    let deadline = Instant::now() + CONVERGENCE;
+    for (c, m) in fronts.iter().zip(&fleet.members) {
+        while !scrape(m.metrics).await.keys().any(|k| k.contains(&label)) {
+            assert!(Instant::now() < deadline, "{t} never found");
+            read(c, &t).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    wait_until_fronts_fresh(&fleet, &t).await;
+    writes_reach_every_front(&fleet, &fronts, &direct, &t).await;
+    one_publisher_reads_the_stream(&fleet, &t).await;
+    answered_from_memory(&fleet, &fronts, &t).await;
 }
 
 /// The values of a key-value key's versions, oldest first, as a front answers the query

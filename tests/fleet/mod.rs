@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{
     dynamo_config, dynamodb_toml, endpoint, free_port, http_get, name, spawn_api_daemon,
-    spawn_daemon, RedisCluster, RedisServer,
+    spawn_daemon_at, RedisCluster, RedisServer,
 };
 use crate::ops::{collect_exprs, samples};
 
@@ -102,6 +102,7 @@ struct Fleet<R = RedisServer> {
     // Dropped in this order: the daemons before their Redis.
     members: Vec<Member>,
     redis: R,
+    /// Its DynamoDB's endpoint and tables.
     config: Config,
     dir: tempfile::TempDir,
 }
@@ -122,6 +123,11 @@ impl Fleet {
         Fleet::start_on(RedisServer::start().await, n, extra).await
     }
 
+    /// A fleet of no daemon yet on the DynamoDB at `endpoint`.
+    async fn start_at(endpoint: &str) -> Fleet {
+        Fleet::start_at_on(RedisServer::start().await, endpoint, 0, "").await
+    }
+
     /// A fresh fleet of `n` daemons in which key `k` holds `v1` and every daemon has
     /// read it: the clients and the namespace.
     async fn with_cached_key(n: usize, extra: &str) -> (Fleet, Vec<Client>, String) {
@@ -132,7 +138,12 @@ impl Fleet {
 impl<R: SharedRedis> Fleet<R> {
     /// The same on a given Redis.
     async fn start_on(redis: R, n: usize, extra: &str) -> Fleet<R> {
-        let mut config = dynamo_config(endpoint());
+        Fleet::start_at_on(redis, endpoint(), n, extra).await
+    }
+
+    /// The same on a given Redis and DynamoDB.
+    async fn start_at_on(redis: R, endpoint: &str, n: usize, extra: &str) -> Fleet<R> {
+        let mut config = dynamo_config(endpoint);
         // Short enough for DynamoDB's 255 characters with any suffix.
         let prefix: String = name().chars().take(24).collect();
         config.dynamodb.kv_table = format!("{prefix}_kv");
@@ -196,10 +207,11 @@ impl<R: SharedRedis> Fleet<R> {
             self.redis.ca_file(),
         );
         let (process, socket) = match stores {
-            true => spawn_daemon(&dir, &toml).await,
+            true => spawn_daemon_at(&dir, &toml, &self.config.dynamodb.endpoint).await,
             false => {
                 let toml = format!("{toml}[stores]\nenabled = false\n");
-                let process = spawn_api_daemon(&dir, &toml, metrics).await;
+                let process =
+                    spawn_api_daemon(&dir, &toml, metrics, &self.config.dynamodb.endpoint).await;
                 (process, dir.join("no-stores.sock"))
             }
         };
@@ -312,6 +324,21 @@ fn total(samples: &BTreeMap<String, f64>, metric: &str, labels: &[&str]) -> f64 
         })
         .map(|(_, v)| v)
         .sum()
+}
+
+/// Runs a consumer of `tables`, whose Redis streams are `keys`, until `stop`: positioned
+/// before this returns, and no table joins it later.
+async fn consume(ctx: Consuming, tables: Vec<Table>, keys: &[String], stop: &CancellationToken) {
+    let start = consumer::position(&ctx, keys).await.unwrap();
+    let carried = consumer::Carried::new(ctx.me, tables, keys.to_vec());
+    let (_, joining) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(consumer::run(
+        Arc::new(ctx),
+        carried,
+        joining,
+        Some(start),
+        stop.clone(),
+    ));
 }
 
 fn b(s: &str) -> Bytes {

@@ -164,21 +164,18 @@ async fn the_consumer_on_real_redis_flushes_on_a_skipped_number_and_ignores_a_re
     let tables =
         Table::stores([&format!("{table}_kv"), &format!("{table}_log")], |_| None).to_vec();
     let stats = Arc::new(FleetStats::new(&tables));
-    let ctx = Arc::new(Consuming {
+    let ctx = Consuming {
         me: 1,
         redis: redis.clone(),
         codec: Codec::new(""),
         changes: Arc::new(Changes::new(&tables, coherence.clone(), None)),
-        tables,
-        keys: keys.to_vec(),
         clock_skew_ms: 250,
         stats: stats.clone(),
         fleet_lag: metrics::Histogram::noop(),
         hint_lag: metrics::Histogram::noop(),
-    });
+    };
     let stop = CancellationToken::new();
-    let start = consumer::position(&ctx).await.unwrap();
-    tokio::spawn(consumer::run(ctx, Some(start), stop.clone()));
+    consume(ctx, tables, &keys, &stop).await;
 
     let mut relay = redis.connect(None).await.unwrap();
     let mut publish = async |n: u64| {

@@ -64,20 +64,17 @@ async fn simulate<R: SharedRedis>(fleet: Fleet<R>, hosts: usize) {
             BOUND.as_millis() as u64,
             metrics::Histogram::noop(),
         ));
-        let ctx = Arc::new(Consuming {
+        let ctx = Consuming {
             me: h as u64 + 1,
             redis: redis.clone(),
             codec: Codec::new(""),
             changes: Arc::new(Changes::new(&tables, coherence.clone(), None)),
-            tables: tables.clone(),
-            keys: keys.to_vec(),
             clock_skew_ms: 250,
             stats: Arc::new(FleetStats::new(&tables)),
             fleet_lag: metrics::Histogram::noop(),
             hint_lag: metrics::Histogram::noop(),
-        });
-        let start = consumer::position(&ctx).await.unwrap();
-        tokio::spawn(consumer::run(ctx, Some(start), stop.clone()));
+        };
+        consume(ctx, tables.clone(), &keys, &stop).await;
         sims.push(SimHost { cache, coherence });
     }
 

@@ -33,7 +33,16 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String
 /// read from /proc), on DynamoDB Local with a socket in `dir` and `config` as its
 /// configuration file; returns once it is ready, with its socket.
 pub async fn spawn_daemon(dir: &Path, config: &str) -> (tokio::process::Child, PathBuf) {
-    let (child, socket) = launch(dir, config);
+    spawn_daemon_at(dir, config, endpoint()).await
+}
+
+/// The same on the DynamoDB at `endpoint`.
+pub async fn spawn_daemon_at(
+    dir: &Path,
+    config: &str,
+    endpoint: &str,
+) -> (tokio::process::Child, PathBuf) {
+    let (child, socket) = launch(dir, config, endpoint);
     wait_until_ready(|| async {
         match Client::connect(&socket).await {
             Ok(c) => c.health().await.is_ok_and(|(ready, _)| ready),
@@ -44,14 +53,15 @@ pub async fn spawn_daemon(dir: &Path, config: &str) -> (tokio::process::Child, P
     (child, socket)
 }
 
-/// The same for a daemon without the stores' socket (`stores.enabled = false`): ready
-/// once its `/ready`, at `metrics`, says so.
+/// The same for a daemon without the stores' socket (`stores.enabled = false`), on the
+/// DynamoDB at `endpoint`: ready once its `/ready`, at `metrics`, says so.
 pub async fn spawn_api_daemon(
     dir: &Path,
     config: &str,
     metrics: std::net::SocketAddr,
+    endpoint: &str,
 ) -> tokio::process::Child {
-    let (child, _) = launch(dir, config);
+    let (child, _) = launch(dir, config, endpoint);
     wait_until_ready(|| async {
         tokio::net::TcpStream::connect(metrics).await.is_ok()
             && http_get(metrics, "/ready").await.0.contains(" 200 ")
@@ -68,7 +78,7 @@ async fn wait_until_ready<F: std::future::Future<Output = bool>>(ready: impl Fn(
     }
 }
 
-fn launch(dir: &Path, config: &str) -> (tokio::process::Child, PathBuf) {
+fn launch(dir: &Path, config: &str, endpoint: &str) -> (tokio::process::Child, PathBuf) {
     let socket = dir.join("ddbcached.sock");
     let file = dir.join("ddbcached.toml");
     std::fs::write(&file, config).unwrap();
@@ -77,7 +87,7 @@ fn launch(dir: &Path, config: &str) -> (tokio::process::Child, PathBuf) {
         .arg(&file)
         .env("RUST_LOG", "warn")
         .env("DDBCACHED_SOCKET", &socket)
-        .env("DDBCACHED_DYNAMODB_ENDPOINT", endpoint())
+        .env("DDBCACHED_DYNAMODB_ENDPOINT", endpoint)
         .env("DDBCACHED_DYNAMODB_REGION", "us-east-1")
         .env("DDBCACHED_DYNAMODB_USE_DUMMY_CREDENTIALS", "true")
         .envs(

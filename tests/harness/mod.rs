@@ -13,7 +13,7 @@ mod redis;
 mod redis_cluster;
 mod sdk;
 
-pub use daemon::{http_get, rss, spawn_api_daemon, spawn_daemon, Daemon};
+pub use daemon::{http_get, rss, spawn_api_daemon, spawn_daemon, spawn_daemon_at, Daemon};
 pub use dynamodb::{dynamo_config, dynamodb_toml, endpoint, OwnLocal};
 pub use names::{key, name, value};
 pub use proxy::Proxy;
