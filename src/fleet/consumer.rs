@@ -130,14 +130,20 @@ pub async fn run(
             },
         };
         loop {
-            if !join(&ctx, &mut carried, &mut joining, &mut position).await {
-                break;
-            }
-            if carried.keys.is_empty() {
-                tokio::select! {
+            // With no table to read yet, the first to join is waited for.
+            let first = match carried.keys.is_empty() {
+                true => tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(BLOCK) => continue,
-                }
+                    joined = joining.recv() => match joined {
+                        Some(joined) => Some(joined),
+                        // No table will ever join: nothing to read until shutdown.
+                        None => return shutdown.cancelled().await,
+                    },
+                },
+                false => None,
+            };
+            if !join(&ctx, &mut carried, first, &mut joining, &mut position).await {
+                break;
             }
             let read = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -181,15 +187,20 @@ pub async fn run(
     }
 }
 
-/// Has the tables found since the last read join, each at its stream's end; `false` if
-/// Redis failed meanwhile (the joined tables' ends are taken again at the reconnection).
+/// Has `first` and the tables found since the last read join, each at its stream's end;
+/// `false` if Redis failed meanwhile (the joined tables' ends are taken again at the
+/// reconnection).
 async fn join(
     ctx: &Consuming,
     carried: &mut Carried,
+    first: Option<(Table, String)>,
     joining: &mut mpsc::UnboundedReceiver<(Table, String)>,
     position: &mut Position,
 ) -> bool {
-    while let Ok((table, key)) = joining.try_recv() {
+    let pending = first
+        .into_iter()
+        .chain(std::iter::from_fn(|| joining.try_recv().ok()));
+    for (table, key) in pending {
         let end = position.connection.last_id(&key).await;
         carried.join(ctx.me, table, key);
         match end {
