@@ -134,7 +134,7 @@ impl Changes {
             self.coherence.flush(store, cause).await;
         }
         if let (Some(api), Some(id)) = (&self.api, users.api) {
-            api.flush(id);
+            api.lost(id, cause);
         }
     }
 

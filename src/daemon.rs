@@ -212,6 +212,13 @@ impl Daemon {
             } else {
                 start_tailers(config, &registry, &streams, &changes, &probe, &tasks, &stop).await?;
             }
+            if let Some(cache) = &api_cache {
+                tasks.spawn(api::tables::keep_described(
+                    dynamodb.clone(),
+                    cache.clone(),
+                    stop.clone(),
+                ));
+            }
             tasks.close();
             probe.set_ready();
             Some(Tailers { tasks, stop })

@@ -99,6 +99,7 @@ impl Probe {
                 .iter()
                 .flat_map(|c| {
                     c.tables()
+                        .into_iter()
                         .filter(|t| !ready || c.must_bypass(t.id))
                         .map(|t| t.name.clone())
                 })

@@ -17,14 +17,19 @@
 //! - **Freshness**: the tailer proves from time to time that every change before an
 //!   instant has been applied; reads of a table bypass the cache while that proof is
 //!   older than `cache.max_staleness_ms`, and lost continuity flushes the table.
+//! - **Descriptions follow the table.** A table whose stream was replaced may have been
+//!   deleted and re-created with other keys and indexes: its reads bypass the cache
+//!   until it is described again ([`super::tables::keep_described`]); the new
+//!   description flushes the table, and a fill begun under the old one is not kept.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::keys;
@@ -34,6 +39,7 @@ use crate::freshness::Freshness;
 use crate::metrics::{Exposition, Kind};
 use crate::stream::api::Record;
 use crate::stream::sink::{Seen, Sink, SinkError};
+use crate::stream::FlushCause;
 
 /// Slots of change ticks (8 MiB): enough that unrelated scopes rarely share one.
 const STAMP_SLOTS: usize = 1 << 20;
@@ -165,6 +171,11 @@ struct TableState {
     saved_milli: AtomicU64,
     invalidations: AtomicU64,
     flushes: AtomicU64,
+    /// Stream replacements reported so far.
+    replaced: AtomicU64,
+    /// The current description's [`ApiTable::generation`]: the replacements it
+    /// accounts for. Below `replaced`, the table waits to be described again.
+    generation: AtomicU64,
 }
 
 /// The most tables one daemon caches: under `["*"]`, tables found after start are added
@@ -174,10 +185,13 @@ pub const MAX_TABLES: usize = 256;
 
 /// The front's cache of the tables in `dynamodb_api.tables`.
 pub struct ApiCache {
-    /// By [`TableId`]; the first `count` are set, and never change once set.
-    tables: Box<[OnceLock<ApiTable>]>,
+    /// By [`TableId`]; the first `count` are set, and each is replaced only by a
+    /// description read after its stream was replaced.
+    tables: Box<[RwLock<Option<Arc<ApiTable>>>]>,
     count: AtomicUsize,
     by_name: RwLock<HashMap<String, TableId>>,
+    /// Woken when a table's stream was replaced, for whoever describes it again.
+    replaced: Notify,
     /// By [`TableId`], as many as `tables`.
     state: Box<[TableState]>,
     clock: AtomicU64,
@@ -194,9 +208,10 @@ impl ApiCache {
     pub fn new(tables: Vec<ApiTable>, max_staleness_ms: u64, max_bytes: u64) -> ApiCache {
         let capacity = MAX_TABLES.max(tables.len());
         let cache = ApiCache {
-            tables: (0..capacity).map(|_| OnceLock::new()).collect(),
+            tables: (0..capacity).map(|_| RwLock::default()).collect(),
             count: AtomicUsize::new(0),
             by_name: RwLock::default(),
+            replaced: Notify::new(),
             state: (0..capacity)
                 .map(|_| TableState {
                     flushed: AtomicU64::new(0),
@@ -205,6 +220,8 @@ impl ApiCache {
                     saved_milli: AtomicU64::new(0),
                     invalidations: AtomicU64::new(0),
                     flushes: AtomicU64::new(0),
+                    replaced: AtomicU64::new(0),
+                    generation: AtomicU64::new(0),
                 })
                 .collect(),
             clock: AtomicU64::new(1),
@@ -238,14 +255,15 @@ impl ApiCache {
         let slot = self.tables.get(next)?;
         let id = TableId(next as u16);
         table.id = id;
+        table.generation = 0;
         by_name.insert(table.name.clone(), id);
-        slot.set(table).expect("a new slot");
+        *slot.write().expect("tables lock poisoned") = Some(Arc::new(table));
         self.count.store(next + 1, Ordering::Release);
         Some(id)
     }
 
     /// A cached table, by name.
-    pub fn table(&self, name: &str) -> Option<&ApiTable> {
+    pub fn table(&self, name: &str) -> Option<Arc<ApiTable>> {
         let id = *self
             .by_name
             .read()
@@ -255,16 +273,51 @@ impl ApiCache {
     }
 
     /// The cached tables, by id.
-    pub fn tables(&self) -> impl Iterator<Item = &ApiTable> {
+    pub fn tables(&self) -> Vec<Arc<ApiTable>> {
         let count = self.count.load(Ordering::Acquire);
-        self.tables[..count].iter().filter_map(OnceLock::get)
+        (0..count).map(|i| self.of(TableId(i as u16))).collect()
     }
 
     /// A cached table, by id (one this cache gave out).
-    fn of(&self, id: TableId) -> &ApiTable {
+    fn of(&self, id: TableId) -> Arc<ApiTable> {
         self.tables[id.0 as usize]
-            .get()
+            .read()
+            .expect("tables lock poisoned")
+            .clone()
             .expect("an id this cache gave out")
+    }
+
+    /// The tables whose stream was replaced since they were last described: their ids,
+    /// names and the generation a description read now would have.
+    pub fn undescribed(&self) -> Vec<(TableId, String, u64)> {
+        self.tables()
+            .into_iter()
+            .filter_map(|t| {
+                let replaced = self.state[t.id.0 as usize].replaced.load(Ordering::SeqCst);
+                (replaced > t.generation).then(|| (t.id, t.name.clone(), replaced))
+            })
+            .collect()
+    }
+
+    /// Returns once a table's stream was replaced since the last call (at once if one
+    /// was since).
+    pub async fn replacements(&self) {
+        self.replaced.notified().await;
+    }
+
+    /// Installs `table`, read after its stream's `generation`-th replacement, in place
+    /// of its former description: everything cached of it goes, and a fill begun under
+    /// the former description is not kept ([`ApiCache::ticket`]).
+    pub fn described_again(&self, mut table: ApiTable, generation: u64) {
+        let id = table.id;
+        let s = &self.state[id.0 as usize];
+        table.generation = generation;
+        *self.tables[id.0 as usize]
+            .write()
+            .expect("tables lock poisoned") = Some(Arc::new(table));
+        s.generation.fetch_max(generation, Ordering::SeqCst);
+        // After the new generation is visible: a ticket newer than this flush sees it.
+        self.flush(id);
     }
 
     fn tick(&self) -> u64 {
@@ -284,12 +337,30 @@ impl ApiCache {
     }
 
     /// Taken before a fill is sent: an entry filled after it is dropped by any change
-    /// recorded from now on.
-    pub fn ticket(&self, table: TableId) -> Ticket {
+    /// recorded from now on. Under a description replaced since `table` was read, the
+    /// fill is never kept: its entry was keyed by the former keys.
+    pub fn ticket(&self, table: &ApiTable) -> Ticket {
+        let stamp = self.tick();
+        let current = self.state[table.id.0 as usize]
+            .generation
+            .load(Ordering::SeqCst);
         Ticket {
-            stamp: self.tick(),
-            table,
+            // Older than every flush, change and tick: never valid.
+            stamp: if table.generation == current {
+                stamp
+            } else {
+                0
+            },
+            table: table.id,
         }
+    }
+
+    /// Whether `table` is the table's current description.
+    pub fn is_current(&self, table: &ApiTable) -> bool {
+        table.generation
+            == self.state[table.id.0 as usize]
+                .generation
+                .load(Ordering::SeqCst)
     }
 
     /// Records a change of `scope`: every entry of it filled before now is dropped.
@@ -342,6 +413,19 @@ impl ApiCache {
             },
         );
         self.written_through(table);
+    }
+
+    /// Continuity of `table`'s changes lost: every entry goes; a replaced stream may
+    /// mean a table re-created with other keys and indexes, so until it is described
+    /// again its reads bypass the cache.
+    pub fn lost(&self, table: TableId, cause: FlushCause) {
+        if cause == FlushCause::StreamReplaced {
+            self.state[table.0 as usize]
+                .replaced
+                .fetch_add(1, Ordering::SeqCst);
+            self.replaced.notify_one();
+        }
+        self.flush(table);
     }
 
     /// Drops every entry of `table`: something changed, nobody knows what.
@@ -440,8 +524,13 @@ impl ApiCache {
     }
 
     /// Whether reads of `table` must bypass the cache: nobody has proven it fresh within
-    /// the staleness bound. Logs each switch.
+    /// the staleness bound, or its stream was replaced and it is not described again
+    /// yet. Logs each switch of the first.
     pub fn must_bypass(&self, table: TableId) -> bool {
+        let s = &self.state[table.0 as usize];
+        if s.replaced.load(Ordering::SeqCst) > s.generation.load(Ordering::SeqCst) {
+            return true;
+        }
         let judged = self.freshness.judge(table.0 as usize, Instant::now());
         if judged.switched {
             let name = &self.of(table).name;
@@ -521,10 +610,13 @@ pub struct ItemChange {
 /// Writes the cache's counters into a scrape: the families always, so that every daemon
 /// exports the same ones, with a sample per cached table.
 pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
+    let described = cache.map(ApiCache::tables).unwrap_or_default();
     let tables = || {
-        cache
-            .into_iter()
-            .flat_map(|c| c.tables().map(|t| (t, &c.state[t.id.0 as usize])))
+        cache.into_iter().flat_map(|c| {
+            described
+                .iter()
+                .map(move |t| (c, t.as_ref(), &c.state[t.id.0 as usize]))
+        })
     };
     let name = "ddbcached_api_cache_reads_total";
     out.family(
@@ -532,7 +624,7 @@ pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
         Kind::Counter,
         "DynamoDB API reads of cached tables, by table, operation and how they were served (hit: from memory; miss: from DynamoDB and kept; bypass: from DynamoDB only).",
     );
-    for (t, s) in tables() {
+    for (_, t, s) in tables() {
         for read in Read::ALL {
             for served in Served::ALL {
                 let labels = [
@@ -551,43 +643,37 @@ pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
         Kind::Counter,
         "Read capacity units the DynamoDB API's hits would have cost DynamoDB, by table.",
         "table",
-        tables().map(|(t, s)| (t.name.as_str(), load(&s.saved_milli) as f64 / 1000.0)),
+        tables().map(|(_, t, s)| (t.name.as_str(), load(&s.saved_milli) as f64 / 1000.0)),
     );
     out.by_label(
         "ddbcached_api_cache_invalidations_total",
         Kind::Counter,
         "Stream records applied to the DynamoDB API's cache, by table.",
         "table",
-        tables().map(|(t, s)| (t.name.as_str(), load(&s.invalidations))),
+        tables().map(|(_, t, s)| (t.name.as_str(), load(&s.invalidations))),
     );
     out.by_label(
         "ddbcached_api_cache_flushes_total",
         Kind::Counter,
         "Whole-table invalidations of the DynamoDB API's cache (lost continuity, PartiQL writes), by table.",
         "table",
-        tables().map(|(t, s)| (t.name.as_str(), load(&s.flushes))),
+        tables().map(|(_, t, s)| (t.name.as_str(), load(&s.flushes))),
     );
     out.by_label(
         "ddbcached_api_cache_bypassing",
         Kind::Gauge,
         "1 while the DynamoDB API's reads of a table bypass the cache (its freshness not proven within the bound).",
         "table",
-        cache.into_iter().flat_map(|c| {
-            c.tables()
-                .map(move |t| (t.name.as_str(), u8::from(c.must_bypass(t.id))))
-        }),
+        tables().map(|(c, t, _)| (t.name.as_str(), u8::from(c.must_bypass(t.id)))),
     );
     out.by_label(
         "ddbcached_api_cache_seconds_since_fresh",
         Kind::Gauge,
         "Seconds since every change of a table was last proven applied to the DynamoDB API's cache (NaN: never).",
         "table",
-        cache.into_iter().flat_map(|c| {
-            c.tables()
-                .map(move |t| {
-                    let since = c.freshness.seconds_since(t.id.0 as usize);
-                    (t.name.as_str(), since.unwrap_or(f64::NAN))
-                })
+        tables().map(|(c, t, _)| {
+            let since = c.freshness.seconds_since(t.id.0 as usize);
+            (t.name.as_str(), since.unwrap_or(f64::NAN))
         }),
     );
     out.single(
@@ -610,7 +696,7 @@ impl Sink for ApiCache {
                 }
             }
             Seen::ShardEnded { .. } => {}
-            Seen::ContinuityLost(_) => self.flush(table),
+            Seen::ContinuityLost(cause) => self.lost(table, cause),
             Seen::CaughtUp(at) => self.fresh_as_of(table, at),
         }
         Ok(())
@@ -640,6 +726,7 @@ mod tests {
                 },
             )]),
             images: true,
+            generation: 0,
         };
         ApiCache::new(vec![table], 60_000, 1 << 20)
     }
@@ -675,6 +762,11 @@ mod tests {
         keys::of_image(&schema, &image(pk, sk, "")).unwrap()
     }
 
+    /// A ticket under table 0's current description.
+    fn ticket(c: &ApiCache) -> Ticket {
+        c.ticket(&c.of(TableId(0)))
+    }
+
     fn fill_item(c: &ApiCache, k: &[u8], ticket: Ticket) -> EntryKey {
         let e = EntryKey::item(TableId(0), k, b"");
         let of = Of::Item {
@@ -691,7 +783,7 @@ mod tests {
             index,
             partition: pk,
         };
-        c.fill(e.clone(), c.ticket(TableId(0)), of, Bytes::new(), 1.0);
+        c.fill(e.clone(), ticket(c), of, Bytes::new(), 1.0);
         e
     }
 
@@ -705,7 +797,7 @@ mod tests {
         let c = cache();
         let named = |name: &str| ApiTable {
             name: name.into(),
-            ..c.of(TableId(0)).clone()
+            ..(*c.of(TableId(0))).clone()
         };
         assert_eq!(c.add(named("t")), Some(TableId(0)), "cached already");
         assert_eq!(c.add(named("u")), Some(TableId(1)));
@@ -716,19 +808,17 @@ mod tests {
         }
         assert_eq!(c.add(named("one-too-many")), None);
         assert!(c.table("one-too-many").is_none());
-        let names: Vec<&str> = c.tables().take(3).map(|t| t.name.as_str()).collect();
+        let tables = c.tables();
+        let names: Vec<&str> = tables.iter().take(3).map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["t", "u", "t2"]);
-        assert_eq!(c.tables().count(), MAX_TABLES);
+        assert_eq!(tables.len(), MAX_TABLES);
     }
 
     #[test]
     fn a_change_drops_its_item_and_partition_and_nothing_else() {
         let c = cache();
         let (a, b) = (key("p", "1"), key("p", "2"));
-        let (ea, eb) = (
-            fill_item(&c, &a, c.ticket(TableId(0))),
-            fill_item(&c, &b, c.ticket(TableId(0))),
-        );
+        let (ea, eb) = (fill_item(&c, &a, ticket(&c)), fill_item(&c, &b, ticket(&c)));
         let p = keys::partition_of_image(&c.of(TableId(0)).key, &image("p", "1", "")).unwrap();
         let q = keys::partition_of_image(&c.of(TableId(0)).key, &image("q", "1", "")).unwrap();
         let (qp, qq) = (fill_query(&c, "", &p), fill_query(&c, "", &q));
@@ -747,13 +837,13 @@ mod tests {
     fn a_write_to_a_whole_partition_drops_its_items_and_queries() {
         let c = cache();
         let (a, b) = (key("p", "1"), key("q", "1"));
-        let ea = fill_item(&c, &a, c.ticket(TableId(0)));
+        let ea = fill_item(&c, &a, ticket(&c));
         let eb = EntryKey::item(TableId(0), &b, b"");
         let of = Of::Item {
             key: &b,
             partition: b"Q",
         };
-        c.fill(eb.clone(), c.ticket(TableId(0)), of, Bytes::new(), 1.0);
+        c.fill(eb.clone(), ticket(&c), of, Bytes::new(), 1.0);
         let qp = fill_query(&c, "", b"P");
         c.partition_written(TableId(0), b"P");
         assert!(c.get(&ea).is_none() && c.get(&qp).is_none());
@@ -764,23 +854,24 @@ mod tests {
     fn a_fill_that_raced_a_change_is_not_kept() {
         let c = cache();
         let a = key("p", "1");
-        let before = c.ticket(TableId(0));
+        let before = ticket(&c);
         c.changed(TableId(0), Scope::Item(&a));
         let e = fill_item(&c, &a, before);
         assert!(c.get(&e).is_none());
-        let e = fill_item(&c, &a, c.ticket(TableId(0)));
+        let e = fill_item(&c, &a, ticket(&c));
         assert!(c.get(&e).is_some());
         // A flush drops everything filled before it, and spares later fills.
         c.flush(TableId(0));
         assert!(c.get(&e).is_none());
-        let e = fill_item(&c, &a, c.ticket(TableId(0)));
+        let e = fill_item(&c, &a, ticket(&c));
         assert!(c.get(&e).is_some());
     }
 
     #[test]
     fn an_index_move_drops_the_partitions_it_left_and_entered() {
         let c = cache();
-        let schema = &c.of(TableId(0)).global["byColor"];
+        let table = c.of(TableId(0));
+        let schema = &table.global["byColor"];
         let color = |name| keys::partition_of_image(schema, &image("p", "1", name)).unwrap();
         let (red, blue, green) = (
             fill_query(&c, "byColor", &color("red")),
@@ -796,6 +887,38 @@ mod tests {
         // Any write through the front drops the global index's results too.
         c.written_through(TableId(0));
         assert!(c.get(&green).is_none());
+    }
+
+    #[test]
+    fn a_table_whose_stream_was_replaced_bypasses_until_described_again() {
+        let c = cache();
+        c.fresh_as_of(TableId(0), Some(Instant::now()));
+        let e = fill_item(&c, &key("p", "1"), ticket(&c));
+        c.lost(TableId(0), FlushCause::StreamReplaced);
+        assert!(c.get(&e).is_none(), "flushed");
+        assert!(
+            c.must_bypass(TableId(0)),
+            "fresh, but maybe keyed otherwise now"
+        );
+        assert_eq!(c.undescribed(), [(TableId(0), "t".to_owned(), 1)]);
+
+        // Re-created with a partition key only: a read that began under the former
+        // description keeps nothing, one under the new one does.
+        let former = c.of(TableId(0));
+        let mut again = (*former).clone();
+        again.key.sort = None;
+        c.described_again(again, 1);
+        assert!(!c.must_bypass(TableId(0)) && c.undescribed().is_empty());
+        assert_eq!(c.table("t").unwrap().key.sort, None);
+        assert!(!c.is_current(&former));
+        let late = fill_item(&c, b"late", c.ticket(&former));
+        assert!(c.get(&late).is_none(), "keyed by the former keys");
+        let now = fill_item(&c, b"now", ticket(&c));
+        assert!(c.get(&now).is_some());
+
+        // Other causes of lost continuity flush, and leave the description alone.
+        c.lost(TableId(0), FlushCause::Trimmed);
+        assert!(c.get(&now).is_none() && c.undescribed().is_empty());
     }
 
     #[tokio::test]

@@ -498,7 +498,7 @@ async fn take(
         .await
         .expect("never closed");
     let (shared, target) = (shared.clone(), target.clone());
-    let on_written = caching.on_written.clone();
+    let (on_written, cache) = (caching.on_written.clone(), cache.clone());
     let write = tokio::spawn(async move {
         let _permit = permit;
         let result = shared
@@ -508,11 +508,12 @@ async fn take(
         // Applied unless DynamoDB refused it; no answer may still mean applied.
         let refused = matches!(&result, Ok(r) if r.status().is_client_error());
         if !refused {
-            for (table, key, partition) in touched.items() {
+            let (items, flushed) = touched.settle(&cache);
+            for (table, key, partition) in &items {
                 on_written.item(*table, key, partition).await;
             }
-            for table in touched.flushed() {
-                on_written.unknown(*table).await;
+            for table in flushed {
+                on_written.unknown(table).await;
             }
         }
         result

@@ -10,6 +10,8 @@
 //! in the request that shapes the answer, so only an identical request that DynamoDB
 //! accepted is ever answered from one: a request DynamoDB would refuse is sent to it.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -194,7 +196,7 @@ fn is_true(request: &Object, field: &str) -> bool {
 }
 
 /// The cached table a read names, if the cache may answer it now; counts a bypass.
-fn cached_table<'c>(cache: &'c ApiCache, request: &Object, read: Read) -> Option<&'c ApiTable> {
+fn cached_table(cache: &ApiCache, request: &Object, read: Read) -> Option<Arc<ApiTable>> {
     let table = cache.table(request.get("TableName")?.as_str()?)?;
     if is_true(request, "ConsistentRead") || cache.must_bypass(table.id) {
         cache.count(table.id, read, Served::Bypass, 0.0);
@@ -242,7 +244,7 @@ pub async fn get_item(
     let Some(table) = cached_table(cache, &request, Read::GetItem) else {
         return Ok((call.forward(body).await?, Served::Bypass));
     };
-    let Some(key) = ItemKey::of(table, request.get("Key"), false) else {
+    let Some(key) = ItemKey::of(&table, request.get("Key"), false) else {
         cache.count(table.id, Read::GetItem, Served::Bypass, 0.0);
         return Ok((call.forward(body).await?, Served::Bypass));
     };
@@ -265,7 +267,7 @@ pub async fn get_item(
             Served::Hit,
         ));
     }
-    let ticket = cache.ticket(table.id);
+    let ticket = cache.ticket(&table);
     let mut fill = request;
     fill.insert("ConsistentRead".into(), Value::Bool(true));
     fill.insert("ReturnConsumedCapacity".into(), capacity.for_fill().into());
@@ -309,8 +311,8 @@ fn item_answer(item: &[u8], consumed: Option<Value>) -> Vec<u8> {
 }
 
 /// One table's part of a BatchGetItem, as the cache reads it.
-struct BatchPart<'c> {
-    table: &'c ApiTable,
+struct BatchPart {
+    table: Arc<ApiTable>,
     projection: Vec<u8>,
     /// Items found in memory (their JSON).
     hits: Vec<Value>,
@@ -351,7 +353,7 @@ pub async fn batch_get_item(
         } else {
             Served::Miss
         };
-        let Some(keys) = batch_keys(table, part) else {
+        let Some(keys) = batch_keys(&table, part) else {
             // Keys DynamoDB would refuse (or duplicates): it answers the whole request.
             return Ok((call.forward(body).await?, Served::Bypass));
         };
@@ -368,7 +370,7 @@ pub async fn batch_get_item(
             saved: 0.0,
         };
         for (value, key) in keys {
-            match cache.get(&EntryKey::item(table.id, &key.key, &p.projection)) {
+            match cache.get(&EntryKey::item(p.table.id, &key.key, &p.projection)) {
                 Some(entry) => {
                     p.saved += entry.units;
                     if !entry.body.is_empty() {
@@ -407,7 +409,7 @@ pub async fn batch_get_item(
     }
 
     // Ask DynamoDB for what memory lacks: cached tables' keys read consistently.
-    let tickets: Vec<_> = parts.iter().map(|p| cache.ticket(p.table.id)).collect();
+    let tickets: Vec<_> = parts.iter().map(|p| cache.ticket(&p.table)).collect();
     let cached: Vec<String> = parts.iter().map(|p| p.table.name.clone()).collect();
     let mut fill = request.clone();
     let fill_items = fill
@@ -516,12 +518,12 @@ fn batch_keys(table: &ApiTable, part: &Object) -> Option<Vec<(Value, ItemKey)>> 
 fn fill_batch_part(
     cache: &ApiCache,
     ticket: Ticket,
-    part: &BatchPart<'_>,
+    part: &BatchPart,
     returned: &[Value],
     unprocessed: Option<&Value>,
     units: f64,
 ) {
-    let t = part.table;
+    let t = &part.table;
     let per_item = if returned.is_empty() {
         0.0
     } else {
@@ -598,7 +600,7 @@ pub async fn query(
             Served::Hit,
         ));
     }
-    let ticket = cache.ticket(table.id);
+    let ticket = cache.ticket(&table);
     let mut fill = request;
     if !global {
         fill.insert("ConsistentRead".into(), Value::Bool(true));

@@ -2,12 +2,18 @@
 //! describes them at start: their keys, their indexes, and whether their stream carries
 //! what the cache needs. A named table without a stream is refused: its changes made
 //! elsewhere could never be seen. `["*"]` stands for every table that has a stream when
-//! the daemon starts.
+//! the daemon starts. A table whose stream is replaced while the daemon runs (deleted and
+//! re-created, maybe with other keys and indexes) is described again
+//! ([`keep_described`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{KeySchemaElement, KeyType, StreamViewType};
+use tokio_util::sync::CancellationToken;
 
+use super::cache::ApiCache;
 use super::keys::KeySchema;
 use crate::store::StoreTable;
 use crate::stream::sink::Tailed;
@@ -37,6 +43,9 @@ pub struct ApiTable {
     /// partitions an item left and entered; without them a global index's results are
     /// not cached.
     pub images: bool,
+    /// How many replacements of the table's stream this description accounts for: one
+    /// read after the table was re-created has a higher one (the cache sets it).
+    pub generation: u64,
 }
 
 /// Why a named table cannot be cached.
@@ -148,7 +157,58 @@ pub async fn describe_one(
             .collect(),
         global,
         images,
+        generation: 0,
     }))
+}
+
+/// The first wait before a table that could not be described again is tried again;
+/// each failure doubles it, up to [`REDESCRIBE_MAX_WAIT`].
+const REDESCRIBE_WAIT: Duration = Duration::from_secs(1);
+const REDESCRIBE_MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Describes again every cached table whose stream was replaced, until `stop`. Until it
+/// is, its reads bypass the cache; one gone, or re-created without a stream, stays so
+/// and is tried again (its tailer finds a stream enabled later, which is another
+/// replacement).
+pub async fn keep_described(
+    client: aws_sdk_dynamodb::Client,
+    cache: Arc<ApiCache>,
+    stop: CancellationToken,
+) {
+    let mut wait = REDESCRIBE_WAIT;
+    loop {
+        let mut failed = false;
+        for (id, name, generation) in cache.undescribed() {
+            let why = match describe_one(&client, &name).await {
+                Ok(Described::Cached(mut table)) => {
+                    table.id = id;
+                    tracing::info!(table = %name, key = ?table.key, local = ?table.local, global = ?table.global.keys().collect::<Vec<_>>(), "the table's stream was replaced: described again");
+                    cache.described_again(table, generation);
+                    continue;
+                }
+                Ok(Described::NoStream) => "it has no stream".to_owned(),
+                Ok(Described::Missing) => "no such table".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(table = %name, reason = %why, retry_in = ?wait, "a table whose stream was replaced cannot be described again: its reads bypass the cache");
+            failed = true;
+        }
+        let retry = async {
+            match failed {
+                true => tokio::time::sleep(wait).await,
+                false => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = cache.replacements() => {}
+            _ = retry => {}
+        }
+        wait = match failed {
+            true => (wait * 2).min(REDESCRIBE_MAX_WAIT),
+            false => REDESCRIBE_WAIT,
+        };
+    }
 }
 
 /// Every table's name, page by page.

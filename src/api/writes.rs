@@ -4,21 +4,28 @@
 //! refusal (a 4xx: a failed condition, a cancelled transaction, a throttle), so that
 //! the client's next read cannot be answered from before its write; an unknown outcome
 //! (no answer, a 5xx) counts as applied. A write the front cannot read (PartiQL, a key
-//! it cannot make out) flushes the tables it may have touched.
+//! it cannot make out) flushes the tables it may have touched, as does one whose table
+//! was described again while it was on its way (its keys were read by the former keys).
+
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use super::cache::ApiCache;
 use super::keys;
-use super::tables::TableId;
+use super::tables::{ApiTable, TableId};
 
 type Object = Map<String, Value>;
+
+/// An item a write touched: its table, canonical key and partition key.
+pub type ItemTouched = (TableId, Vec<u8>, Vec<u8>);
 
 /// The cache entries a write may change.
 #[derive(Debug, Default)]
 pub struct Touched {
-    /// Items by table, with their canonical key and partition.
-    items: Vec<(TableId, Vec<u8>, Vec<u8>)>,
+    /// Items by table (as described when they were read), with their canonical key and
+    /// partition.
+    items: Vec<(Arc<ApiTable>, Vec<u8>, Vec<u8>)>,
     /// Tables whose entries all go.
     flush: Vec<TableId>,
 }
@@ -57,7 +64,7 @@ impl Touched {
                 if statements(request).any(|s| !is_select(s)) {
                     // Which table a statement writes is PartiQL's to say: every cached
                     // table may have changed.
-                    t.flush.extend(cache.tables().map(|t| t.id));
+                    t.flush.extend(cache.tables().iter().map(|t| t.id));
                 }
             }
             _ => return None,
@@ -82,21 +89,27 @@ impl Touched {
             .and_then(|i| i.get(&t.key.partition))
             .and_then(keys::partition_of_json);
         match (key, partition) {
-            (Some(key), Some(partition)) => self.items.push((t.id, key, partition)),
+            (Some(key), Some(partition)) => self.items.push((t, key, partition)),
             // DynamoDB will most likely refuse it; if it does not, nothing cached of the
             // table can be trusted.
             _ => self.flush.push(t.id),
         }
     }
 
-    /// The items it names: table, canonical key, partition key.
-    pub fn items(&self) -> &[(TableId, Vec<u8>, Vec<u8>)] {
-        &self.items
-    }
-
-    /// The tables it may have written items of that it does not name.
-    pub fn flushed(&self) -> &[TableId] {
-        &self.flush
+    /// What to apply once DynamoDB has answered: the items it names (table, canonical
+    /// key, partition key), and the tables whose entries all go: those it may have
+    /// written items of that it does not name, and those described again since.
+    pub fn settle(self, cache: &ApiCache) -> (Vec<ItemTouched>, Vec<TableId>) {
+        let mut flush = self.flush;
+        let mut items = Vec::with_capacity(self.items.len());
+        for (table, key, partition) in self.items {
+            match cache.is_current(&table) {
+                true => items.push((table.id, key, partition)),
+                false if !flush.contains(&table.id) => flush.push(table.id),
+                false => {}
+            }
+        }
+        (items, flush)
     }
 }
 
@@ -138,6 +151,7 @@ mod tests {
             local: vec![],
             global: Default::default(),
             images: true,
+            generation: 0,
         };
         ApiCache::new(vec![table(0, "a"), table(1, "b")], 1000, 1 << 20)
     }
@@ -195,5 +209,20 @@ mod tests {
         .unwrap();
         assert_eq!(t.flush, [TableId(0), TableId(1)]);
         assert!(touched("GetItem", json!({"TableName": "a"})).is_none());
+    }
+
+    #[test]
+    fn a_write_whose_table_was_described_again_meanwhile_flushes_it() {
+        let c = cache();
+        let request = json!({"RequestItems": {
+            "a": [{"PutRequest": {"Item": {"pk": {"S": "x"}}}}],
+            "b": [{"PutRequest": {"Item": {"pk": {"S": "y"}}}}],
+        }});
+        let t = Touched::of(&c, "BatchWriteItem", request.as_object().unwrap()).unwrap();
+        let again = (*c.table("b").unwrap()).clone();
+        c.described_again(again, 1);
+        let (items, flush) = t.settle(&c);
+        assert_eq!(items.iter().map(|i| i.0).collect::<Vec<_>>(), [TableId(0)]);
+        assert_eq!(flush, [TableId(1)]);
     }
 }

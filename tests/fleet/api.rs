@@ -8,7 +8,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use ddbcached::store::keys::{kv_partition_key, KV_KEY, KV_NAMESPACE, KV_TIMESTAMP, KV_VALUE};
 
 use super::*;
-use crate::api_cache::{cached_table, key, sorted};
+use crate::api_cache::{cached_table, consistent_get, key, re_create_with_other_keys, sorted};
 use crate::harness::{n, s, sdk_client, OwnLocal};
 use ddbcached::fleet::entry::Key;
 
@@ -209,13 +209,27 @@ async fn answered_from_memory(fleet: &Fleet, fronts: &[Api], t: &str) {
 
 /// Under `["*"]` a fleet carries a table created after it started from the table's first
 /// use on each daemon: consumed, relayed by one lease holder, hinted, and answered from
-/// memory, like a table found at start.
+/// memory, like a table found at start. The fleet starts with no table to carry at all
+/// (its consumers wait for one to join), and a second table joins consumers that carry
+/// the first already.
 #[tokio::test(flavor = "multi_thread")]
-async fn under_a_star_a_table_created_after_the_fleet_started_is_carried_from_its_first_use() {
-    // A DynamoDB of its own: `*` takes in every table with a stream.
+async fn under_a_star_tables_created_after_the_fleet_started_are_carried_from_their_first_use() {
+    // A DynamoDB of its own: `*` takes in every table with a stream. The daemons serve
+    // only the API: every table but the fleet's leases goes (the stores' have streams).
     let local = OwnLocal::start_in_memory().await;
     let mut fleet = Fleet::start_at(&local.endpoint).await;
     let direct = sdk_client(&local.endpoint).await;
+    let listed = direct.list_tables().send().await.unwrap().table_names;
+    for table in listed.unwrap_or_default() {
+        if table != fleet.config.dynamodb.lease_table {
+            direct
+                .delete_table()
+                .table_name(table)
+                .send()
+                .await
+                .unwrap();
+        }
+    }
     let mut fronts = Vec::new();
     for _ in 0..2 {
         let port = free_port();
@@ -223,22 +237,131 @@ async fn under_a_star_a_table_created_after_the_fleet_started_is_carried_from_it
         fleet.add_member(&api, false).await;
         fronts.push(sdk_client(&format!("http://127.0.0.1:{port}")).await);
     }
-    let t = cached_table(&direct).await;
+    for m in &fleet.members {
+        let cached: Vec<String> = scrape(m.metrics)
+            .await
+            .into_keys()
+            .filter(|k| k.starts_with("ddbcached_api_cache_reads_total{"))
+            .collect();
+        assert!(cached.is_empty(), "no table at start: {cached:?}");
+    }
 
-    // Its first reads pass through and have each daemon find it.
-    let label = format!("table=\"{t}\"");
-    let deadline = Instant::now() + CONVERGENCE;
-    for (c, m) in fronts.iter().zip(&fleet.members) {
-        while !scrape(m.metrics).await.keys().any(|k| k.contains(&label)) {
-            assert!(Instant::now() < deadline, "{t} never found");
-            read(c, &t).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..2 {
+        let t = cached_table(&direct).await;
+        // Its first reads pass through and have each daemon find it.
+        let label = format!("table=\"{t}\"");
+        let deadline = Instant::now() + CONVERGENCE;
+        for (c, m) in fronts.iter().zip(&fleet.members) {
+            while !scrape(m.metrics).await.keys().any(|k| k.contains(&label)) {
+                assert!(Instant::now() < deadline, "{t} never found");
+                read(c, &t).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
+        wait_until_fronts_fresh(&fleet, &t).await;
+        writes_reach_every_front(&fleet, &fronts, &direct, &t).await;
+        one_publisher_reads_the_stream(&fleet, &t).await;
+        answered_from_memory(&fleet, &fronts, &t).await;
+    }
+}
+
+/// A user table deleted and re-created with other keys while the fleet runs: its relay
+/// finds the new stream and tells the fleet, every daemon describes the table again,
+/// and each front answers reads by the new key from memory; a write around them all
+/// reaches every front within the bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_table_re_created_with_other_keys_is_described_again_by_every_daemon() {
+    let mut fleet = Fleet::start(0, "").await;
+    fleet.streams = "discovery_interval_ms = 500".into();
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let mut fronts = Vec::new();
+    for _ in 0..2 {
+        let port = free_port();
+        let api = format!("[dynamodb_api]\nlisten = \"127.0.0.1:{port}\"\ntables = [{t:?}]");
+        fleet.add_member(&api, false).await;
+        fronts.push(sdk_client(&format!("http://127.0.0.1:{port}")).await);
     }
     wait_until_fronts_fresh(&fleet, &t).await;
-    writes_reach_every_front(&fleet, &fronts, &direct, &t).await;
-    one_publisher_reads_the_stream(&fleet, &t).await;
+    put(&fronts[0], &t, "v1").await;
     answered_from_memory(&fleet, &fronts, &t).await;
+
+    re_create_with_other_keys(&direct, &t).await;
+    let only_key = HashMap::from([("pk".to_owned(), s("a"))]);
+    let with = |v: &str| {
+        let mut item = only_key.clone();
+        item.insert("v".into(), s(v));
+        item
+    };
+    let item_of = |c: &Api| {
+        let (c, t, key) = (c.clone(), t.clone(), only_key.clone());
+        async move {
+            let got = c.get_item().table_name(t).set_key(Some(key)).send();
+            got.await.unwrap().item
+        }
+    };
+    direct
+        .put_item()
+        .table_name(&t)
+        .set_item(Some(with("w1")))
+        .send()
+        .await
+        .unwrap();
+    let got_hits = |s: &BTreeMap<String, f64>| {
+        let table = format!("table=\"{t}\"");
+        total(
+            s,
+            "ddbcached_api_cache_reads_total",
+            &[&table, "operation=\"GetItem\"", "served=\"hit\""],
+        )
+    };
+    let mut before = Vec::new();
+    for m in &fleet.members {
+        before.push(got_hits(&scrape(m.metrics).await));
+    }
+    // Every answer is DynamoDB's; once described again, a repeated read is a hit.
+    let deadline = Instant::now() + CONVERGENCE;
+    for ((c, m), before) in fronts.iter().zip(&fleet.members).zip(before) {
+        loop {
+            for _ in 0..2 {
+                assert_eq!(
+                    item_of(c).await,
+                    consistent_get(&direct, &t, only_key.clone()).await
+                );
+            }
+            if got_hits(&scrape(m.metrics).await) > before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a front never answered by the new key from memory"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    direct
+        .put_item()
+        .table_name(&t)
+        .set_item(Some(with("w2")))
+        .send()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    for c in &fronts {
+        loop {
+            let began = start.elapsed();
+            let got = item_of(c).await;
+            if got == Some(with("w2")) {
+                break;
+            }
+            assert!(
+                began <= BOUND,
+                "a read that began {began:?} after the write missed it: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 /// The values of a key-value key's versions, oldest first, as a front answers the query

@@ -104,6 +104,8 @@ struct Fleet<R = RedisServer> {
     redis: R,
     /// Its DynamoDB's endpoint and tables.
     config: Config,
+    /// Lines of the `[streams]` section of daemons added from now on.
+    streams: String,
     dir: tempfile::TempDir,
 }
 
@@ -157,6 +159,7 @@ impl<R: SharedRedis> Fleet<R> {
             config,
             redis,
             members: Vec::new(),
+            streams: String::new(),
             dir: tempfile::tempdir().unwrap(),
         };
         for _ in 0..n {
@@ -197,12 +200,13 @@ impl<R: SharedRedis> Fleet<R> {
         let d = &self.config.dynamodb;
         let toml = format!(
             "[dynamodb]\nkv_table = {:?}\nlog_table = {:?}\nlease_table = {:?}\n\
-             [streams]\npoll_interval_ms = 100\n\
+             [streams]\npoll_interval_ms = 100\n{}\n\
              [metrics]\nlisten = \"{metrics}\"\n\
              [fleet]\nredis_url = {:?}\ntls_ca_file = {:?}\nlease_ms = 1500\n{extra}\n",
             d.kv_table,
             d.log_table,
             d.lease_table,
+            self.streams,
             self.redis.url(),
             self.redis.ca_file(),
         );

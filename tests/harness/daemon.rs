@@ -218,7 +218,7 @@ impl Daemon {
         let api_behind = || {
             self.api_cache
                 .as_ref()
-                .is_some_and(|c| c.tables().any(|t| c.must_bypass(t.id)))
+                .is_some_and(|c| c.tables().iter().any(|t| c.must_bypass(t.id)))
         };
         tokio::time::timeout(Duration::from_secs(120), async {
             while (stores
