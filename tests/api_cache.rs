@@ -10,10 +10,10 @@ use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, BillingMode, GlobalSecondaryIndex, KeyType, KeysAndAttributes,
-    LocalSecondaryIndex, Projection, ProjectionType, PutRequest, ReturnConsumedCapacity,
-    ScalarAttributeType, StreamSpecification, StreamViewType, TransactWriteItem, Update,
-    WriteRequest,
+    AttributeValue, BillingMode, CreateGlobalSecondaryIndexAction, GlobalSecondaryIndex,
+    GlobalSecondaryIndexUpdate, IndexStatus, KeyType, KeysAndAttributes, LocalSecondaryIndex,
+    Projection, ProjectionType, PutRequest, ReturnConsumedCapacity, ScalarAttributeType,
+    StreamSpecification, StreamViewType, TransactWriteItem, Update, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 use ddbcached::api::cache::ApiCache;
@@ -1078,6 +1078,119 @@ async fn a_table_re_created_with_other_keys_and_indexes_is_cached_by_its_new_des
     assert_eq!(
         run(by_price(&api, "2")).await,
         run(by_price(&direct, "2")).await
+    );
+}
+
+/// A global index added with UpdateTable while the daemon runs: its first query is
+/// forwarded, and DynamoDB's answer to it has the table described again; from then on
+/// its queries are answered from memory, and an item moving between its partitions is
+/// seen through the stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_global_index_added_later_is_cached_once_dynamodb_answers_a_query_of_it() {
+    let direct = sdk_client(endpoint()).await;
+    let t = cached_table(&direct).await;
+    let (d, api) = daemon_caching(&t, &direct, |_| {}).await;
+    put(&api, &t, item("p", "1", &[("size", n("1"))])).await;
+    direct
+        .update_table()
+        .table_name(&t)
+        .attribute_definitions(attribute("size", ScalarAttributeType::N))
+        .global_secondary_index_updates(
+            GlobalSecondaryIndexUpdate::builder()
+                .create(
+                    CreateGlobalSecondaryIndexAction::builder()
+                        .index_name("bySize")
+                        .key_schema(key_part("size", KeyType::Hash))
+                        .projection(
+                            Projection::builder()
+                                .projection_type(ProjectionType::All)
+                                .build(),
+                        )
+                        .build()
+                        .unwrap(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let described = direct.describe_table().table_name(&t).send().await.unwrap();
+            let indexes = described
+                .table
+                .unwrap()
+                .global_secondary_indexes
+                .unwrap_or_default();
+            let active = indexes.iter().any(|g| {
+                g.index_name() == Some("bySize") && g.index_status() == Some(&IndexStatus::Active)
+            });
+            if active {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("DynamoDB Local makes the index active within 60 s");
+
+    // `size` is a reserved word: named through `#s`.
+    let by_size = |c: &Client, size: &str| {
+        c.query()
+            .table_name(&t)
+            .index_name("bySize")
+            .key_condition_expression("#s = :s")
+            .expression_attribute_names("#s", "size")
+            .expression_attribute_values(":s", n(size))
+    };
+    let c = cache(&d);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            assert_eq!(
+                run(by_size(&api, "1")).await,
+                run(by_size(&direct, "1")).await
+            );
+            let table = c.table(&t).unwrap();
+            if table.global.contains_key("bySize") && !c.must_bypass(table.id) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the table is described again within 60 s");
+    let before = hits(&d);
+    for _ in 0..2 {
+        assert_eq!(
+            run(by_size(&api, "1")).await,
+            run(by_size(&direct, "1")).await
+        );
+    }
+    assert!(
+        hits(&d) > before,
+        "the new index's query answered from memory"
+    );
+
+    direct
+        .update_item()
+        .table_name(&t)
+        .set_key(Some(key("p", "1")))
+        .update_expression("SET #s = :s")
+        .expression_attribute_names("#s", "size")
+        .expression_attribute_values(":s", n("2"))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while run(by_size(&api, "1")).await != (vec![], None) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the item's move out of the index partition is seen");
+    assert_eq!(
+        run(by_size(&api, "2")).await,
+        run(by_size(&direct, "2")).await
     );
 }
 

@@ -18,9 +18,10 @@
 //!   instant has been applied; reads of a table bypass the cache while that proof is
 //!   older than `cache.max_staleness_ms`, and lost continuity flushes the table.
 //! - **Descriptions follow the table.** A table whose stream was replaced may have been
-//!   deleted and re-created with other keys and indexes: its reads bypass the cache
-//!   until it is described again ([`super::tables::keep_described`]); the new
-//!   description flushes the table, and a fill begun under the old one is not kept.
+//!   deleted and re-created with other keys and indexes, and one whose unlisted index
+//!   DynamoDB answered a query of has gained an index: its reads bypass the cache until
+//!   it is described again ([`super::tables::keep_described`]); the new description
+//!   flushes the table, and a fill begun under the old one is not kept.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
@@ -171,12 +172,20 @@ struct TableState {
     saved_milli: AtomicU64,
     invalidations: AtomicU64,
     flushes: AtomicU64,
-    /// Stream replacements reported so far.
-    replaced: AtomicU64,
-    /// The current description's [`ApiTable::generation`]: the replacements it
-    /// accounts for. Below `replaced`, the table waits to be described again.
+    /// Descriptions asked for so far: one per replacement of the table's stream, one
+    /// per index found that its description lacks.
+    asked: AtomicU64,
+    /// The current description's [`ApiTable::generation`]: the descriptions asked for
+    /// that it accounts for. Below `asked`, the table waits to be described again.
     generation: AtomicU64,
+    /// When a found index last asked for a description, in ms since the cache began
+    /// (0: never).
+    index_asked_ms: AtomicU64,
 }
+
+/// How often a table may be described again because a query named an index its
+/// description lacks: every description flushes the table.
+const INDEX_RECHECK: Duration = Duration::from_secs(60);
 
 /// The most tables one daemon caches: under `["*"]`, tables found after start are added
 /// up to it (every table has its counters and labels, which must not grow without
@@ -190,8 +199,10 @@ pub struct ApiCache {
     tables: Box<[RwLock<Option<Arc<ApiTable>>>]>,
     count: AtomicUsize,
     by_name: RwLock<HashMap<String, TableId>>,
-    /// Woken when a table's stream was replaced, for whoever describes it again.
-    replaced: Notify,
+    /// Woken when a table is to be described again, for whoever describes it.
+    asked: Notify,
+    /// The origin of `index_asked_ms`.
+    began: Instant,
     /// By [`TableId`], as many as `tables`.
     state: Box<[TableState]>,
     clock: AtomicU64,
@@ -211,7 +222,8 @@ impl ApiCache {
             tables: (0..capacity).map(|_| RwLock::default()).collect(),
             count: AtomicUsize::new(0),
             by_name: RwLock::default(),
-            replaced: Notify::new(),
+            asked: Notify::new(),
+            began: Instant::now(),
             state: (0..capacity)
                 .map(|_| TableState {
                     flushed: AtomicU64::new(0),
@@ -220,8 +232,9 @@ impl ApiCache {
                     saved_milli: AtomicU64::new(0),
                     invalidations: AtomicU64::new(0),
                     flushes: AtomicU64::new(0),
-                    replaced: AtomicU64::new(0),
+                    asked: AtomicU64::new(0),
                     generation: AtomicU64::new(0),
+                    index_asked_ms: AtomicU64::new(0),
                 })
                 .collect(),
             clock: AtomicU64::new(1),
@@ -287,27 +300,51 @@ impl ApiCache {
             .expect("an id this cache gave out")
     }
 
-    /// The tables whose stream was replaced since they were last described: their ids,
-    /// names and the generation a description read now would have.
+    /// The tables to be described again: their ids, names and the generation a
+    /// description read now would have.
     pub fn undescribed(&self) -> Vec<(TableId, String, u64)> {
         self.tables()
             .into_iter()
             .filter_map(|t| {
-                let replaced = self.state[t.id.0 as usize].replaced.load(Ordering::SeqCst);
-                (replaced > t.generation).then(|| (t.id, t.name.clone(), replaced))
+                let asked = self.state[t.id.0 as usize].asked.load(Ordering::SeqCst);
+                (asked > t.generation).then(|| (t.id, t.name.clone(), asked))
             })
             .collect()
     }
 
-    /// Returns once a table's stream was replaced since the last call (at once if one
-    /// was since).
-    pub async fn replacements(&self) {
-        self.replaced.notified().await;
+    /// Returns once a table is to be described again since the last call (at once if
+    /// one was since).
+    pub async fn descriptions_asked(&self) {
+        self.asked.notified().await;
     }
 
-    /// Installs `table`, read after its stream's `generation`-th replacement, in place
-    /// of its former description: everything cached of it goes, and a fill begun under
-    /// the former description is not kept ([`ApiCache::ticket`]).
+    fn ask_description(&self, table: TableId) {
+        self.state[table.0 as usize]
+            .asked
+            .fetch_add(1, Ordering::SeqCst);
+        self.asked.notify_one();
+    }
+
+    /// DynamoDB answered a query of an index of `table` that its description does not
+    /// list: one was added since (UpdateTable), and the table is described again, at
+    /// most once per [`INDEX_RECHECK`].
+    pub fn index_found(&self, table: TableId) {
+        let now = self.began.elapsed().as_millis() as u64 + 1;
+        let last = &self.state[table.0 as usize].index_asked_ms;
+        let before = last.load(Ordering::Relaxed);
+        let due = before == 0 || now.saturating_sub(before) >= INDEX_RECHECK.as_millis() as u64;
+        if due
+            && last
+                .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.ask_description(table);
+        }
+    }
+
+    /// Installs `table`, read once `generation` descriptions had been asked for, in
+    /// place of its former description: everything cached of it goes, and a fill begun
+    /// under the former description is not kept ([`ApiCache::ticket`]).
     pub fn described_again(&self, mut table: ApiTable, generation: u64) {
         let id = table.id;
         let s = &self.state[id.0 as usize];
@@ -340,17 +377,12 @@ impl ApiCache {
     /// recorded from now on. Under a description replaced since `table` was read, the
     /// fill is never kept: its entry was keyed by the former keys.
     pub fn ticket(&self, table: &ApiTable) -> Ticket {
+        // Ticked first: if the description was replaced before the flush that came
+        // with it, this sees the replacement or its stamp predates the flush.
         let stamp = self.tick();
-        let current = self.state[table.id.0 as usize]
-            .generation
-            .load(Ordering::SeqCst);
         Ticket {
             // Older than every flush, change and tick: never valid.
-            stamp: if table.generation == current {
-                stamp
-            } else {
-                0
-            },
+            stamp: if self.is_current(table) { stamp } else { 0 },
             table: table.id,
         }
     }
@@ -420,10 +452,7 @@ impl ApiCache {
     /// again its reads bypass the cache.
     pub fn lost(&self, table: TableId, cause: FlushCause) {
         if cause == FlushCause::StreamReplaced {
-            self.state[table.0 as usize]
-                .replaced
-                .fetch_add(1, Ordering::SeqCst);
-            self.replaced.notify_one();
+            self.ask_description(table);
         }
         self.flush(table);
     }
@@ -524,11 +553,11 @@ impl ApiCache {
     }
 
     /// Whether reads of `table` must bypass the cache: nobody has proven it fresh within
-    /// the staleness bound, or its stream was replaced and it is not described again
-    /// yet. Logs each switch of the first.
+    /// the staleness bound, or it is to be described again and is not yet. Logs each
+    /// switch of the first.
     pub fn must_bypass(&self, table: TableId) -> bool {
         let s = &self.state[table.0 as usize];
-        if s.replaced.load(Ordering::SeqCst) > s.generation.load(Ordering::SeqCst) {
+        if s.asked.load(Ordering::SeqCst) > s.generation.load(Ordering::SeqCst) {
             return true;
         }
         let judged = self.freshness.judge(table.0 as usize, Instant::now());
@@ -662,7 +691,7 @@ pub fn export(cache: Option<&ApiCache>, out: &mut Exposition) {
     out.by_label(
         "ddbcached_api_cache_bypassing",
         Kind::Gauge,
-        "1 while the DynamoDB API's reads of a table bypass the cache (its freshness not proven within the bound).",
+        "1 while the DynamoDB API's reads of a table bypass the cache (its freshness not proven within the bound, or the table to be described again and not yet).",
         "table",
         tables().map(|(c, t, _)| (t.name.as_str(), u8::from(c.must_bypass(t.id)))),
     );
@@ -919,6 +948,19 @@ mod tests {
         // Other causes of lost continuity flush, and leave the description alone.
         c.lost(TableId(0), FlushCause::Trimmed);
         assert!(c.get(&now).is_none() && c.undescribed().is_empty());
+    }
+
+    #[test]
+    fn an_index_found_asks_for_a_description_at_most_once_a_minute() {
+        let c = cache();
+        c.fresh_as_of(TableId(0), Some(Instant::now()));
+        c.index_found(TableId(0));
+        c.index_found(TableId(0));
+        assert_eq!(c.undescribed(), [(TableId(0), "t".to_owned(), 1)]);
+        assert!(c.must_bypass(TableId(0)));
+        c.described_again((*c.of(TableId(0))).clone(), 1);
+        c.index_found(TableId(0));
+        assert!(c.undescribed().is_empty() && !c.must_bypass(TableId(0)));
     }
 
     #[tokio::test]

@@ -573,9 +573,14 @@ pub async fn query(
         Some(i) if table.local.iter().any(|l| l == i) => ("", &table.key.partition, false),
         Some(i) => match table.global.get(i) {
             Some(schema) if table.images => (i, &schema.partition, true),
-            _ => {
+            known => {
                 cache.count(table.id, Read::Query, Served::Bypass, 0.0);
-                return Ok((call.forward(body).await?, Served::Bypass));
+                let response = call.forward(body).await?;
+                if known.is_none() && response.status().is_success() {
+                    // An index added since the table was described.
+                    cache.index_found(table.id);
+                }
+                return Ok((response, Served::Bypass));
             }
         },
     };

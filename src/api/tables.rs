@@ -3,8 +3,8 @@
 //! what the cache needs. A named table without a stream is refused: its changes made
 //! elsewhere could never be seen. `["*"]` stands for every table that has a stream when
 //! the daemon starts. A table whose stream is replaced while the daemon runs (deleted and
-//! re-created, maybe with other keys and indexes) is described again
-//! ([`keep_described`]).
+//! re-created, maybe with other keys and indexes), or that gained an index, is described
+//! again ([`keep_described`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,8 +43,9 @@ pub struct ApiTable {
     /// partitions an item left and entered; without them a global index's results are
     /// not cached.
     pub images: bool,
-    /// How many replacements of the table's stream this description accounts for: one
-    /// read after the table was re-created has a higher one (the cache sets it).
+    /// How many descriptions asked for (on a replaced stream, an index found) this one
+    /// accounts for: one read after the table was re-created has a higher one (the
+    /// cache sets it).
     pub generation: u64,
 }
 
@@ -166,10 +167,10 @@ pub async fn describe_one(
 const REDESCRIBE_WAIT: Duration = Duration::from_secs(1);
 const REDESCRIBE_MAX_WAIT: Duration = Duration::from_secs(60);
 
-/// Describes again every cached table whose stream was replaced, until `stop`. Until it
-/// is, its reads bypass the cache; one gone, or re-created without a stream, stays so
-/// and is tried again (its tailer finds a stream enabled later, which is another
-/// replacement).
+/// Describes again every cached table the cache asks for (its stream was replaced, or
+/// it gained an index), until `stop`. Until it is, its reads bypass the cache; one gone,
+/// or re-created without a stream, stays so and is tried again (its tailer finds a
+/// stream enabled later, which is another replacement).
 pub async fn keep_described(
     client: aws_sdk_dynamodb::Client,
     cache: Arc<ApiCache>,
@@ -182,7 +183,7 @@ pub async fn keep_described(
             let why = match describe_one(&client, &name).await {
                 Ok(Described::Cached(mut table)) => {
                     table.id = id;
-                    tracing::info!(table = %name, key = ?table.key, local = ?table.local, global = ?table.global.keys().collect::<Vec<_>>(), "the table's stream was replaced: described again");
+                    tracing::info!(table = %name, key = ?table.key, local = ?table.local, global = ?table.global.keys().collect::<Vec<_>>(), "the table is described again");
                     cache.described_again(table, generation);
                     continue;
                 }
@@ -190,7 +191,7 @@ pub async fn keep_described(
                 Ok(Described::Missing) => "no such table".to_owned(),
                 Err(e) => e.to_string(),
             };
-            tracing::warn!(table = %name, reason = %why, retry_in = ?wait, "a table whose stream was replaced cannot be described again: its reads bypass the cache");
+            tracing::warn!(table = %name, reason = %why, retry_in = ?wait, "a table cannot be described again: its reads bypass the cache");
             failed = true;
         }
         let retry = async {
@@ -201,7 +202,7 @@ pub async fn keep_described(
         };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = cache.replacements() => {}
+            _ = cache.descriptions_asked() => {}
             _ = retry => {}
         }
         wait = match failed {
