@@ -3,7 +3,9 @@
 # framing), Redis on its Unix socket, and DynamoDB Local called directly with the AWS SDK,
 # all driven by ddbcached-bench with the same settings, on this machine, in one run; and
 # the daemon's DynamoDB API front against DynamoDB Local directly, with the Rust SDK
-# (ddbcached-bench) and with boto3 (benches/api_boto3.py).
+# (ddbcached-bench) and with boto3 (benches/api_boto3.py). PutItem through the front is
+# also measured against a DynamoDB Local of its own that only those rows write to (the
+# `-fresh` rows): the shared one slows as its tables grow, which hides the front's cost.
 #
 #   benches/run.sh                 the whole table (ROUNDS=3 rounds of RUN_SECONDS=5 s each)
 #   benches/run.sh --memory        also the memory check (256 MiB cache, 512 MiB working set)
@@ -37,23 +39,26 @@ cleanup() {
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-scripts/dynamodb-local.sh start "$port" >"$work/dynamodb.log" 2>&1 &
-pids+=($!)
-declare -A pid_of  # the process behind each socket, for its CPU time
-pid_of[dynamodb]=$!
-until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.2; done
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+fresh_port=$(free_port)
+declare -A pid_of  # the process behind each socket, for its CPU time
+scripts/dynamodb-local.sh start "$port" >"$work/dynamodb.log" 2>&1 &
+pids+=($!); pid_of[dynamodb]=$!
+scripts/dynamodb-local.sh start "$fresh_port" >"$work/dynamodb-fresh.log" 2>&1 &
+pids+=($!); pid_of[dynamodb-fresh]=$!
+for p in "$port" "$fresh_port"; do until (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do sleep 0.2; done; done
 api_port=$(free_port)
+api_fresh_port=$(free_port)
 api_echo_port=$(free_port)
 
-config() { # $1: socket, $2: cache bytes, $3: the DynamoDB API's address (caching the items' table)
+config() { # $1: socket, $2: cache bytes, $3: the DynamoDB API's address (caching the items' table), $4: DynamoDB Local's port
   local cached=""
   [ -n "${3:-}" ] && cached='"ddbcached-bench-items"'
   cat <<TOML
 [server]
 socket_path = "$1"
 [dynamodb]
-endpoint = "http://127.0.0.1:$port"
+endpoint = "http://127.0.0.1:${4:-$port}"
 region = "us-east-1"
 use_dummy_credentials = true
 [cache]
@@ -70,6 +75,11 @@ config "$work/daemon.sock" 268435456 "127.0.0.1:$api_port" >"$work/daemon.toml"
 "$bin/ddbcached-bench" create-items-table --config "$work/daemon.toml"
 RUST_LOG=ddbcached=debug "$bin/ddbcached" serve -c "$work/daemon.toml" 2>"$work/daemon.log" &
 pids+=($!); pid_of[daemon]=$!
+config "$work/daemon-fresh.sock" 268435456 "127.0.0.1:$api_fresh_port" "$fresh_port" >"$work/daemon-fresh.toml"
+"$bin/ddbcached" init-tables -c "$work/daemon-fresh.toml" >/dev/null
+"$bin/ddbcached-bench" create-items-table --config "$work/daemon-fresh.toml"
+"$bin/ddbcached" serve -c "$work/daemon-fresh.toml" 2>"$work/daemon-fresh.log" &
+pids+=($!); pid_of[daemon-fresh]=$!
 "$bin/ddbcached-bench" echo-server --socket "$work/echo64.sock" --value-bytes 64 2>"$work/echo64.log" &
 pids+=($!); pid_of[echo64]=$!
 "$bin/ddbcached-bench" echo-server --socket "$work/echo4k.sock" --value-bytes 4096 2>"$work/echo4k.log" &
@@ -79,17 +89,21 @@ pids+=($!); pid_of[echo4k]=$!
 pids+=($!); pid_of[apiecho]=$!
 redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no >"$work/redis.log" &
 pids+=($!); pid_of[redis]=$!
-for s in daemon echo64 echo4k redis; do until [ -S "$work/$s.sock" ]; do sleep 0.2; done; done
-for p in "$api_port" "$api_echo_port"; do until (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do sleep 0.2; done; done
-declare -A endpoint_of=([api]="http://127.0.0.1:$api_port" [api-echo]="http://127.0.0.1:$api_echo_port" [dynamodb]="http://127.0.0.1:$port")
+for s in daemon daemon-fresh echo64 echo4k redis; do until [ -S "$work/$s.sock" ]; do sleep 0.2; done; done
+for p in "$api_port" "$api_fresh_port" "$api_echo_port"; do until (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do sleep 0.2; done; done
+declare -A endpoint_of=([api]="http://127.0.0.1:$api_port" [api-fresh]="http://127.0.0.1:$api_fresh_port" [api-echo]="http://127.0.0.1:$api_echo_port" [dynamodb]="http://127.0.0.1:$port")
 
 run() { # target socket workload c d bytes
   echo "  $*" >&2
+  # A `-fresh` target is the same target on the DynamoDB Local of its own (the daemon
+  # on socket daemon-fresh, configured by its own file).
+  local target=${1%-fresh} config="$work/daemon.toml"
+  [ -f "$work/$2.toml" ] && config="$work/$2.toml"
   # The server is the process on the socket, or DynamoDB Local for direct SDK calls.
   local server=${pid_of[$2]}
-  [ "$1" = dynamodb ] && server=${pid_of[dynamodb]}
-  "$bin/ddbcached-bench" run --json --seconds "$SECONDS_PER_RUN" --target "$1" --socket "$work/$2.sock" \
-    --config "$work/daemon.toml" --endpoint "${endpoint_of[$1]:-}" \
+  [ "$target" = dynamodb ] && server=${pid_of[$1]}
+  "$bin/ddbcached-bench" run --json --seconds "$SECONDS_PER_RUN" --target "$target" --label "$1" \
+    --socket "$work/$2.sock" --config "$config" --endpoint "${endpoint_of[$1]:-}" \
     --workload "$3" -c "$4" -d "$5" --value-bytes "$6" --server-pid "$server"
 }
 run_boto3() { # target workload
@@ -125,6 +139,7 @@ for round in $(seq 1 "$ROUNDS"); do
   for w in item-get item-query item-put; do
     for t in api dynamodb; do run "$t" daemon "$w" 1 1 64 >>"$results"; done
   done
+  for t in api-fresh dynamodb-fresh; do run "$t" daemon-fresh item-put 1 1 64 >>"$results"; done
   for t in api dynamodb; do run "$t" daemon item-get 4 4 64 >>"$results"; done
   for w in item-get item-query; do run api-echo apiecho "$w" 1 1 64 >>"$results"; done
   run api-echo apiecho item-get 4 4 64 >>"$results"
@@ -199,6 +214,8 @@ r = api("item-get", "api", "server_cpu_s_per_mop") / api("get-hit", "daemon", "s
 check("API GetItem hit: daemon CPU vs a socket get-hit's", f"{r:.2f}x", "<= 5x", r <= 5)
 r = api("item-put", "api", "p50_us") / api("item-put", "dynamodb", "p50_us")
 check("API PutItem (write through): p50 vs the direct call", f"{r:.2f}x", "<= 1.1x", r <= 1.1)
+r = api("item-put", "api-fresh", "p50_us") / api("item-put", "dynamodb-fresh", "p50_us")
+check("API PutItem, on a DynamoDB Local of its own: p50 vs the direct call", f"{r:.2f}x", "<= 1.1x", r <= 1.1)
 for w, t in (("item-query", ""), ("item-get", "-boto3"), ("item-query", "-boto3")):
     r = api(w, "dynamodb" + t, "p50_us") / api(w, "api" + t, "p50_us")
     sdk = "boto3" if t else "Rust SDK"

@@ -120,6 +120,10 @@ struct RunArgs {
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     json: bool,
+    /// The name the report gives the target, for rows of one target under other
+    /// conditions (the same SDK calls against another DynamoDB Local, say).
+    #[arg(long)]
+    label: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -525,6 +529,7 @@ fn report(args: &RunArgs, mut latencies: Vec<u64>, server_cpu: Option<f64>) {
         .target
         .to_possible_value()
         .expect("no skipped variants");
+    let target = args.label.as_deref().unwrap_or(target.get_name());
     let workload = args
         .workload
         .to_possible_value()
@@ -533,7 +538,7 @@ fn report(args: &RunArgs, mut latencies: Vec<u64>, server_cpu: Option<f64>) {
         println!(
             "{}",
             serde_json::json!({
-                "target": target.get_name(), "workload": workload.get_name(),
+                "target": target, "workload": workload.get_name(),
                 "connections": args.connections, "depth": args.depth, "value_bytes": args.value_bytes,
                 "seconds": args.seconds, "requests": latencies.len(),
                 "ops_per_sec": ops, "p50_us": p50, "p99_us": p99, "p999_us": p999,
@@ -544,7 +549,7 @@ fn report(args: &RunArgs, mut latencies: Vec<u64>, server_cpu: Option<f64>) {
         let cpu = cpu_per_mop.map_or(String::new(), |c| format!("  server CPU {c:.1} s/Mop"));
         println!(
             "{:<8} {:<7} c={:<3} d={:<3} {:>6} B {:>10.0} ops/s  p50 {:>8.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us{cpu}",
-            target.get_name(),
+            target,
             workload.get_name(),
             args.connections,
             args.depth,
