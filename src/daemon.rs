@@ -213,7 +213,7 @@ impl Daemon {
                 start_tailers(config, &registry, &streams, &changes, &probe, &tasks, &stop).await?;
             }
             if let Some(cache) = &api_cache {
-                tasks.spawn(api::tables::keep_described(
+                tasks.spawn(api::descriptions::keep_described(
                     dynamodb.clone(),
                     cache.clone(),
                     stop.clone(),

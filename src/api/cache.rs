@@ -20,7 +20,7 @@
 //! - **Descriptions follow the table.** A table whose stream was replaced may have been
 //!   deleted and re-created with other keys and indexes, and one whose unlisted index
 //!   DynamoDB answered a query of has gained an index: its reads bypass the cache until
-//!   it is described again ([`super::tables::keep_described`]); the new description
+//!   it is described again (by the daemon's describer); the new description
 //!   flushes the table, and a fill begun under the old one is not kept.
 
 use std::collections::HashMap;

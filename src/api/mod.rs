@@ -26,6 +26,7 @@
 //! progress finish within `server.shutdown_grace_ms`.
 
 pub mod cache;
+pub mod descriptions;
 pub mod discovery;
 pub mod error;
 pub mod keys;
