@@ -30,7 +30,12 @@ pub async fn keep_described(
     loop {
         let mut failed = false;
         for (id, name, generation) in cache.undescribed() {
-            let why = match describe_one(&client, &name).await {
+            // A DynamoDB that does not answer must not hold up the daemon's shutdown.
+            let described = tokio::select! {
+                _ = stop.cancelled() => return,
+                described = describe_one(&client, &name) => described,
+            };
+            let why = match described {
                 Ok(Described::Cached(mut table)) => {
                     table.id = id;
                     tracing::info!(table = %name, key = ?table.key, local = ?table.local, global = ?table.global.keys().collect::<Vec<_>>(), "the table is described again");
