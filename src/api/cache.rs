@@ -195,7 +195,7 @@ pub const MAX_TABLES: usize = 256;
 /// The front's cache of the tables in `dynamodb_api.tables`.
 pub struct ApiCache {
     /// By [`TableId`]; the first `count` are set, and each is replaced only by a
-    /// description read after its stream was replaced.
+    /// description read again ([`ApiCache::described_again`]).
     tables: Box<[RwLock<Option<Arc<ApiTable>>>]>,
     count: AtomicUsize,
     by_name: RwLock<HashMap<String, TableId>>,
@@ -318,6 +318,7 @@ impl ApiCache {
         self.asked.notified().await;
     }
 
+    /// Has `table` described again; its reads bypass the cache until it is.
     fn ask_description(&self, table: TableId) {
         self.state[table.0 as usize]
             .asked
