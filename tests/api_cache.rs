@@ -36,11 +36,6 @@ const NO_BYPASS_MS: u64 = 600_000;
 /// `byColor` (`color` S, `sk` N).
 pub(crate) async fn cached_table(direct: &Client) -> String {
     let table: String = format!("cached-{}", name()).chars().take(60).collect();
-    let all = || {
-        Projection::builder()
-            .projection_type(ProjectionType::All)
-            .build()
-    };
     direct
         .create_table()
         .table_name(&table)
@@ -56,7 +51,7 @@ pub(crate) async fn cached_table(direct: &Client) -> String {
                 .index_name("byPrice")
                 .key_schema(key_part("pk", KeyType::Hash))
                 .key_schema(key_part("price", KeyType::Range))
-                .projection(all())
+                .projection(all_attributes())
                 .build()
                 .unwrap(),
         )
@@ -65,21 +60,31 @@ pub(crate) async fn cached_table(direct: &Client) -> String {
                 .index_name("byColor")
                 .key_schema(key_part("color", KeyType::Hash))
                 .key_schema(key_part("sk", KeyType::Range))
-                .projection(all())
+                .projection(all_attributes())
                 .build()
                 .unwrap(),
         )
-        .stream_specification(
-            StreamSpecification::builder()
-                .stream_enabled(true)
-                .stream_view_type(StreamViewType::NewAndOldImages)
-                .build()
-                .unwrap(),
-        )
+        .stream_specification(old_and_new_images())
         .send()
         .await
         .unwrap();
     table
+}
+
+/// An index's projection of every attribute.
+fn all_attributes() -> Projection {
+    Projection::builder()
+        .projection_type(ProjectionType::All)
+        .build()
+}
+
+/// A stream that carries every change's old and new images.
+fn old_and_new_images() -> StreamSpecification {
+    StreamSpecification::builder()
+        .stream_enabled(true)
+        .stream_view_type(StreamViewType::NewAndOldImages)
+        .build()
+        .unwrap()
 }
 
 /// A daemon caching `table` through its API front, caught up with the table's stream.
@@ -972,21 +977,11 @@ pub(crate) async fn re_create_with_other_keys(direct: &Client, table: &str) {
             GlobalSecondaryIndex::builder()
                 .index_name("byPrice")
                 .key_schema(key_part("price", KeyType::Hash))
-                .projection(
-                    Projection::builder()
-                        .projection_type(ProjectionType::All)
-                        .build(),
-                )
+                .projection(all_attributes())
                 .build()
                 .unwrap(),
         )
-        .stream_specification(
-            StreamSpecification::builder()
-                .stream_enabled(true)
-                .stream_view_type(StreamViewType::NewAndOldImages)
-                .build()
-                .unwrap(),
-        )
+        .stream_specification(old_and_new_images())
         .send()
         .await
         .unwrap();
@@ -1108,11 +1103,7 @@ async fn a_global_index_added_later_is_cached_once_dynamodb_answers_a_query_of_i
                     CreateGlobalSecondaryIndexAction::builder()
                         .index_name("bySize")
                         .key_schema(key_part("size", KeyType::Hash))
-                        .projection(
-                            Projection::builder()
-                                .projection_type(ProjectionType::All)
-                                .build(),
-                        )
+                        .projection(all_attributes())
                         .build()
                         .unwrap(),
                 )

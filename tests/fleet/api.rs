@@ -300,13 +300,11 @@ async fn a_user_table_re_created_with_other_keys_is_described_again_by_every_dae
             got.await.unwrap().item
         }
     };
-    direct
-        .put_item()
-        .table_name(&t)
-        .set_item(Some(with("w1")))
-        .send()
-        .await
-        .unwrap();
+    let put_around = |v: &str| {
+        let put = direct.put_item().table_name(&t).set_item(Some(with(v)));
+        async move { put.send().await.unwrap() }
+    };
+    put_around("w1").await;
     let got_hits = |s: &BTreeMap<String, f64>| {
         let table = format!("table=\"{t}\"");
         total(
@@ -340,13 +338,7 @@ async fn a_user_table_re_created_with_other_keys_is_described_again_by_every_dae
         }
     }
 
-    direct
-        .put_item()
-        .table_name(&t)
-        .set_item(Some(with("w2")))
-        .send()
-        .await
-        .unwrap();
+    put_around("w2").await;
     let start = Instant::now();
     for c in &fronts {
         loop {
